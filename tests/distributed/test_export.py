@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 import cloudpickle
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import Client, LocalCluster, get_task_stream, get_worker
 
 torch = pytest.importorskip("torch")
 
@@ -55,10 +56,10 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _sent(args: tuple, kwargs: dict) -> bytes:
+def _sent(args: tuple, kwargs: dict, adapter: str = "torch") -> bytes:
     """The bytes a task gets of the export's args and kwargs."""
     into = io.BytesIO()
-    _export.pickle_arguments((args, kwargs), into)
+    _export.pickle_arguments((args, kwargs), into, adapter)
     return into.getvalue()
 
 
@@ -370,7 +371,7 @@ def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_e
     monkeypatch.setattr(_export, "refuse_unseen", lambda path: None)  # no store: the export is a stand-in
 
     def task(name):
-        _export.export_part("torch", _sent((name,), {}), "unused", 0, 1, 1)
+        _export.export_part("torch", _sent((name,), {}), "unused", 0, 1, 1, None)
 
     b = threading.Thread(target=lambda: (a_in.wait(30), task("b")))
     b.start()
@@ -406,7 +407,7 @@ def test_a_task_gives_its_thread_back_its_own_count(monkeypatch):
         reset = threading.Thread(target=torch.set_num_threads, args=(default,))
         reset.start()
         reset.join(30)
-        _export.export_part("torch", _sent((), {}), "unused", 0, 1, 1)
+        _export.export_part("torch", _sent((), {}), "unused", 0, 1, 1, None)
         after.append(torch.get_num_threads())
 
     thread = threading.Thread(target=worker_thread)
@@ -446,6 +447,151 @@ def test_jax_export_equals_single_process_export(client, tmp_path):
         exact = np.concatenate([2 * r, (2 * x[:, :, None] * r[:, None, :]).reshape(90, -1)], axis=1)
         got = np.load(Path(found.path) / f"checkpoint_{c:03d}.npy")
         np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-5)
+
+
+def _jax_setup(n_rows: int = 90) -> tuple:
+    """(two in-memory checkpoints of _jax_loss's linear model, (inputs, targets)), float32; this test
+    module pickled by value (the workers cannot import it)."""
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    rng = np.random.default_rng(5)
+    ckpts = [
+        ({"w": rng.standard_normal((6, 3)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)}, lr)
+        for lr in (0.2, 0.1)
+    ]
+    return ckpts, (
+        rng.standard_normal((n_rows, 6)).astype(np.float32),
+        rng.standard_normal((n_rows, 3)).astype(np.float32),
+    )
+
+
+def test_jax_export_of_a_jitted_loss_equals_single_process_export(client, tmp_path):
+    """r245 F2: a jax.jit loss unpickled on a worker lost __wrapped__, was fingerprinted as another
+    loss, and every task failed ("the data or checkpoints ... differ")."""
+    jax = pytest.importorskip("jax")
+    import tracin.jax
+
+    ckpts, data = _jax_setup()
+    loss = jax.jit(_jax_loss)
+    expected = tracin.jax.export_gradients(loss, ckpts, data, store=tmp_path / "one", batch_size=16, progress=False)
+    found = td.export_gradients(
+        "jax", loss, ckpts, data, store=tmp_path / "many", client=client, shards=4, batch_size=16, progress=False
+    )
+    _same_store(found, expected)
+
+
+def _where() -> str:
+    try:
+        get_worker()
+    except ValueError:
+        return "client"
+    return "worker"
+
+
+class _Log:
+    """A file path that writes "unpickled on <client or worker>" into the file when it is unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def write(self, line: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def __reduce__(self) -> tuple:
+        return _unpickled_log, (self.path,)
+
+
+def _unpickled_log(path: str) -> _Log:
+    log = _Log(path)
+    log.write(f"unpickled on {_where()}")
+    return log
+
+
+def _tracing_loss(log: _Log):
+    """_jax_loss writing "traced on <client or worker>" into `log` each time JAX traces it (a closure:
+    pickled by value, a new function object wherever it is unpickled)."""
+
+    def loss(params, inputs, targets):
+        log.write(f"traced on {_where()}")
+        return _jax_loss(params, inputs, targets)
+
+    return loss
+
+
+def test_tasks_of_a_jax_export_on_one_worker_unpickle_and_compile_its_loss_once(tmp_path):
+    """r245 F1: each task unpickled the loss as a new function object, which tracin.jax's compile
+    cache (per loss object) traced and compiled again in every task on the worker. A worker's next
+    task with the same bytes reuses the objects unpickled: it unpickles them once, and traces the loss
+    as one process exporting again with the same loss object does after its first export."""
+    pytest.importorskip("jax")
+    import tracin.jax
+
+    ckpts, data = _jax_setup()
+    log = _Log(str(tmp_path / "log"))
+    loss = _tracing_loss(log)
+    first = tracin.jax.export_gradients(loss, ckpts, data, store=tmp_path / "one", batch_size=16, progress=False)
+    traced = [len(Path(log.path).read_text().splitlines())]
+    tracin.jax.export_gradients(loss, ckpts, data, store=tmp_path / "two", batch_size=16, progress=False)
+    traced.append(len(Path(log.path).read_text().splitlines()) - traced[0])
+    assert traced[0] > traced[1]  # the first export traces more (what it compiles): the test tells reuse apart
+    os.remove(log.path)
+    with own_client(n_workers=1) as c, get_task_stream(c) as stream:
+        found = td.export_gradients(
+            "jax", loss, ckpts, data, store=tmp_path / "many", client=c, shards=4, batch_size=16, progress=False
+        )
+    _same_store(found, first)
+    tasks = sum("export_part" in t["key"] for t in stream.data)
+    lines = Path(log.path).read_text().splitlines()
+    assert tasks == 4 and lines.count("unpickled on worker") == 1
+    assert lines.count("traced on worker") == traced[0] + (tasks - 1) * traced[1]
+
+
+def test_unpickled_jax_arguments_are_reused_for_equal_bytes_only(monkeypatch):
+    """A worker keeps one JAX export's unpickled arguments: equal bytes (the same object or a copy)
+    reuse them, other bytes are unpickled (and kept instead); torch's are unpickled per task."""
+    unpickled: list[bytes] = []
+    unpickle = _export.unpickle_arguments
+
+    def counted(sent: bytes, adapter: str) -> tuple:
+        unpickled.append(sent)
+        return unpickle(sent, adapter)
+
+    monkeypatch.setattr(_export, "unpickle_arguments", counted)
+    monkeypatch.setattr(_export, "_unpickled", [])
+    first, other = _sent(([1.0], "a"), {}, "jax"), _sent(([1.0], "b"), {}, "jax")
+    got = _export._unpickled_once(first, "jax")
+    assert got == ((([1.0], "a")), {}) and len(unpickled) == 1
+    assert _export._unpickled_once(first, "jax") is got
+    assert _export._unpickled_once(bytes(bytearray(first)), "jax") is got and len(unpickled) == 1
+    assert _export._unpickled_once(other, "jax")[0] == ([1.0], "b") and len(unpickled) == 2
+    assert _export._unpickled_once(first, "jax") is not got and len(unpickled) == 3
+    assert _export._unpickled_once(first, "torch") is not _export._unpickled_once(first, "torch")
+    assert len(unpickled) == 5
+
+
+def test_other_inputs_on_a_jax_worker_name_both_sides_jax_version_and_x64(tmp_path):
+    """r245 F3: workers with another jax_enable_x64 unpickle float64 checkpoints as float32: the error
+    blamed the files alone. It names both sides' JAX version and jax_enable_x64, and the fix where
+    they differ."""
+    jax = pytest.importorskip("jax")
+    import tracin.jax
+
+    ckpts, data = _jax_setup(32)
+    with store_rows(0, 0):  # the store as the client creates it, no row written
+        tracin.jax.export_gradients(_jax_loss, ckpts, data, store=tmp_path / "s", batch_size=16, progress=False)
+    other = [({k: v + 1 for k, v in params.items()}, lr) for params, lr in ckpts]
+    here = f"here jax {jax.__version__} with jax_enable_x64={bool(jax.config.jax_enable_x64)}"
+    sent = _sent((_jax_loss, other, data), {"batch_size": 16}, "jax")
+    for client_jax, fix in [(("0.0.1", True), True), (_export.jax_settings(), False)]:
+        with pytest.raises(ValueError) as raised:
+            _export.export_part("jax", sent, str(tmp_path / "s"), 0, 16, None, client_jax)
+        message = str(raised.value)
+        assert re.search(
+            r"^the data or checkpoints as read on worker .* differ from the client's \(checkpoints\[0\] differ", message
+        )
+        assert message.count(here) == 1
+        assert f"on the client jax {client_jax[0]} with jax_enable_x64={client_jax[1]}" in message
+        assert message.endswith("; set the same on the workers (JAX_ENABLE_X64 in their environment)") == fix
 
 
 class _Encoding(UserDict):

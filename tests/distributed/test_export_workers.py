@@ -5,6 +5,7 @@ and the rows a rerun gives its tasks."""
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import re
 import shutil
@@ -148,7 +149,7 @@ def test_a_task_whose_worker_does_not_see_the_store_fails_at_once_naming_it(clie
     log = tmp_path / "reads"
     sent = _sent((model, checkpoints, _logged(_batches(data), log), loss), {})
     job = Job(client, "test")
-    task = job.submit(export_part, "torch", sent, str(tmp_path / "absent"), 0, 10, 1)
+    task = job.submit(export_part, "torch", sent, str(tmp_path / "absent"), 0, 10, 1, None)
     with pytest.raises(ValueError, match=rf"store {tmp_path / 'absent'} is not visible on {WORKER} .*same path"):
         job.wait([task], progress=False)
     assert _passes(log) == 0
@@ -197,13 +198,35 @@ def test_arguments_that_do_not_pickle_are_named_before_anything_is_read(client, 
     log = tmp_path / "reads"
     batches = _logged(_batches(data), log)
     batches.lock = threading.Lock()
-    with pytest.raises(TypeError, match=r"^args\[2\] cannot be pickled \(.*_thread\.lock.*\): .* to the workers"):
+    with pytest.raises(
+        TypeError, match=r"^args\[2\] \(data\) cannot be pickled \(.*_thread\.lock.*\): .* to the workers.*pass data"
+    ):
         td.export_gradients("torch", model, checkpoints, batches, loss, store=tmp_path / "s", client=client)
-    with pytest.raises(TypeError, match=r"^kwargs\['loss_fn'\] cannot be pickled"):
+    with pytest.raises(TypeError, match=r"^kwargs\['loss_fn'\] cannot be pickled .*; pass a loss_fn that pickles"):
         td.export_gradients(
             "torch", model, checkpoints, _batches(data), loss_fn=batches, store=tmp_path / "s", client=client
         )
     assert _passes(log) == 0 and not (tmp_path / "s").exists()
+
+
+def test_an_unpicklable_loss_or_model_is_named_with_advice_about_it():
+    """r245 F4: a JAX loss closing over a lock was "args[0]", with advice about data only."""
+    lock = threading.Lock()
+
+    def loss(params, inputs, targets):
+        with lock:
+            return inputs
+
+    for adapter, args, named in [
+        ("jax", (loss, [], []), r"args\[0\] \(loss_fn\)"),
+        ("torch", (lock, [], [], loss), r"args\[0\] \(model\)"),
+        ("torch", (torch.nn.Linear(1, 1), [], [], loss), r"args\[3\] \(loss_fn\)"),
+    ]:
+        advice = "loss_fn" if "loss_fn" in named else "model"
+        with pytest.raises(
+            TypeError, match=rf"^{named} cannot be pickled \(.*lock.*\): .*; pass a {advice} that pickles"
+        ):
+            pickle_arguments((args, {}), io.BytesIO(), adapter)
 
 
 def test_relative_checkpoint_paths_are_found_by_workers_in_other_directories(client, tmp_path, monkeypatch):
@@ -407,7 +430,7 @@ def test_a_temporary_file_that_cannot_be_written_is_an_oserror_not_an_unpicklabl
             raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match=r"cannot write the pickled args and kwargs .*No space left.*TMPDIR"):
-        pickle_arguments(((np.zeros(1000), "loss"), {"store": str(tmp_path)}), Full())
+        pickle_arguments(((np.zeros(1000), "loss"), {"store": str(tmp_path)}), Full(), "torch")
 
 
 def test_arguments_are_pickled_once_before_the_pass_and_their_bytes_not_kept(client, tmp_path, monkeypatch):

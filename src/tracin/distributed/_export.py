@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import importlib
 import inspect
@@ -120,7 +121,7 @@ def export_gradients(
     path = os.path.abspath(store)
     args, kwargs = absolute_checkpoints(args, kwargs)
     with tempfile.TemporaryFile() as pickled:  # in TMPDIR, not in the client's memory through its pass
-        pickle_arguments((args, kwargs), pickled)  # before anything is read or created, as they are given
+        pickle_arguments((args, kwargs), pickled, adapter)  # before anything is read or created, as they are given
         return _export(adapter, fn, args, kwargs, pickled, path, client, worker_timeout, shards, num_threads, progress)
 
 
@@ -196,8 +197,11 @@ def _write_ranges(
         # cloudpickled as they are: Dask's own serializer of torch modules loses their hook dicts' type
         pickled.seek(0)
         sent_once = job.send(pickled.read())  # bytes read only for tasks, not kept by this call
+        client_jax = jax_settings() if adapter == "jax" else None  # named by a task reading other inputs
         parts = [
-            job.submit(export_part, adapter, sent_once, path, a, b, num_threads, label=f"rows [{a}, {b}) of {path}")
+            job.submit(
+                export_part, adapter, sent_once, path, a, b, num_threads, client_jax, label=f"rows [{a}, {b}) of {path}"
+            )
             for a, b in cut(missing, shards or slots, manifest.n_rows, batch_starts)
         ]
         try:
@@ -254,20 +258,20 @@ def _rebuilt(given: tuple | list, items: list) -> Any:
     return list(items) if isinstance(given, list) else tuple(items)
 
 
-def pickle_arguments(arguments: tuple[tuple, dict], file: IO[bytes]) -> None:
+def pickle_arguments(arguments: tuple[tuple, dict], file: IO[bytes], adapter: str) -> None:
     """The export's (args, kwargs), which travel to the workers, cloudpickled into `file` by one
     pickler: a header (the count of args, the names of kwargs), then each argument as a pickle of its
     own, in order (one memo: an object two arguments share is one object again once unpickled), so
     that a worker that cannot unpickle one names it (unpickle_arguments). When pickling fails, a
-    TypeError naming the argument that does not pickle."""
+    TypeError naming the argument that does not pickle (and `adapter`'s parameter taking it)."""
     args, kwargs = arguments
     into = _Into(file)
     pickler = cloudpickle.CloudPickler(into, protocol=cloudpickle.DEFAULT_PROTOCOL)
-    which = "the count of args and the names of kwargs"
+    which, parameter = "the count of args and the names of kwargs", None
     try:
         pickler.dump((len(args), list(kwargs)))
-        for name, value in _named(args, kwargs):
-            which = name  # named in the error if this one does not pickle
+        for name, given, value in _named(args, kwargs, adapter):
+            which, parameter = name, given  # named in the error if this one does not pickle
             pickler.dump(value)
     except Exception as e:
         if into.failed is not None:  # the file, not the arguments (a full disk)
@@ -276,10 +280,19 @@ def pickle_arguments(arguments: tuple[tuple, dict], file: IO[bytes]) -> None:
                 f"cannot write the pickled args and kwargs into a temporary file in {tempfile.gettempdir()} "
                 f"({into.failed}); point TMPDIR to a folder with room",
             ) from e
+        advice = {
+            "loss_fn": "pass a loss_fn that pickles (a module-level function, or one whose closure and "
+            "defaults hold no open file, lock, connection or client: open those inside it)",
+            "model": "pass a model that pickles (one whose attributes and hooks hold no open file, lock, "
+            "connection or client)",
+        }.get(
+            parameter,
+            "pass data and checkpoints that pickle (say a Dataset reading files by path, rather than one "
+            "holding an open file, lock or connection)",
+        )
         raise TypeError(
             f"{which} cannot be pickled ({type(e).__name__}: {e}): tracin.distributed sends the export's "
-            "args and kwargs to the workers with cloudpickle; pass data and checkpoints that pickle (say a "
-            "Dataset reading files by path, rather than one holding an open file, lock or connection)"
+            f"args and kwargs to the workers with cloudpickle; {advice}"
         ) from e
 
 
@@ -315,9 +328,13 @@ def unpickle_arguments(sent: bytes, adapter: str) -> tuple[tuple, dict]:
     return tuple(args), kwargs
 
 
-def _named(args: tuple, kwargs: dict) -> Iterator[tuple[str, Any]]:
-    yield from ((f"args[{i}]", a) for i, a in enumerate(args))
-    yield from ((f"kwargs[{k!r}]", v) for k, v in kwargs.items())
+def _named(args: tuple, kwargs: dict, adapter: str) -> Iterator[tuple[str, str | None, Any]]:
+    """Each argument's name in an error ("args[0] (loss_fn)", "kwargs['data']"), the adapter's parameter
+    taking it (None: none such) and its value."""
+    for i, a in enumerate(args):
+        parameter = _parameter(adapter, i)
+        yield (f"args[{i}] ({parameter})" if parameter else f"args[{i}]"), parameter, a
+    yield from ((f"kwargs[{k!r}]", k, v) for k, v in kwargs.items())
 
 
 def _parameter(adapter: str, i: int) -> str | None:
@@ -617,14 +634,24 @@ def _lock_held(path: Path) -> bool | None:
         probe.release()
 
 
-def export_part(adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None) -> None:
+def export_part(
+    adapter: str,
+    sent: bytes,
+    path: str,
+    start: int,
+    stop: int,
+    num_threads: int | None,
+    client_jax: tuple[str, bool] | None,
+) -> None:
     """On a worker: rows [start, stop) of the export (args and kwargs as pickle_arguments wrote them
     into `sent`), written into the store at `path`, which the client created (a ValueError naming this
     worker, before any data is read, when it does not see it; another naming the argument when one
-    cannot be unpickled here). Any other error of the export (of the data, the model or the loss, as
-    read and run here) is raised with a note naming this worker, the rows and the store."""
+    cannot be unpickled here; another when it reads other inputs than the client, naming for JAX both
+    sides' jax_settings(), `client_jax` the client's, None for torch). Any other error of the export (of
+    the data, the model or the loss, as read and run here) is raised with a note naming this worker, the
+    rows and the store."""
     refuse_unseen(path)
-    args, kwargs = unpickle_arguments(sent, adapter)
+    args, kwargs = _unpickled_once(sent, adapter)
     export = _export_function(adapter)
     threads = torch_threads(kernel_threads(num_threads)) if adapter == "torch" else nullcontext()
     try:
@@ -638,6 +665,7 @@ def export_part(adapter: str, sent: bytes, path: str, start: int, stop: int, num
         raise ValueError(
             f"the data or checkpoints as read on worker {worker_name()} differ from the client's "
             f"({found.group(1)}): every worker must read identical data and checkpoint files"
+            + (_jax_hint(client_jax) if client_jax is not None else "")
         ) from e
     except AssertionError as e:  # multiprocessing's, when data starts processes in a daemonic worker
         if "daemonic processes are not allowed to have children" not in str(e):
@@ -652,6 +680,46 @@ def export_part(adapter: str, sent: bytes, path: str, start: int, stop: int, num
     except Exception as e:  # the data, the model or the loss failing here (or the store's files)
         _noted_here(e, _task_note(adapter, path, start, stop))
         raise
+
+
+def jax_settings() -> tuple[str, bool]:
+    """This process's JAX version and jax_enable_x64, which change the arrays unpickled here."""
+    import jax
+
+    return jax.__version__, bool(jax.config.jax_enable_x64)
+
+
+def _jax_hint(client_jax: tuple[str, bool]) -> str:
+    """What export_part's error adds for JAX: both sides' jax_settings(), and the fix where they differ."""
+    here = jax_settings()
+    return (
+        ", or in-memory ones unpickled alike, which JAX's version and jax_enable_x64 change (float64 arrays "
+        f"become float32 without it): here jax {here[0]} with jax_enable_x64={here[1]}, on the client jax "
+        f"{client_jax[0]} with jax_enable_x64={client_jax[1]}"
+        + ("; set the same on the workers (JAX_ENABLE_X64 in their environment)" if here != client_jax else "")
+    )
+
+
+_UNPICKLED_LOCK = threading.Lock()
+_unpickled: list[Any] = []  # [digest of sent, (args, kwargs)] of this process's latest JAX export task
+
+
+def _unpickled_once(sent: bytes, adapter: str) -> tuple[tuple, dict]:
+    """unpickle_arguments, for JAX reusing the objects of this process's previous task when its bytes
+    were equal (the same export): tracin.jax compiles once per loss_fn object, and a loss unpickled by
+    value (defined in the client's script, a lambda, a closure) is a new object, traced and compiled
+    again, in every task. One entry: the objects stay here until the next JAX export task (README,
+    Dask). torch's arguments are unpickled per task (a model's hooks are per export call)."""
+    if adapter != "jax":
+        return unpickle_arguments(sent, adapter)
+    digest = hashlib.blake2b(sent, digest_size=32).digest()  # not the bytes: Dask frees them when the export ends
+    with _UNPICKLED_LOCK:
+        if _unpickled and _unpickled[0] == digest:
+            return _unpickled[1]
+    arguments = unpickle_arguments(sent, adapter)
+    with _UNPICKLED_LOCK:
+        _unpickled[:] = [digest, arguments]
+    return arguments
 
 
 def _task_note(adapter: str, path: str, start: int, stop: int) -> str:
