@@ -113,6 +113,7 @@ class HookGradients:
             except NotCaptured as e:
                 unusable[layer] = str(e)
                 return
+            sixteen_bit = _layer_norm_sums(module, call)
             for name, leaf in held[layer]:
                 offset, width = columns[name]
                 dest = out[:, offset : offset + width].view(rows, *getattr(module, leaf).shape)
@@ -120,6 +121,8 @@ class HookGradients:
                 written.add(name)
                 if name in self.directional:  # the rows' sum along the directions: no weight-sized GEMM
                     part = _sketch(module, a, b, self._along(dest.shape[1], _sketch_dtype(b), b.device))
+                elif leaf in sixteen_bit:  # autograd's own 16-bit sum over the positions (_layer_norm_sums)
+                    part = sixteen_bit[leaf].to(dest.dtype)
                 else:  # the call's rows summed: its tokens of every example as one example's (a GEMM for a Linear)
                     part = per_example_grad(
                         module, leaf, a.reshape(1, -1, *a.shape[2:]), b.reshape(1, -1, b.shape[-1])
@@ -151,12 +154,7 @@ class HookGradients:
                 out[:, offset : offset + width].zero_()  # its layers did not run
         # under torch.autocast, autograd's `summed` rounds once in its dtype (GEMMs accumulate in float32), not once a
         # position as a 16-bit model's own sums: that dtype's tolerances for one position (tokens: real misses pass).
-        # A LayerNorm is the exception: CPU autocast runs it on its 16-bit input (CUDA's in float32), and its backward
-        # sums even a float32 weight's and bias's gradients over the positions in 16 bits, as a 16-bit model's does:
-        # judged as those (eps x positions, _judged). Measured (torch 2.13, LayerNorm(32), bfloat16, 1 and 2 threads,
-        # 64 to 32768 positions): the weight's within 0.71 u sum_t |terms_t|, but the bias's sum of output gradients
-        # of one sign stalls, 0.27 of its size off at 4096 positions and 0.87 at 32768 (38 and 125 u sum |terms|),
-        # within eps x positions only; u sqrt(positions) of its size bounds neither.
+        # (a LayerNorm run on a 16-bit input under CPU autocast: its hooked sums are autograd's own, _layer_norm_sums)
         autocast = _autocast_dtype(out.device.type) if out.device.type in ("cpu", "cuda") else None
         for name, holders in self.plan.items():
             if not any(m in unusable for m, _ in holders) and name in hooked:
@@ -165,10 +163,7 @@ class HookGradients:
                 count, dtype = tokens[name], dtypes[name]
                 # (a 16-bit model's parameter keeps its own sums' tolerance: its LayerNorm sums positions in 16 bits)
                 own = getattr(self._modules[holders[0][0]], holders[0][1]).dtype
-                layer_norm = out.device.type == "cpu" and any(
-                    isinstance(self._modules[m], nn.LayerNorm) for m, _ in holders
-                )
-                if autocast is not None and torch.finfo(own).eps < torch.finfo(autocast).eps and not layer_norm:
+                if autocast is not None and torch.finfo(own).eps < torch.finfo(autocast).eps:
                     count, dtype = 1, max(dtype, autocast, key=lambda d: torch.finfo(d).eps)
                 if name in self.directional:
                     m, leaf = holders[0]
@@ -189,6 +184,32 @@ class HookGradients:
             u = torch.randn(SUM_DIRECTIONS, first, generator=generator, dtype=torch.float64, device="cpu")
             self._directions[key] = u.to(device, dtype)
         return self._directions[key]
+
+
+def _layer_norm_sums(module: nn.Module, call: Call) -> dict[str, torch.Tensor]:
+    """{leaf: gradient} of a LayerNorm's float32 weight and bias from one call on a 16-bit input under CPU
+    autocast, as autograd computes them: torch's CPU LayerNorm backward on that input sums them over the positions
+    in 16 bits (the bias's sum of one sign stalls: 0.27 of its size off at 4096 positions, 0.9 at 32768), which
+    its own kernel, rerun on the same tensors and thread count, reproduces bit for bit; so only a use outside the
+    call (a functional call, a hook) separates them. {} otherwise (the float32 sums of the token form apply)."""
+    x, g = call.input, call.grad
+    if (
+        not isinstance(module, nn.LayerNorm)
+        or x.device.type != "cpu"
+        or not torch.is_autocast_enabled("cpu")
+        or x.dtype not in (torch.bfloat16, torch.float16)
+        or g.dtype != x.dtype
+        or module.weight is None
+        or module.weight.dtype == x.dtype
+    ):
+        return {}
+    shape = list(module.normalized_shape)
+    with torch.no_grad():
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, module.weight, module.bias, module.eps)
+        _, weight, bias = torch.ops.aten.native_layer_norm_backward(
+            g, x, shape, mean, rstd, module.weight, module.bias, [False, True, module.bias is not None]
+        )
+    return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
 
 
 def _directional(modules: Mapping[str, nn.Module], parameter: torch.Tensor, holders: list[tuple[str, str]]) -> bool:
