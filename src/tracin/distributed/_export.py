@@ -651,7 +651,8 @@ def export_part(
     the data, the model or the loss, as read and run here) is raised with a note naming this worker, the
     rows and the store."""
     refuse_unseen(path)
-    args, kwargs = _unpickled_once(sent, adapter)
+    arguments = _unpickled_once(sent, adapter)
+    args, kwargs = arguments
     export = _export_function(adapter)
     threads = torch_threads(kernel_threads(num_threads)) if adapter == "torch" else nullcontext()
     try:
@@ -680,6 +681,8 @@ def export_part(
     except Exception as e:  # the data, the model or the loss failing here (or the store's files)
         _noted_here(e, _task_note(adapter, path, start, stop))
         raise
+    finally:
+        _release(arguments)
 
 
 def jax_settings() -> tuple[str, bool]:
@@ -701,25 +704,38 @@ def _jax_hint(client_jax: tuple[str, bool]) -> str:
 
 
 _UNPICKLED_LOCK = threading.Lock()
-_unpickled: list[Any] = []  # [digest of sent, (args, kwargs)] of this process's latest JAX export task
+_unpickled: list[Any] = []  # [digest of sent, (args, kwargs), tasks using them] of this process's latest JAX task
 
 
 def _unpickled_once(sent: bytes, adapter: str) -> tuple[tuple, dict]:
     """unpickle_arguments, for JAX reusing the objects of this process's previous task when its bytes
-    were equal (the same export): tracin.jax compiles once per loss_fn object, and a loss unpickled by
-    value (defined in the client's script, a lambda, a closure) is a new object, traced and compiled
-    again, in every task. One entry: the objects stay here until the next JAX export task (README,
-    Dask). torch's arguments are unpickled per task (a model's hooks are per export call)."""
+    were equal (the same export) and no other task of this process is using them: tracin.jax compiles
+    once per loss_fn object, and a loss unpickled by value (defined in the client's script, a lambda, a
+    closure) is a new object, traced and compiled again, in every task; tasks running at once (a worker
+    with several threads) each get their own objects, as a data loader holding an open file or other
+    state need not be thread-safe. One entry: the objects stay here until the next JAX export task
+    (README, Dask). torch's arguments are unpickled per task (a model's hooks are per export call).
+    Each call is paired with _release once the task ends."""
     if adapter != "jax":
         return unpickle_arguments(sent, adapter)
     digest = hashlib.blake2b(sent, digest_size=32).digest()  # not the bytes: Dask frees them when the export ends
     with _UNPICKLED_LOCK:
-        if _unpickled and _unpickled[0] == digest:
+        if _unpickled and _unpickled[0] == digest and _unpickled[2] == 0:
+            _unpickled[2] = 1
             return _unpickled[1]
+        busy = bool(_unpickled) and _unpickled[2] > 0
     arguments = unpickle_arguments(sent, adapter)
     with _UNPICKLED_LOCK:
-        _unpickled[:] = [digest, arguments]
+        if not busy and not (_unpickled and _unpickled[2] > 0):
+            _unpickled[:] = [digest, arguments, 1]
     return arguments
+
+
+def _release(arguments: tuple[tuple, dict]) -> None:
+    """Marks the objects _unpickled_once gave a task as no longer used by it."""
+    with _UNPICKLED_LOCK:
+        if _unpickled and _unpickled[1] is arguments:
+            _unpickled[2] = 0
 
 
 def _task_note(adapter: str, path: str, start: int, stop: int) -> str:
