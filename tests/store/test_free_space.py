@@ -141,7 +141,8 @@ def test_a_resumed_store_counts_only_the_rows_not_yet_written(tmp_path, monkeypa
 
 
 def test_no_statvfs_no_warning(tmp_path, monkeypatch):
-    """Windows has no os.statvfs: the store is made as before, without a warning (nor one when it fails)."""
+    """Windows has no os.statvfs: the store is made as before, without a warning (nor one when it fails, or
+    reports a file system of no blocks)."""
     monkeypatch.delattr(_create.os, "statvfs")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -154,6 +155,14 @@ def test_no_statvfs_no_warning(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tracin.GradientStore.create(tmp_path / "b", 1000, [100]).close()
+
+    def sizeless(path):  # fr243: some FUSE and network file systems report no blocks at all
+        return SimpleNamespace(f_bavail=0, f_frsize=4096, f_blocks=0, f_bsize=4096)
+
+    monkeypatch.setattr(_create.os, "statvfs", sizeless, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracin.GradientStore.create(tmp_path / "c", 1000, [100]).close()
 
 
 def test_an_export_warns_once_and_a_full_disk_says_a_rerun_resumes(tmp_path, monkeypatch):

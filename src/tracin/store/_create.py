@@ -293,7 +293,8 @@ def _bytes_to_write(manifest: Manifest) -> int:
 def _warn_short_of_space(root: Path, manifest: Manifest) -> None:
     """A UserWarning when the file system holding `root` has fewer bytes free (statvfs) than the rows
     still to be written take: a warning, not an error, as space may be freed meanwhile and some file
-    systems report their free space oddly. Nothing where there is no statvfs (Windows) or it fails."""
+    systems report their free space oddly. Nothing where there is no statvfs (Windows), it fails, or it
+    reports a file system of no blocks at all (FUSE and network ones that keep no count)."""
     statvfs = getattr(os, "statvfs", None)
     if statvfs is None:
         return
@@ -303,7 +304,7 @@ def _warn_short_of_space(root: Path, manifest: Manifest) -> None:
     except OSError:
         return
     free = fs.f_bavail * fs.f_frsize
-    if need <= free:
+    if need <= free or fs.f_blocks == 0:  # a file system of no size (some FUSE, network ones): no free count
         return
     warnings.warn(
         f"gradient store {root}: its rows still to be written take {need} bytes, but its file system has "
