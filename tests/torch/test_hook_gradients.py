@@ -699,6 +699,19 @@ def test_a_float32_layer_norm_under_bfloat16_autocast_keeps_the_hooks_without_a_
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # bfloat16: ~0.004 measured
 
 
+def _hooked_under_bfloat16_autocast(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> HookGradients:
+    """The HookGradients of every parameter of `model` after one hooked pass over (x, y) under CPU bfloat16
+    autocast: its `unsummed` holds what the sum check flagged."""
+    params = dict(model.named_parameters())
+    columns, width = {}, 0
+    for name, p in params.items():
+        columns[name], width = (width, p.numel()), width + p.numel()
+    hooks = HookGradients(model, list(params), _token_ce)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hooks(dict(model.state_dict()), x, y, torch.empty(len(x), width), columns)
+    return hooks
+
+
 def test_a_head_weight_reused_outside_its_forward_under_bfloat16_autocast_is_still_flagged():
     """A head weight also used by 30% outside its forward (fr242's miss), 256 positions under CPU bfloat16 autocast:
     the first rows' check or the sum check (the head's tolerance unchanged) sees it; the rows are then exact up to
@@ -710,14 +723,7 @@ def test_a_head_weight_reused_outside_its_forward_under_bfloat16_autocast_is_sti
     # the sum check alone (first rows' check or not): the hooked sum misses 0.3 / 1.3 of autograd's, 10x the tolerance
     torch.manual_seed(256)
     model = TokenTagger(0.3)
-    x, y = torch.randn(8, 256, 6), torch.randint(0, 5, (8, 256))
-    params = dict(model.named_parameters())
-    columns, width = {}, 0
-    for name, p in params.items():
-        columns[name], width = (width, p.numel()), width + p.numel()
-    hooks = HookGradients(model, list(params), _token_ce)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        hooks(dict(model.state_dict()), x, y, torch.empty(8, width), columns)
+    hooks = _hooked_under_bfloat16_autocast(model, torch.randn(8, 256, 6), torch.randint(0, 5, (8, 256)))
     assert set(hooks.unsummed) == {"head"}
     gap, tolerance = hooks.unsummed["head"]
     assert gap == pytest.approx(0.3 / 1.3, rel=0.01) and tolerance == pytest.approx(3 * 2**-7)
@@ -752,14 +758,7 @@ def test_a_layer_norm_weight_reused_outside_its_forward_under_bfloat16_autocast_
     now those of torch's own 16-bit LayerNorm backward, which the sum check compares at one position's tolerance."""
     torch.manual_seed(tokens)
     model = LayerNormReused(0.1)
-    x, y = torch.randn(8, tokens, 6), torch.randint(0, 5, (8, tokens))
-    params = dict(model.named_parameters())
-    columns, width = {}, 0
-    for name, p in params.items():
-        columns[name], width = (width, p.numel()), width + p.numel()
-    hooks = HookGradients(model, list(params), _token_ce)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        hooks(dict(model.state_dict()), x, y, torch.empty(8, width), columns)
+    hooks = _hooked_under_bfloat16_autocast(model, torch.randn(8, tokens, 6), torch.randint(0, 5, (8, tokens)))
     assert set(hooks.unsummed) == {"body.2"}
     gap, tolerance = hooks.unsummed["body.2"]
     assert gap == pytest.approx(0.1 / 1.1, rel=0.15) and tolerance < gap / 2
