@@ -1428,6 +1428,11 @@ def test_an_optimizer_state_beside_the_model_in_one_general_checkpoint_file_is_f
         model, [(weights, 1e-2, optimizer.state_dict())], data, LOSS, progress=False, preconditioner="adam"
     )
     np.testing.assert_array_equal(together.matrices[0], apart.matrices[0])
+    loaded = torch.load(path, weights_only=True)  # the same general checkpoint, in memory
+    in_memory = export_gradients(
+        model, [(loaded["model_state_dict"], 1e-2, loaded)], data, LOSS, progress=False, preconditioner="adam"
+    )
+    np.testing.assert_array_equal(in_memory.matrices[0], apart.matrices[0])
     torch.save({"model": weights, "epoch": 3}, path)
     with pytest.raises(ValueError, match=r"nor a dict holding one under 'optimizer'.*its keys: \['epoch', 'model'\]"):
         export_gradients(model, [(path, 1e-2, path)], data, LOSS, progress=False, preconditioner="adam")

@@ -342,6 +342,9 @@ class OptimizerState:
     checkpoint: states of other checkpoints holding the very same tensors (the optimizer's live ones,
     saved without the copy) are refused when a preconditioner uses them (refuse_live_states).
 
+    A general checkpoint (a dict, or the path of its torch.save file, holding the state under
+    "optimizer", "optimizer_state_dict" or "optim" beside the model's weights) gives that state.
+
     A folder given as the path is a checkpoint folder holding the state as optimizer.pt (the layout of
     a transformers Trainer's checkpoint-N, whose folder may be the checkpoint's weights too): that file
     is read; a folder without one is a ValueError naming it. When the checkpoint's weights are a folder
@@ -355,6 +358,7 @@ class OptimizerState:
         if not isinstance(source, (str, os.PathLike, Mapping)):
             raise TypeError(f"{self.where} must be an optimizer.state_dict() or its path, got {type(source).__name__}")
         if isinstance(source, Mapping):
+            source = _nested_optimizer(source)  # torch.load of a general checkpoint, as a file of one is read
             _check_optimizer_dict(source, self.where)
         else:
             source = _state_file(source, self.where)
