@@ -1,4 +1,4 @@
-"""The test suite's own set-up: a test folder named like a package never stands in for that package."""
+"""tests/shadowed_packages.py: a test folder named like a package never stands in for that package."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import hide_test_folders_named_like_packages
+from shadowed_packages import hide_test_folders_named_like_packages
 
 
 def test_a_test_folder_named_like_a_missing_package_is_skipped_not_imported(tmp_path, monkeypatch):
