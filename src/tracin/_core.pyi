@@ -4,7 +4,8 @@ Internal: use the functions of the tracin package. A side is (factored, blocks, 
 full gradients one (rows, d_c) block per checkpoint, factored ones (left_0, right_0, left_1, ...);
 blocks are 2-D buffers with contiguous rows in native byte order, of the format their code names
 (0 float32; 1 float16, or its uint16 bits; 2 bfloat16 as uint16 bits; another is a ValueError).
-Every call releases the GIL and answers Ctrl-C (KeyboardInterrupt) within about 0.1 s.
+Every call releases the GIL and answers Ctrl-C (KeyboardInterrupt) within about 0.1 s
+(about a second for a top_k of tens of millions of kept candidates per row).
 Errors: ValueError (bad input, NaN / Inf, float32 overflow), MemoryError, RuntimeError.
 isa: "auto", "generic", "avx2" or "avx512"; a set the CPU lacks runs as resolve_isa(isa).
 normalize: 0 plain scores; L > 0 cosine scores, each row unit-normalised over every run of L
