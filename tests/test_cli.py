@@ -2335,8 +2335,17 @@ def test_a_whitening_fitted_on_other_gradients_is_refused_naming_the_options(sto
             test,
             plain,
             whitening("one", mats=blocks["train"][:1], w=weights[:1]),
-            "--whitening applied to --test: test has 2 checkpoints but the whitening has 1; give --whitening a "
-            "whitening fitted on --train's gradients (tracin.Whitening.fit, then save)",
+            "--whitening applied to --test: test has 2 checkpoints but the whitening has 1; give --test rows "
+            "exported as --train's were and --whitening a whitening fitted on --train's gradients "
+            "(tracin.Whitening.fit, then save)",
+        ),
+        (  # --test is the odd one out: the whitening is fitted on --train's gradients (review248 F2)
+            _stored(tmp_path / "narrow", tracin.Gradients([m[:, :3] for m in blocks["test"]], weights)),
+            plain,
+            whitening("train"),
+            "--whitening applied to --test: test dims [3, 3] differ from the whitening's dims "
+            f"{[m.shape[1] for m in blocks['train']]}; give --test rows exported as --train's were and --whitening "
+            "a whitening fitted on --train's gradients (tracin.Whitening.fit, then save)",
         ),
     ]
     for test_store, train_store, white, expected in score_cases:

@@ -635,15 +635,19 @@ def _whitened(whitening: Any, rows: Any, option: str, args: argparse.Namespace) 
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
         raise CommandError(_fitted_mismatch(e, option)) from e
     except ValueError as e:
-        raise CommandError(f"--whitening applied to {option}: {_one_line(e)}{_mismatch_advice(e, '--train')}") from e
+        advice = _mismatch_advice(e, "--train", odd_rows=option)
+        raise CommandError(f"--whitening applied to {option}: {_one_line(e)}{advice}") from e
 
 
-def _mismatch_advice(e: ValueError, fitted_on: str) -> str:
+def _mismatch_advice(e: ValueError, fitted_on: str, odd_rows: str | None = None) -> str:
     """What to do when the library refused rows for not matching the whitening (kind, checkpoints, dims,
-    parameters, preconditioner: its messages name "the whitening"); "" for other refusals (a NaN row)."""
+    parameters, preconditioner: its messages name "the whitening"); "" for other refusals (a NaN row).
+    `odd_rows`: the option of the refused rows where they, not the whitening, may be the odd ones out (--test
+    rows of other dims than --train's, with a whitening fitted on --train's gradients: review248 F2)."""
     if "the whitening" not in str(e):
         return ""
-    return f"; give --whitening a whitening fitted on {fitted_on}'s gradients (tracin.Whitening.fit, then save)"
+    rows = "" if odd_rows is None else f"{odd_rows} rows exported as {fitted_on}'s were and "
+    return f"; give {rows}--whitening a whitening fitted on {fitted_on}'s gradients (tracin.Whitening.fit, then save)"
 
 
 def _fitted_mismatch(e: Any, option: str) -> str:
