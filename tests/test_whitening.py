@@ -508,6 +508,69 @@ def test_apply_shows_progress_over_rows(full, capsys, monkeypatch):
         w.apply(tracin.Gradients(test), progress="yes")
 
 
+class _RecordedBar:
+    """A progress bar that records what it was made with, its count and whether it was closed."""
+
+    def __init__(self, total, enabled, desc):
+        self.total, self.enabled, self.desc = total, enabled, desc
+        self.n, self.closed = 0, False
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_fit_closes_the_row_bar_before_inverting(full, monkeypatch):
+    """The row bar is closed once the rows are summed (its time and rate are the row pass's, r248 F1); the
+    inversion has its own bar over the matrices, open while they are inverted."""
+    made, seen = [], []
+
+    def recording(total, enabled, desc, unit="ex", **kwargs):
+        made.append(_RecordedBar(total, enabled, desc))
+        return made[-1]
+
+    invert = _whitening.damped_inverse
+
+    def spy(*args, **kwargs):
+        seen.append([(b.desc, b.n, b.closed) for b in made])
+        return invert(*args, **kwargs)
+
+    monkeypatch.setattr(_moments, "progress_bar", recording)
+    monkeypatch.setattr(_whitening, "progress_bar", recording)
+    monkeypatch.setattr(_whitening, "damped_inverse", spy)
+    train, _ = full
+    w = Whitening.fit(tracin.Gradients(train), damping=0.3, precision="float64", progress=True)
+    rows = ("tracin whitening fit", 700, True)
+    assert seen == [[rows, ("tracin whitening invert", 0, False)], [rows, ("tracin whitening invert", 1, False)]]
+    assert [(b.total, b.enabled, b.n, b.closed) for b in made] == [(700, True, 700, True), (2, True, 2, True)]
+    for x, g in zip(w.inverses, train, strict=True):
+        np.testing.assert_allclose(x, reference_inverse(g, 0.3)[0], rtol=1e-5, atol=1e-7 * np.abs(x).max())
+
+
+def test_with_damping_shows_progress_over_matrices(full, capsys):
+    """with_damping(progress=True) shows a bar over the matrices it inverts, progress=False none (r248 F1);
+    the inverses are the same and match a float64 one."""
+    pytest.importorskip("tqdm")
+    train, _ = full
+    w = Whitening.fit(tracin.Gradients(train), damping=0.3, progress=False)
+    capsys.readouterr()
+    quiet = w.with_damping(2.0, progress=False)
+    assert capsys.readouterr().err == ""
+    shown = w.with_damping(2.0, progress=True)
+    err = capsys.readouterr().err
+    assert "tracin whitening invert" in err and "100%" in err and "2/2" in err and "matrix" in err, err
+    for a, b, g in zip(quiet.inverses, shown.inverses, train, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, reference_inverse(g, 2.0)[0], rtol=1e-5, atol=1e-7 * np.abs(a).max())
+    with pytest.raises(TypeError, match="progress"):
+        w.with_damping(2.0, progress="yes")
+
+
 def test_save_load_round_trip(tmp_path, full):
     train, test = full
     w = Whitening.fit(tracin.Gradients(train), damping=0.3)

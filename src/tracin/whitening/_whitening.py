@@ -209,7 +209,8 @@ class Whitening:
         max_bytes: memory allowed for the float64 matrices (default half of the memory the process may use:
             the least of the physical RAM, its cgroup's memory limit (a container's) and RLIMIT_AS, where set;
             8 GiB where the OS reports none); above it a ValueError points to projection.
-        progress: tqdm bar over rows (None: after a few seconds, if tqdm is installed).
+        progress: tqdm bars over the rows, then over the matrices inverted (None: each after a few
+            seconds, if tqdm is installed).
         num_threads: BLAS threads (None: BLAS's default, all cores; a number needs threadpoolctl).
         Reproducibility: R, and so the fingerprint, lambdas, inverses and whitened scores, is the same
         bits for the same rows, precision, num_threads and row blocks. The blocks are _moments.row_ranges
@@ -258,19 +259,20 @@ class Whitening:
         max_bytes = default_max_bytes() if max_bytes is None else positive_int(max_bytes, "max_bytes")
         check_budget(matrix_sides(train), len(sets) + 1, max_bytes)  # moments, then inverses
         bar = fit_bar(sum(s.n_rows for _, s in sets), progress)
-        try:
+        try:  # closed before the inversion, so that its time and rate are the row pass's
             with blas_threads(num_threads):
                 moments = [second_moments(s, bar, precision, name) for name, s in sets]
-                blended = (
-                    moments[0]
-                    if mix is None
-                    else [(1.0 - mix_weight) * r + mix_weight * e for r, e in zip(*moments, strict=True)]
-                )
-                del moments
-                fingerprint = _fingerprint(blended)
-                inverses, lambdas = _invert(blended, damping, train.factored, precision)
         finally:
             bar.close()
+        blended = (
+            moments[0]
+            if mix is None
+            else [(1.0 - mix_weight) * r + mix_weight * e for r, e in zip(*moments, strict=True)]
+        )
+        del moments
+        fingerprint = _fingerprint(blended)
+        with blas_threads(num_threads):
+            inverses, lambdas = _invert(blended, damping, train.factored, precision, progress)
         spec = WhiteningSpec(
             kind="kfac" if train.factored else "full",
             damping=damping,
@@ -286,12 +288,14 @@ class Whitening:
         )
         return cls._owned(blended, inverses, spec)
 
-    def with_damping(self, damping: float) -> Whitening:
+    def with_damping(self, damping: float, *, progress: bool | None = None) -> Whitening:
         """The same fitted R at another damping (lambda_c = damping * trace(R_c) / d_c, as in fit),
         without reading the gradients again: only the damped inverses are recomputed (one Cholesky
-        per matrix). Its spec differs in damping and lambdas; the fingerprint of R is the same."""
+        per matrix). Its spec differs in damping and lambdas; the fingerprint of R is the same.
+        progress: tqdm bar over the matrices inverted and checked, as in fit."""
         damping = check_damping(damping)
-        inverses, lambdas = _invert(self._moments, damping, self.factored, self.spec.precision)
+        check_progress(progress)
+        inverses, lambdas = _invert(self._moments, damping, self.factored, self.spec.precision, progress)
         return Whitening._owned(
             self._moments, inverses, dataclasses.replace(self.spec, damping=damping, lambdas=lambdas)
         )
@@ -580,17 +584,24 @@ def _flat(lambdas: list) -> list[float]:
     return [x for v in lambdas for x in (v if isinstance(v, list) else [v])]
 
 
-def _invert(moments: list[np.ndarray], damping: float, factored: bool, precision: str) -> tuple[list[np.ndarray], list]:
+def _invert(
+    moments: list[np.ndarray], damping: float, factored: bool, precision: str, progress: bool | None
+) -> tuple[list[np.ndarray], list]:
     """Damped inverses and the lambdas, per checkpoint (see Whitening); `moments` are left as they are.
     `precision` (fit's) is named in the advice of damped_inverse's errors. Warns when the damping
-    leaves float32 scores rounding beyond _conditioning.SCORE_ERROR (a smaller damping than R allows)."""
+    leaves float32 scores rounding beyond _conditioning.SCORE_ERROR (a smaller damping than R allows).
+    progress: a bar over the matrices, each counted once inverted and its eigenvalue ends found."""
     lambdas = _lambdas(moments, damping, factored)
-    inverses = [
-        damped_inverse(r, lam, _what(i, factored), precision)
-        for i, (r, lam) in enumerate(zip(moments, _flat(lambdas), strict=True))
-    ]
+    inverses, ends = [], []
+    bar = progress_bar(len(moments), progress, "tracin whitening invert", unit="matrix", unit_scale=False)
+    try:
+        for i, (r, lam) in enumerate(zip(moments, _flat(lambdas), strict=True)):
+            inverses.append(damped_inverse(r, lam, _what(i, factored), precision))
+            ends.append(eigenvalue_ends(r))
+            bar.update(1)
+    finally:
+        bar.close()
     _check_scale(moments, inverses, _flat(lambdas), damping, factored, precision)
-    ends = [eigenvalue_ends(r) for r in moments]
     warn_if_ill_conditioned(
         ends, inverses, damping, lambda d: _flat(_lambdas(moments, d, factored)), 2 if factored else 1
     )
