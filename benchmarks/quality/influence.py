@@ -130,7 +130,7 @@ class RunInfluence:
                 test = self._export(c, self.test, "full", dim) if kind == "pairs" else None
                 fitted = tracin.Whitening.fit(train, damping=dampings[0], progress=False)
                 for d in dampings:
-                    w = fitted if d == dampings[0] else fitted.with_damping(d)
+                    w = fitted if d == dampings[0] else fitted.with_damping(d, progress=False)
                     if test is None:
                         terms = w.self_influence(train, progress=False)
                     else:
