@@ -197,18 +197,23 @@ def to_store_dtype(
         raise err
     if source == dtype:
         return np.ascontiguousarray(view)
-    as_f32 = bfloat16_bits_to_float32(view) if source == "bfloat16" else view.astype(np.float32)
+    as_f32 = bfloat16_bits_to_float32(view) if source == "bfloat16" else view.astype(np.float32, copy=False)
     if dtype == "bfloat16":
         out = float32_to_bfloat16_bits(as_f32)
-        finite = (out & 0x7F80) != 0x7F80
     else:
         with np.errstate(over="ignore"):
             out = np.ascontiguousarray(as_f32.astype(dtype))
-        finite = np.isfinite(out)
     if dtype != "float32":
-        beyond = ~finite if refuse_nonfinite else ~finite & np.isfinite(as_f32)  # the source is finite, checked
+        # only rows whose largest magnitude bits reach the all-ones exponent (Inf or NaN) can hold a value made
+        # infinite: those rows alone are judged (full-size boolean temporaries cost as much as the cast, r251)
+        bits = out.view(np.uint16)
+        exponent = np.uint16(0x7F80 if dtype == "bfloat16" else 0x7C00)
+        top = (bits & np.uint16(0x7FFF)).max(axis=1) if bits.shape[1] else np.zeros(bits.shape[0], np.uint16)
+        suspect = np.flatnonzero(top >= exponent)
+        bad = (bits[suspect] & exponent) == exponent
+        beyond = (bad if refuse_nonfinite else bad & np.isfinite(as_f32[suspect])).any(axis=1)
         if beyond.any():
-            row = int(np.argmax(beyond.any(axis=1)))
+            row = int(suspect[np.argmax(beyond)])
             wider = " or ".join(WIDER[dtype])
             raise BeyondRangeError(
                 f"{beyond_range_text(name, source, dtype, first_row + row, where)}; store them as {wider}",
