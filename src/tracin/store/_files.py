@@ -128,8 +128,10 @@ def store_root(path: str | os.PathLike, argument: str = "path") -> Path:
 
 
 def create_file(path: Path) -> int:
-    """Write descriptor of a new empty file at `path`; FileExistsError if anything (even a link) is there."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
+    """Write descriptor of a new empty file at `path` (0o666 less the umask, as open() makes them: a
+    group-shared folder's umask 002 lets the group resume the store); FileExistsError if anything (even
+    a link) is there."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o666)
 
 
 def write_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:

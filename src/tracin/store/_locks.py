@@ -115,7 +115,7 @@ class _Held:
         guard = _FORKS.guard
         guarded = guard.acquire(timeout=GUARD_WAIT_S)
         try:
-            fd = os.open(path, flags, 0o644)
+            fd = os.open(path, flags, 0o666)  # less the umask, as create_file
             self._fd = fd
             _FORKS.held[fd] = self
         finally:
