@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import numbers
 import pkgutil
+import signal
 import socket
 import sys
 import threading
@@ -17,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing import resource_tracker
 from typing import Any
 
 import dask
@@ -62,16 +64,24 @@ def local_client(n_workers: int) -> Iterator[Client]:
     """A client of a new LocalCluster: `n_workers` single-threaded worker processes on loopback
     only, its dashboard link printed on stderr; closed at the end. Its logs show warnings and errors
     (why a worker died or was restarted: out of memory, killed) but not a task's error, which reaches
-    the caller as it is (the worker would also log it, with its traceback, before: QuietTaskErrors)."""
-    with _new_local_cluster(n_workers) as cluster, Client(cluster) as local:
-        local.register_plugin(QuietTaskErrors())  # on every worker, restarted ones included
-        needs = "" if importlib.util.find_spec("bokeh") else " (its plots need: pip install bokeh)"
-        print(
-            f"tracin.distributed: LocalCluster of {len(cluster.workers)} workers, dashboard "
-            f"{local.dashboard_link}{needs}",
-            file=sys.stderr,
-        )
-        yield local
+    the caller as it is (the worker would also log it, with its traceback, before: QuietTaskErrors).
+    Left by an exception (Ctrl-C, an error), the cluster is closed quietly: its nannies would log each
+    worker process still running a task 4 s after they asked it to close, before they kill it."""
+    cluster = _new_local_cluster(n_workers)
+    try:
+        with Client(cluster) as local:
+            local.register_plugin(QuietTaskErrors())  # on every worker, restarted ones included
+            needs = "" if importlib.util.find_spec("bokeh") else " (its plots need: pip install bokeh)"
+            print(
+                f"tracin.distributed: LocalCluster of {len(cluster.workers)} workers, dashboard "
+                f"{local.dashboard_link}{needs}",
+                file=sys.stderr,
+            )
+            yield local
+    except BaseException:
+        _close_quietly(cluster)
+        raise
+    cluster.close()
 
 
 def _new_local_cluster(n_workers: int) -> LocalCluster:
@@ -81,7 +91,8 @@ def _new_local_cluster(n_workers: int) -> LocalCluster:
     fails on the cluster's unfinished state and prints a traceback of some 30-50 lines after the
     caller's own one-line message; the worker processes its nannies had started by then, which that
     close leaves running, are ended too (_end_processes); other processes started meanwhile (by another
-    thread of the caller's) are left alone."""
+    thread of the caller's) are left alone. Its worker processes never see a SIGINT or SIGHUP (dask_setup),
+    so that a terminal's Ctrl-C or hangup, sent to the whole process group, reaches the caller alone."""
     before = {id(c) for c in list(SpecCluster._instances)}
     children = set(multiprocessing.active_children())
     try:
@@ -92,6 +103,7 @@ def _new_local_cluster(n_workers: int) -> LocalCluster:
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.WARNING,
+            **nanny_preloads(),  # dask_setup
         )
     except BaseException:
         for cluster in [c for c in list(SpecCluster._instances) if id(c) not in before]:
@@ -100,6 +112,36 @@ def _new_local_cluster(n_workers: int) -> LocalCluster:
             [p for p in multiprocessing.active_children() if p not in children and p.name == NANNY_PROCESS_NAME]
         )
         raise
+
+
+def dask_setup(nanny: Any) -> None:
+    """Dask's preload hook, run by each nanny of _new_local_cluster as it starts, in this process, on the
+    cluster's event-loop thread, before it spawns its worker process: blocks SIGINT and SIGHUP in that
+    thread. The threads that thread starts, those that spawn the worker processes included, inherit the
+    blocked signals, and so do the processes they spawn: a blocked signal stays blocked across fork and
+    exec, where a Python handler does not. So every worker process, from its first instruction (importing
+    the caller's main module) to its end, and those the nanny restarts later, leaves a SIGINT pending
+    instead of raising KeyboardInterrupt with a traceback of its own (and a SIGHUP instead of dying, which
+    its nanny would log and restart): a terminal's Ctrl-C or hangup, sent to the whole foreground process
+    group, reaches the caller alone, whose main thread keeps both unblocked and closes the cluster (a
+    worker process ends on SIGTERM). Multiprocessing's resource tracker, where this thread starts it,
+    keeps SIGHUP blocked too (it ignores SIGINT itself); starting it unblocks SIGINT in the thread that
+    does, so SIGINT is blocked after. The caller's own threads are unchanged. (POSIX only.)"""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def nanny_preloads() -> dict[str, list]:
+    """LocalCluster's preload_nanny and preload_nanny_argv: those of Dask's config (distributed.nanny.preload
+    and preload-argv), then this module (its dask_setup, which takes no arguments)."""
+    preload = dask.config.get("distributed.nanny.preload", default=None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    argv = list(dask.config.get("distributed.nanny.preload-argv", default=None) or [])
+    if argv and not isinstance(argv[0], str):  # a list of arguments per preload
+        argv.append([])
+    return {"preload_nanny": [*preload, __name__], "preload_nanny_argv": argv}
 
 
 NANNY_PROCESS_NAME = "Dask Worker process (from Nanny)"  # a Dask nanny's worker process: those alone are ended
@@ -141,16 +183,23 @@ def _end_processes(processes: list[multiprocessing.process.BaseProcess]) -> None
 
 class QuietTaskErrors(WorkerPlugin):
     """Drops the worker's 'Compute Failed' log of a task's error (which the caller gets, with its
-    remote traceback) and nothing else of the worker's logs."""
+    remote traceback), and its log of a running task that its close cancelled (the caller closed the
+    cluster, as on Ctrl-C), and nothing else of the worker's logs."""
 
     name = "tracin-quiet-task-errors"
 
     def setup(self, worker: Any) -> None:
         logging.getLogger("distributed.worker").addFilter(_no_task_error)
+        logging.getLogger("distributed.worker.state_machine").addFilter(_no_cancelled_task)
 
 
 def _no_task_error(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Compute Failed")
+
+
+def _no_cancelled_task(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    return not (message.startswith("Async instruction for") and message.endswith("ended with CancelledError"))
 
 
 def default_client_or_none() -> Client | None:

@@ -1,0 +1,154 @@
+"""A terminal's Ctrl-C sends SIGINT to the whole foreground process group, the worker processes of the
+LocalCluster that tracin starts included: those ignore it, and the caller alone reacts (review250 F1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import dask
+import psutil
+import pytest
+
+# Starts local_client(2); with "running": restarts its workers (the nanny spawns new processes), prints their
+# pids, runs short tasks on both and says so (stdout, and a line on stderr). A Ctrl-C: one line on stderr, 130.
+SCRIPT = """
+import json, os, signal, sys, time
+from tracin.distributed._cluster import local_client
+
+
+def hung_up(signum, frame):
+    raise KeyboardInterrupt  # (as tracin's command line does, with its own exception)
+
+
+if __name__ == "__main__":  # (the spawned worker processes import this script too)
+    signal.signal(signal.SIGHUP, hung_up)
+    try:
+        with local_client(2) as client:
+            if sys.argv[1] == "running":
+                before = set(client.run(os.getpid).values())
+                client.restart()
+                client.wait_for_workers(2, timeout=60)
+                pids = client.run(os.getpid)
+                tasks = client.map(time.sleep, [0.05] * 4000, pure=False)  # short tasks, as tracin's parts
+                while sum(bool(t) for t in client.processing().values()) < 2:
+                    time.sleep(0.05)
+                time.sleep(0.5)  # the tasks run now
+                restarted = not before & set(pids.values())
+                print("tasks run", file=sys.stderr, flush=True)  # (what comes before: the restart's logs)
+                print(json.dumps({"pids": list(pids.values()), "restarted": restarted}), flush=True)
+            time.sleep(60)
+    except KeyboardInterrupt:
+        print("script: interrupted", file=sys.stderr)
+        sys.exit(130)
+"""
+
+TIMEOUT_S = 120
+
+
+def _worker_children(pid: int) -> list[psutil.Process]:
+    """The Dask worker processes (multiprocessing spawn children) of the process `pid`."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for p in children:
+        try:
+            if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _catches_sigint(p: psutil.Process) -> bool:
+    """Whether `p` has a handler for SIGINT (its Python has started: a SIGINT reaching it now raises there)."""
+    try:
+        with open(f"/proc/{p.pid}/status") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def _running(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize(
+    ("when", "signum"),
+    [("starting", signal.SIGINT), ("running", signal.SIGINT), ("running", signal.SIGHUP)],
+    ids=["starting-SIGINT", "running-SIGINT", "running-SIGHUP"],
+)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; a terminal's process group")
+def test_ctrl_c_to_the_process_group_gives_one_line(tmp_path, when, signum):
+    """SIGINT (or SIGHUP: a terminal's hangup) to the process group while the cluster starts (its worker
+    processes spawned and importing), or while tasks run on its workers, which the nanny restarted before:
+    exit code 130, the caller's one line on stderr (after the cluster's dashboard line, if it got that far),
+    no traceback of a worker nor of multiprocessing's resource tracker, and no worker process left running."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), when],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        if when == "running":
+            report = json.loads(proc.stdout.readline())
+            assert report["restarted"], report
+            workers = report["pids"]
+        else:
+            deadline = time.monotonic() + TIMEOUT_S
+            workers = []
+            while len(workers) < 2 and time.monotonic() < deadline:
+                workers = [p.pid for p in _worker_children(proc.pid) if _catches_sigint(p)]
+                time.sleep(0.01)
+            assert len(workers) == 2, "the cluster's worker processes did not start"
+        os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    after = err.split("tasks run\n")[-1] if when == "running" else err
+    lines = [line for line in after.splitlines() if not line.startswith("tracin.distributed: LocalCluster of 2")]
+    assert (proc.returncode, lines) == (130, ["script: interrupted"]), err
+    assert _running(workers) == []
+
+
+@pytest.mark.parametrize(
+    ("preload", "argv", "expected_argv"),
+    [
+        ([], [], []),
+        ("json", ["--x"], ["--x"]),  # one module (a string), the same arguments for every preload
+        (["json", "csv"], [["--x"], []], [["--x"], [], []]),  # a list of arguments per preload
+    ],
+)
+def test_nanny_preloads_keep_the_configured_ones(preload, argv, expected_argv):
+    """The nannies of tracin's LocalCluster run Dask's configured preloads, then tracin's dask_setup; Dask
+    accepts the pairing of preloads and arguments (process_preloads raises on mismatched lengths)."""
+    from distributed.preloading import process_preloads
+
+    from tracin.distributed import _cluster
+
+    with dask.config.set({"distributed.nanny.preload": preload, "distributed.nanny.preload-argv": argv}):
+        got = _cluster.nanny_preloads()
+    configured = [preload] if isinstance(preload, str) else preload
+    assert got == {"preload_nanny": [*configured, "tracin.distributed._cluster"], "preload_nanny_argv": expected_argv}
+    manager = process_preloads(None, got["preload_nanny"], got["preload_nanny_argv"])
+    assert [p.module.__name__ for p in manager._preloads][-1] == "tracin.distributed._cluster"
