@@ -1308,3 +1308,14 @@ def test_apply_store_per_layer_and_factored(tmp_path, rng):
     assert out.factored and out.dims == ((2, 2),)
     left, right = proj.apply_factored(*factors[0])
     assert np.array_equal(out.kernel_side().blocks[0], left) and np.array_equal(out.kernel_side().blocks[1], right)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_kronecker_segment_row_holding_nan_or_either_infinity_is_named(value):
+    """_finite_rows checks row maxima and minima: -Inf among finite values shows only in the minimum
+    (review256 F3: checking the maxima alone passed every test)."""
+    x = np.arange(24, dtype=np.float32).reshape(2, 12)
+    x[1, 5] = value
+    proj = tracin.Projection(4, per_layer=True, kronecker=True)
+    with pytest.raises(ValueError, match=r"^matrix: row 1 is not finite \(NaN or Inf\)"):
+        proj.apply(x, segments=[LayerMatrix(3, 4)])

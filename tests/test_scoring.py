@@ -1580,3 +1580,34 @@ def test_metadata_params_of_the_users_own_without_shapes_are_not_compared_across
     )
     want = a.astype(np.float64) @ b.T.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_self_influence_per_checkpoint_weights_each_column_by_its_checkpoint(rng):
+    """Column c is w_c |g_c(i)|^2 (float64 reference): a weight dropped per checkpoint is caught here,
+    not only by tracin.distributed's test (review256 F5)."""
+    a, b = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+    got = tracin.self_influence(tracin.Gradients([a, b], weights=[0.5, 3.0]), per_checkpoint=True)
+    want = np.stack([0.5 * (a.astype(np.float64) ** 2).sum(1), 3.0 * (b.astype(np.float64) ** 2).sum(1)], axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_merge_top_k_infers_k_from_a_shard_of_k_plus_one_rows():
+    """A shard of k + 1 rows whose selection holds local index k shows k (review256 F2)."""
+    test = np.array([[1.0, 0.0]], np.float32)
+    train = np.array([[1, 0], [2, 0], [3, 0], [0, 0], [0, 1], [-1, 0]], np.float32)
+    parts = [tracin.top_k(test, train[:3], k=2), tracin.top_k(test, train[3:], k=2)]
+    assert tracin.merge_top_k(parts, [0, 3]).indices.tolist() == tracin.top_k(test, train, k=2).indices.tolist()
+
+
+def test_factored_aggregate_of_a_test_store_read_in_chunks_sums_every_chunk(rng, tmp_path):
+    """Device cpu, factored: each test chunk's sums are added, not the last chunk's kept (review256 F5)."""
+    m, n, p, q = 30, 7, 3, 4
+    tl, tr = rng.standard_normal((m, p)).astype(np.float32), rng.standard_normal((m, q)).astype(np.float32)
+    xl, xr = rng.standard_normal((n, p)).astype(np.float32), rng.standard_normal((n, q)).astype(np.float32)
+    writer = tracin.GradientStore.create(tmp_path / "t", n_rows=m, dims=[(p, q)], weights=[1.0], factored=True)
+    writer.write(0, 0, (tl, tr))
+    writer.finalize()
+    test = tracin.GradientStore.open(tmp_path / "t", chunk_bytes=4 * (p + q) * 8)  # 8 rows a chunk: 4 chunks
+    got = tracin.aggregate(test, tracin.FactoredGradients([xl], [xr]))
+    want = ((tl.astype(np.float64) @ xl.T) * (tr.astype(np.float64) @ xr.T)).sum(0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -2111,3 +2111,17 @@ def test_fit_and_load_where_the_os_does_not_report_physical_memory(full, tmp_pat
         np.testing.assert_array_equal(got, inv)
     for g, inv in zip(full[0], w.inverses, strict=True):  # the float64 reference solve
         np.testing.assert_allclose(inv, reference_inverse(g, 0.1)[0], rtol=1e-6, atol=1e-9)
+
+
+def test_apply_keeps_the_test_weights_and_they_weigh_the_scores(rng):
+    """Whitening.apply's result carries test's weights; against a train side of default weights they
+    weigh the scores (review256 F1: dropping them passed every test)."""
+    a, b = rng.standard_normal((40, 5)).astype(np.float32), rng.standard_normal((40, 5)).astype(np.float32)
+    white = tracin.Whitening.fit(tracin.Gradients([a, b], weights=[0.5, 2.0])).apply(
+        tracin.Gradients([a[:3], b[:3]], weights=[0.5, 2.0])
+    )
+    assert white.weights.tolist() == [0.5, 2.0]
+    want = sum(
+        w * (np.asarray(t, np.float64) @ x.T) for w, t, x in zip([0.5, 2.0], white.matrices, [a, b], strict=True)
+    )
+    np.testing.assert_allclose(tracin.scores(white, [a, b]), want, rtol=1e-4, atol=1e-5)
