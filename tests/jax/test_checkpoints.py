@@ -6,6 +6,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import equinox as eqx
@@ -882,6 +883,139 @@ def test_an_nnx_state_saved_whole_and_given_as_a_path_warns_that_its_batch_stati
 
     rng = np.random.default_rng(0)
     data = (rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32))
-    with pytest.warns(UserWarning, match=r"looks like a Flax NNX State saved whole .*running statistics"):
+    with pytest.warns(UserWarning, match=r"looks like a Flax NNX State saved to a file .*running statistics"):
         got = export_gradients(loss_fn, [(str(tmp_path / "state"), 1.0)], data)
     assert "bn/mean/value" in [p["name"] for p in got.metadata["params"]]
+
+
+def _nnx_training(saves: int = 2) -> SimpleNamespace:
+    """A tiny nnx.Linear trained with nnx.Optimizer(adam) for 2 steps per save: the live State, Module and opt_state
+    as a training loop would append them at each save, with copies, and NumPy snapshots of the weights."""
+    nnx = pytest.importorskip("flax.nnx")
+    optax = pytest.importorskip("optax")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 3)).astype(np.float32), rng.integers(0, 2, 8)
+    graphdef = nnx.graphdef(model)
+
+    def loss_fn(params: Any, inputs: Any, targets: Any) -> Any:
+        net = params if isinstance(params, nnx.Module) else nnx.merge(graphdef, params)
+        return -jax.nn.log_softmax(net(inputs))[jnp.arange(targets.shape[0]), targets]
+
+    live, modules, copies, live_opt, opt_copies, snapshots, second_moments = [], [], [], [], [], [], []
+    for _ in range(saves):
+        for _ in range(2):
+            opt.update(model, nnx.grad(lambda m: loss_fn(m, x, y).mean())(model))
+        state = nnx.state(model, nnx.Param)
+        live.append(state)
+        modules.append(model)
+        copies.append(jax.tree.map(lambda a: a, state))
+        live_opt.append(opt.opt_state)
+        opt_copies.append(jax.tree.map(lambda a: a, opt.opt_state))
+        snapshots.append(jax.tree.map(np.array, state))
+        adam = opt.opt_state[0]
+        v_hat = [
+            np.array(v, np.float64).ravel() / (1 - 0.999 ** int(adam.count[...])) for v in jax.tree.leaves(adam.nu)
+        ]
+        second_moments.append(np.concatenate(v_hat))  # bias-corrected, in the params' leaf order
+    return SimpleNamespace(
+        loss_fn=loss_fn,
+        data=(x, y),
+        live=live,
+        modules=modules,
+        copies=copies,
+        live_opt=live_opt,
+        opt_copies=opt_copies,
+        snapshots=snapshots,
+        v_hats=second_moments,
+    )
+
+
+def test_nnx_states_of_the_live_model_at_two_checkpoints_are_refused():
+    """review255 F1: nnx.state(model) / nnx.split(model) hold the model's live Variables, so States appended per
+    save all held the final weights, and TracIn silently used the last checkpoint's rows for every checkpoint."""
+    run = _nnx_training()
+    copy = r"save a copy with each checkpoint, jax\.tree\.map\(lambda a: a, nnx\.state\(model, nnx\.Param\)\)"
+    with pytest.raises(
+        ValueError, match=rf"checkpoints\[0\] and checkpoints\[1\] hold the very same Flax NNX .*{copy}"
+    ):
+        parse_checkpoints([(run.live[0], 0.1), (run.live[1], 0.1)])
+    # the optimizer states of the same saves are live too: named in the same error
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] and checkpoints\[1\]\[2\] share their optimizer"):
+        parse_checkpoints([(s, 0.1, o) for s, o in zip(run.live, run.live_opt, strict=True)])
+    # the live State as the last checkpoint alone (the current weights) is taken
+    assert len(parse_checkpoints([(run.copies[0], 0.1), (run.live[1], 0.1)])) == 2
+
+
+def test_one_nnx_module_at_two_checkpoints_is_refused():
+    """A Module appended at each save is the live model itself (its Variables updated in place): refused, unlike
+    one State object listed twice (a copy, deliberately given twice, as one torch state_dict object is taken)."""
+    run = _nnx_training()
+    with pytest.raises(ValueError, match=r"checkpoints\[0\] and checkpoints\[1\] hold the same nnx\.Module object"):
+        export_gradients(run.loss_fn, [(m, 0.1) for m in run.modules], run.data, progress=False)
+    twice = export_gradients(run.loss_fn, [(run.copies[0], 0.5), (run.copies[0], 0.25)], run.data, progress=False)
+    np.testing.assert_array_equal(twice.matrices[0], twice.matrices[1])
+
+
+def test_a_live_nnx_optimizer_state_at_two_checkpoints_is_refused():
+    """nnx.Optimizer.opt_state is one object whose Variables every step updates in place: appended per save with
+    copied weights, every checkpoint carried the last step's moments and count (review255 F1)."""
+    run = _nnx_training()
+    entries = [(s, 0.1, o) for s, o in zip(run.copies, run.live_opt, strict=True)]
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[0\]\[2\] and checkpoints\[1\]\[2\] \(optimizer states\) hold the very same Flax NNX "
+        r"Variables.*jax\.tree\.map\(lambda a: a, optimizer\.opt_state\)",
+    ):
+        export_gradients(run.loss_fn, entries, run.data, preconditioner="adam", progress=False)
+    # one params object listed twice with its one state: the same checkpoint on purpose, taken
+    assert len(parse_checkpoints([(run.copies[0], 0.1, run.live_opt[0]), (run.copies[0], 0.2, run.live_opt[1])])) == 2
+
+
+def test_copied_nnx_states_keep_each_checkpoints_weights_and_moments(per_example_jax_grad):
+    """The copies the errors ask for: each checkpoint's rows are jax.grad at the weights it was saved with (NumPy
+    snapshots), and its "adam" rows g / (sqrt(v_hat) + eps) with the moments of its own step (snapshots)."""
+    run = _nnx_training(saves=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = export_gradients(run.loss_fn, [(c, 1.0) for c in run.copies], run.data, progress=False)
+        adam = export_gradients(
+            run.loss_fn,
+            [(c, 1.0, o) for c, o in zip(run.copies, run.opt_copies, strict=True)],
+            run.data,
+            preconditioner="adam",
+            progress=False,
+        )
+    for rows, adam_rows, snapshot, v_hat in zip(grads.matrices, adam.matrices, run.snapshots, run.v_hats, strict=True):
+        expected = per_example_jax_grad(run.loss_fn, snapshot, *run.data)
+        np.testing.assert_allclose(np.asarray(rows), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(adam_rows), expected / (np.sqrt(v_hat) + 1e-8), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(grads.matrices[0], grads.matrices[2])
+    assert not np.allclose(run.v_hats[0], run.v_hats[2])
+
+
+def test_a_saved_nnx_param_state_is_told_that_layers_star_is_right(tmp_path, per_example_jax_grad):
+    """review255 F3: a file holding the State of nnx.split(model, nnx.Param) was warned that BatchStat would be
+    exported and told to save that very State. The warning now says such a file is meant whole, and layers=['*']
+    (rows: jax.grad of the Params) silences it."""
+    nnx = pytest.importorskip("flax.nnx")
+    graphdef, params, _ = nnx.split(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    path = tmp_path / "params.msgpack"
+    # saved as orbax / flax.serialization save a State: its state dict, each Variable's array at 'value'
+    path.write_bytes(serialization.msgpack_serialize({k: {"value": np.asarray(v[...])} for k, v in params.items()}))
+
+    def loss_fn(p: Any, x: Any, y: Any) -> Any:
+        restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), jax.tree_util.tree_leaves(p))
+        return jnp.sum((nnx.merge(graphdef, restored)(x) - y) ** 2, axis=1)
+
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32))
+    with pytest.warns(UserWarning, match=r"If it holds nnx\.Param variables alone .*pass layers=\['\*'\]") as caught:
+        export_gradients(loss_fn, [(str(path), 1.0)], data, progress=False)
+    assert "save the State of nnx.split" not in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = export_gradients(loss_fn, [(str(path), 1.0)], data, layers=["*"], progress=False)
+    assert [p["name"] for p in got.metadata["params"]] == ["bias/value", "kernel/value"]
+    np.testing.assert_allclose(got.matrices[0], per_example_jax_grad(loss_fn, params, *data), rtol=1e-5, atol=1e-6)

@@ -178,6 +178,50 @@ def test_an_nnx_state_exports_its_params_alone_by_default(data, per_example_jax_
         export_gradients(loss, [(state, 1.0, opt)], (x, y), layers=["*"], preconditioner="adam", progress=False)
 
 
+def test_an_nnx_module_given_as_params_exports_its_params_alone_by_default(data, per_example_jax_grad):
+    """review255 F2: a Module passed itself (a pytree in flax 0.12) exported BatchNorm's running statistics
+    (BatchStat) as parameters without a word, where its State leaves them out; with preconditioner="adam" and
+    nnx.Optimizer(model, tx, wrt=nnx.Param)'s state it was refused. A Module is now read as its State."""
+    import optax
+
+    x, y = data
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.bn, self.l2 = (
+                nnx.Linear(5, 4, rngs=rngs),
+                nnx.BatchNorm(4, rngs=rngs),
+                nnx.Linear(4, 3, rngs=rngs),
+            )
+
+        def __call__(self, v):
+            return self.l2(jax.nn.relu(self.bn(self.l1(v))))
+
+    model = Net(nnx.Rngs(0))
+    model.bn.mean[...] = jnp.linspace(-0.5, 0.5, 4)
+    model.bn.var[...] = jnp.linspace(0.5, 2.0, 4)
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(m, inputs, targets):
+        return -jax.nn.log_softmax(m(inputs))[jnp.arange(targets.shape[0]), targets]
+
+    def params_loss(p, inputs, targets):
+        return loss(nnx.merge(graphdef, p, rest), inputs, targets)
+
+    with pytest.warns(UserWarning, match=r"NNX (State|Module): only its nnx.Param .*BatchStat \(bn/mean/value"):
+        grads = export_gradients(loss, [(model, 1.0)], (x, y), progress=False)
+    names = [p["name"] for p in grads.metadata["params"]]
+    assert names == [f"{m}/{k}/value" for m in ("bn", "l1", "l2") for k in ("bias", "scale" if m == "bn" else "kernel")]
+    expected = per_example_jax_grad(params_loss, params, x, y)  # jax.grad of each example, Params alone
+    np.testing.assert_allclose(np.asarray(grads.matrices[0]), expected, rtol=1e-5, atol=1e-6)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    opt.update(model, jax.tree.map(jnp.ones_like, params))
+    with pytest.warns(UserWarning, match="NNX"):
+        adam = export_gradients(loss, [(model, 1.0, opt.opt_state)], (x, y), preconditioner="adam", progress=False)
+    assert [p["name"] for p in adam.metadata["params"]] == names
+
+
 def _equinox_mlp(w):
     model = eqx.nn.MLP(5, 3, 8, depth=1, activation=jnp.tanh, key=jax.random.key(0))
     f = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731

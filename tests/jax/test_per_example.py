@@ -19,6 +19,11 @@ from tracin.jax import export_gradients
         (jnp.mean, r"per-example losses of shape \(64,\) for a batch of 64, got \(\) \(a mean or sum"),
         (lambda losses: losses[:, None], r"shape \(64,\) for a batch of 64, got \(64, 1\)"),
         (lambda losses: (losses > 1).astype(jnp.int32), "floating-point losses, got dtype int32"),
+        (  # jax.value_and_grad(..., has_aux=True)'s convention (review255 F4)
+            lambda losses: (losses, {"mean": losses.mean()}),
+            r"got a tuple of 2 \(a \(losses, aux\) pair, as for has_aux=True\?\); tracin takes no aux output: "
+            "return the per-example losses alone",
+        ),
     ],
 )
 def test_reduced_or_misshaped_losses_are_refused(mlp, data, reduce, message):

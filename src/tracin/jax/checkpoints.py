@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,21 +17,98 @@ from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays, holds_set, stable_repr
 from .._export.preconditioner import AdamMoments, check_moments
-from .params import host_array, is_array_leaf, leaf_path, scalars_are_parameters
+from .params import host_array, is_array_leaf, is_float_leaf, leaf_path, scalars_are_parameters
 
 
 def parse_checkpoints(checkpoints: Any, adam: Mapping[str, float] | None = None) -> list[Checkpoint]:
     """Checkpoints from a sequence of (params or path, learning_rate[, optimizer state]) entries (see
     tracin._export.checkpoints); `adam`: the b1, b2, eps (and eps_root) the optimizer states were made
     with. A checkpoint path that is an empty file or an empty directory is a ValueError naming it, before any
-    checkpoint is exported (as in tracin.torch); other damage is found when it is read (`restore`)."""
+    checkpoint is exported (as in tracin.torch); other damage is found when it is read (`restore`). Flax NNX
+    checkpoints holding the model's live Variables are refused (refuse_live_variables)."""
     parsed = shared_parse(
         checkpoints, "params pytree or path", optimizer=lambda state, i: OptimizerState(state, i, adam or {})
     )
     for index, entry in enumerate(parsed):
         if isinstance(entry.source, (str, os.PathLike)):
             _check_not_empty(entry.source, f"checkpoints[{index}]")
+    refuse_live_variables(parsed)
     return parsed
+
+
+_COPY = "jax.tree.map(lambda a: a, {}) (new Variables holding the same immutable arrays)"
+
+
+def refuse_live_variables(entries: Sequence[Checkpoint]) -> None:
+    """ValueError when two checkpoints hold the very same Flax NNX Variable (holding floating arrays) in their
+    params, or in their optimizer states (the moments) while their params are not one object: nnx.split(model) /
+    nnx.state(model) and an nnx.Optimizer's opt_state, appended during training without a copy, hold the live
+    Variables, which every later step updates in place, so each such checkpoint holds the final weights (or
+    moments). One nnx.Module object listed at two checkpoints is refused too (it can only be the live model); one
+    State object listed twice is taken, on purpose (tracin.torch's rule for one state_dict object). flax is not
+    imported: Variables exist only where it is."""
+    nnx = sys.modules.get("flax.nnx")
+    variable, module = (vars(nnx).get(name) if nnx is not None else None for name in ("Variable", "Module"))
+    if not isinstance(variable, type):
+        return
+    params = _first_shared(entries, lambda e: e.source, variable, module)
+    states = _first_shared(entries, lambda e: None if e.optimizer is None else e.optimizer.adam, variable, None)
+    if params is not None:
+        i, j, module_twice = params
+        what = (
+            "hold the same nnx.Module object, the live model, whose Variables every later step updates in place"
+            if module_twice
+            else "hold the very same Flax NNX Variables in their params: nnx.split(model) / nnx.state(model) "
+            "give the model's live Variables, which every later step updates in place"
+        )
+        also = (
+            f"; checkpoints[{states[0]}][2] and checkpoints[{states[1]}][2] share their optimizer state's Variables "
+            f"too: save {_COPY.format('optimizer.opt_state')} with each as well"
+            if states is not None
+            else ""
+        )
+        raise ValueError(
+            f"checkpoints[{i}] and checkpoints[{j}] {what}, so each such checkpoint holds the final weights, not "
+            f"those of its point of training: save a copy with each checkpoint, "
+            f"{_COPY.format('nnx.state(model, nnx.Param)')}, or save it to a file and pass the path{also}"
+        )
+    if states is not None:
+        i, j, _ = states
+        raise ValueError(
+            f"checkpoints[{i}][2] and checkpoints[{j}][2] (optimizer states) hold the very same Flax NNX Variables "
+            f"while checkpoints[{i}] and checkpoints[{j}] are not one params object: an nnx.Optimizer's opt_state is "
+            "one object whose Variables every step updates in place, so each such checkpoint carries the moments "
+            f"after the last step, not its own: save {_COPY.format('optimizer.opt_state')} with each checkpoint "
+            "(to give one state to several checkpoints on purpose, pass a copy for each)"
+        )
+
+
+def _first_shared(
+    entries: Sequence[Checkpoint], part: Any, variable: type, module: type | None
+) -> tuple[int, int, bool] | None:
+    """(i, j, whether they are one `module` object) for the first two checkpoints i < j whose `part` (their params
+    or Adam state, in memory) holds the very same `variable` holding floating arrays, or is one `module` object;
+    checkpoints whose params are one other object are not compared (listed twice on purpose); None if none."""
+    owners: dict[int, int] = {}
+    for j, entry in enumerate(entries):
+        tree = part(entry)
+        if tree is None or isinstance(tree, (str, os.PathLike)):
+            continue
+        for i in range(j):
+            if entries[i].source is entry.source:
+                if module is not None and isinstance(tree, module):
+                    return i, j, True
+                break
+        else:
+            for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda node: isinstance(node, variable)):
+                if not isinstance(leaf, variable):
+                    continue
+                if not any(is_float_leaf(a) for a in jax.tree_util.tree_leaves(leaf)):
+                    continue
+                i = owners.setdefault(id(leaf), j)
+                if i != j:
+                    return i, j, False
+    return None
 
 
 def _check_not_empty(source: str | os.PathLike, where: str) -> None:

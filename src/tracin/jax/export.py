@@ -451,19 +451,21 @@ def _linen_default(params: Any) -> list[str] | None:
 
 
 def _warn_saved_nnx(params: Any, source: Any) -> None:
-    """A UserWarning when a checkpoint path restores what looks like a Flax NNX State saved whole (every leaf at a
-    'value' key, as orbax / flax.serialization save nnx.split(model)'s State): the restored dicts have lost the
-    Variable types, so every floating leaf is exported by default, BatchNorm's running statistics (BatchStat) too,
-    which the in-memory State would leave out."""
+    """A UserWarning when a checkpoint path restores what looks like a Flax NNX State saved to a file (every leaf
+    at a 'value' key, as orbax / flax.serialization save nnx.split(model)'s State): the restored dicts have lost
+    the Variable types, so every floating leaf is exported by default, BatchNorm's running statistics (BatchStat)
+    too if the file holds them, which the in-memory State would leave out. Any layers= silences it."""
     paths = [leaf_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if not paths or not all(path == "value" or path.endswith("/value") for path in paths):
         return
     warnings.warn(
-        f"checkpoint {os.fspath(source)!r} looks like a Flax NNX State saved whole (every leaf at a 'value' key); "
-        "restored from the file it has lost its Variable types, so every floating leaf is exported, non-trained "
-        "ones such as BatchNorm's running statistics (BatchStat) too: restore it yourself with the abstract State "
-        "as target (ocp.StandardCheckpointer().restore(path, nnx.state(abstract_model))) and pass that State, save "
-        "the State of nnx.split(model, nnx.Param, ...), or name the trained leaves in layers=",
+        f"checkpoint {os.fspath(source)!r} looks like a Flax NNX State saved to a file (every leaf at a 'value' "
+        "key); restored from the file it has lost its Variable types, so every floating leaf is exported. If it "
+        "holds more than nnx.Param variables (BatchNorm's running statistics, BatchStat), those are exported too: "
+        "restore it yourself with the abstract State as target (ocp.StandardCheckpointer().restore(path, "
+        "nnx.state(abstract_model))) and pass that State, or name the trained leaves in layers=. If it holds "
+        "nnx.Param variables alone (the State of nnx.split(model, nnx.Param, ...)), every leaf is meant: pass "
+        "layers=['*'] to say so, which silences this warning",
         UserWarning,
         stacklevel=user_stacklevel(),
     )

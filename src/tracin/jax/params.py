@@ -595,13 +595,13 @@ def linen_collections(params: Any) -> list[str]:
 
 
 def nnx_variables(params: Any) -> tuple[list[str], dict[str, list[str]]] | None:
-    """For a Flax NNX State (nnx.split(model)): (the paths of the floating leaves of its nnx.Param
-    variables, subclasses included, {Variable type name: paths of its floating leaves} for the other
-    Variable types: BatchNorm's BatchStat, a Cache, Intermediates); None for other pytrees and for a State
-    holding no floating Param leaf. Leaves outside any Variable count as Params. flax is not imported:
-    a State exists only where it is."""
+    """For a Flax NNX State (nnx.split(model)) or Module (a pytree flattening to the same Variables and paths):
+    (the paths of the floating leaves of its nnx.Param variables, subclasses included, {Variable type name: paths
+    of its floating leaves} for the other Variable types: BatchNorm's BatchStat, a Cache, Intermediates); None
+    for other pytrees and for a State or Module holding no floating Param leaf. Leaves outside any Variable
+    count as Params. flax is not imported: a State exists only where it is."""
     nnx = sys.modules.get("flax.nnx")
-    if nnx is None or not isinstance(params, getattr(nnx, "State", ())):
+    if nnx is None or not isinstance(params, tuple(vars(nnx).get(k, ()) for k in ("State", "Module"))):
         return None
     # older flax's State holds VariableStates; newer ones hold Variables (VariableState: a deprecated alias, from
     # a module __getattr__, so read from vars() without its warning)

@@ -135,6 +135,12 @@ def check_per_example(
             f"{_lookup_hint(err, layout)}{note}"
         ) from err
     shape = getattr(out, "shape", None)
+    if isinstance(out, (tuple, list)):  # the (loss, aux) of jax.value_and_grad(..., has_aux=True)
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape ({size},) for a batch of {size}{padded}, got a "
+            f"{type(out).__name__} of {len(out)} (a (losses, aux) pair, as for has_aux=True?); tracin takes no aux "
+            f"output: return the per-example losses alone{note}"
+        )
     if shape != (size,):
         hint = " (a mean or sum over the batch?)" if shape == () else ""
         raise ValueError(
