@@ -245,3 +245,74 @@ def test_no_low_precision_warning_where_nothing_is_lost(x, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         to_store_dtype(x, dtype, "block")
+
+
+def _edge_rows(target: str) -> np.ndarray:
+    """float32 rows of edge values for casting to `target`, none beyond its range: subnormal results and
+    their ties, float32 denormals, -0.0, the largest finite results, ties to even, NaN payloads, Inf."""
+    if target == "float16":
+        edges = [2.0**-24, 2.0**-25, 3 * 2.0**-25, -(2.0**-25), 5 * 2.0**-26, 2.0**-14 - 2.0**-25, 2.0**-14 - 2.0**-24]
+        below = float(np.nextafter(np.float32(65520), np.float32(0)))  # rounds to 65504
+        edges += [65504.0, -65504.0, below, 1 + 2.0**-11, 1 + 3 * 2.0**-11]
+    else:
+        edges = [1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 2.0**-133, 2.0**-134, 3 * 2.0**-134, 2.0**-126]
+        edges += [3.3895314e38, float(np.array(0x7F7F7FFF, np.uint32).view(np.float32)), 1 + 2.0**-8 + 2.0**-23]
+    edges += [0.0, -0.0, 1e-40, -1e-45, 1.0, -2.5, np.inf, -np.inf]
+    nans = np.array([0x7F800001, 0x7FC00000, 0xFFC00001, 0x7FBFFFFF, 0xFFFFFFFF, 0x7FA02000], np.uint32)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((12, 64)) * 10.0 ** rng.integers(-9, 4, (12, 64))).astype(np.float32)
+    x[0, : len(edges)] = edges  # rows 0, 1: edge values among normal ones; row 1 also NaNs of every payload
+    x[1, : len(edges)] = np.array(edges, np.float32)[::-1]
+    x[1, -len(nans) :] = nans.view(np.float32)
+    x[2, : len(edges) - 3] = edges[:-3]  # finite edges only: cast by torch alone
+    x[3, :4] = nans[:4].view(np.float32)
+    x[5] = rng.standard_normal(64).astype(np.float32) * 1e-6  # all below float16's normal range
+    return x
+
+
+@pytest.mark.parametrize("target", ["float16", "bfloat16"])
+@pytest.mark.parametrize("low", [False, True])
+def test_torch_float32_rows_cast_by_torch_give_the_numpy_cast_s_bits(target, low, monkeypatch):
+    """r251: torch float32 rows are cast by torch (multi-threaded, 2-3x NumPy); the bits must be those of
+    the NumPy path for every edge value (round to nearest even: a truncating cast fails), NaN payloads
+    included (rows holding NaN or Inf are cast again by NumPy), and so must the low-precision warning."""
+    import tracin.store._convert as convert
+
+    calls = []
+    real = convert._torch_cast
+    monkeypatch.setattr(convert, "_torch_cast", lambda a, d: calls.append(d) or real(a, d))
+    x = _edge_rows(target)
+    lows = [LowPrecisionRows("t"), LowPrecisionRows("t")] if low else [None, None]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ours = to_store_dtype(torch.from_numpy(x.copy()), target, "block", 4, " of checkpoint 1", low=lows[0])
+        assert calls == [target]
+        ref = to_store_dtype(x, target, "block", 4, " of checkpoint 1", low=lows[1])
+    assert calls == [target] and ours.dtype == ref.dtype and ours.flags.c_contiguous
+    np.testing.assert_array_equal(ours.view(np.uint16), ref.view(np.uint16))
+    cast = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[target]
+    finite = ~np.isnan(x)  # the independent reference where NaN bits are not specified
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(ours.view(np.uint16)[finite], x.astype(cast).view(np.uint16)[finite])
+    texts = [str(w.message) for w in seen]
+    assert len(texts) == (2 if target == "float16" else 0) and len(set(texts)) <= 1
+    if texts:
+        head = f"{'t: ' if low else ''}1 of the 12 rows of block (rows 4 to 15 of checkpoint 1) holds only"
+        assert texts[0].startswith(head)
+
+
+@pytest.mark.parametrize("target, value", [("float16", 65520.0), ("float16", -7e4), ("bfloat16", 3.3961776e38)])
+@pytest.mark.parametrize("refuse_nonfinite", [False, True])
+def test_torch_float32_rows_beyond_the_range_are_refused_as_numpy_rows_are(target, value, refuse_nonfinite):
+    """The torch cast turns such values into Inf; the error is the NumPy path's: same text and row (the first
+    holding one: row 5, after rows holding NaN and Inf that are kept)."""
+    x = _edge_rows(target)[:8].copy()
+    x[~np.isfinite(x)] = 1.0 if refuse_nonfinite else x[~np.isfinite(x)]
+    x[5, 7] = x[6, 0] = value
+    errors = []
+    for block in (torch.from_numpy(x.copy()), x):
+        with pytest.raises(BeyondRangeError) as e:
+            to_store_dtype(block, target, "block", 10, " of checkpoint 2", refuse_nonfinite=refuse_nonfinite)
+        errors.append((str(e.value), e.value.row, e.value.source, e.value.dtype, e.value.limit))
+    assert errors[0] == errors[1]
+    assert errors[0][1] == 5 and "first in row 15 of checkpoint 2; store them as" in errors[0][0]
