@@ -87,7 +87,7 @@ def create(
         if os.path.lexists(root / MANIFEST) and not overwrite:
             manifest = _resumable(root, wanted, id_array, advice or _REPLACE)
             if not manifest.complete:  # each write() replaces the manifest through its temporary
-                _refuse_directory(root / (MANIFEST + ".tmp"))
+                _check_temporary(root / (MANIFEST + ".tmp"), "the store")
             _drop_marker(root)
             merge_progress(root, manifest)
             files = None if manifest.complete else _resumable_files(root, manifest, advice or _REPLACE)
@@ -97,6 +97,7 @@ def create(
             files = DataFiles(root, manifest)
         if files is not None:  # inside: a warning made an error (-W error) must not keep the store locked
             _warn_short_of_space(root, manifest)
+            lock.record()  # names this writer in the refusals of others
     except BaseException:
         lock.release()
         raise
@@ -132,7 +133,7 @@ def _range_writer(
         found = None
         files = None
         if not manifest.complete:
-            _refuse_directory(root / (range_file(start, stop, "json") + ".tmp"))  # each write() replaces it
+            _check_temporary(root / (range_file(start, stop, "json") + ".tmp"), f"rows [{start}, {stop})")
             claim = RangeLock(root, start, stop)
             found = read_progress(root, manifest, start, stop)
             files = _resumable_files(root, manifest, advice)
@@ -315,6 +316,29 @@ def _warn_short_of_space(root: Path, manifest: Manifest) -> None:
         UserWarning,
         stacklevel=user_stacklevel(),
     )
+
+
+def _check_temporary(path: Path, what: str) -> None:
+    """Checks, before any rows are computed, that the temporary at `path`, through which each write()
+    replaces the manifest or a range's progress file, can be made: a directory there is a
+    StoreFormatError (_refuse_directory); a folder that is read-only (permissions, a read-only mount)
+    an OSError (PermissionError for permissions) naming it, instead of one at the first write, after
+    that write's rows were computed. The probe file is made and removed at once."""
+    _refuse_directory(path)
+    try:
+        remove_if_present(path)  # a killed writer's leftover
+        os.close(create_file(path))
+        os.unlink(path)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise type(e)(
+            e.errno,
+            f"gradient store {path.parent}: its folder is not writable ({e.strerror}), and writing {what} replaces "
+            f"{path.name.removesuffix('.tmp')} by rename: make the folder writable to resume, or open the store "
+            "with GradientStore.open(path, allow_partial=True) to read the rows written so far",
+            str(path.parent),
+        ) from e
 
 
 def _refuse_directory(path: Path) -> None:

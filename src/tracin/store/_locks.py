@@ -12,17 +12,26 @@ only: unlocking would release the parent's lock too); a writer it inherited refu
 finalize there (the writer checks the process that opened it) and its close() touches no file.
 The parent does not wait for that: a lock found taken is tried again for up to RETRY_S seconds
 before the writer is refused, unless this process itself holds the conflicting lock.
+
+A refusal names the holder where it can: a writer of the whole store records its pid, host and start
+time in writer.info (removed when it lets go), a range writer in its lock file. These records only
+inform: the flocks decide. A record that is missing, garbled, too long, or stale (a range lock file no
+one holds, a writer.info of a dead process on this host) is left out of the refusal, and a writer that
+takes the directory lock removes any writer.info left behind (no writer of the whole store is live then).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import socket
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-from ._files import open_file, remove_if_present
+from ._files import create_file, open_file, remove_if_present
 from ._format import RANGE_FILE, range_file
 
 try:
@@ -42,6 +51,13 @@ RETRY_S = 2.0
 # How long a fork waits for another thread's open or close of a lock's descriptor (microseconds, but
 # see _Forks) before it goes on without it, and how long an open or close waits for a fork.
 GUARD_WAIT_S = 5.0
+
+# The record of the live writer of the whole store (pid, host, start time), and the most bytes read of
+# any holder record (a longer one is left out of refusals, unread).
+INFO_FILE = "writer.info"
+_MAX_RECORD = 4096
+# A refusal names at most this many holders (range writers may be many).
+_HOLDERS_NAMED = 5
 
 # flock errors that mean "no locks on this file system" (some network file systems, e.g. exclusive locks
 # on a directory over NFS): the store is then written unlocked, as where the OS has no flock.
@@ -173,10 +189,13 @@ def _try_flock(fd: int, exclusive: bool) -> bool:
 
 class DirectoryLock(_Held):
     """A flock on a store directory: exclusive for a writer of the whole store, shared for a range
-    writer. release() is idempotent: the descriptor is closed once, by whoever releases first."""
+    writer. release() is idempotent: the descriptor is closed once, by whoever releases first, and
+    the writer.info that record() wrote is removed before."""
 
     def __init__(self, root: Path, shared: bool = False):
         super().__init__()
+        self._root = root
+        self._info: Path | None = None  # the writer.info this lock wrote (record())
         if fcntl is None:
             return
         fd = self._open(root, _DIRECTORY)
@@ -186,17 +205,42 @@ class DirectoryLock(_Held):
             self.release()
             raise
         if taken:
+            _remove_quietly(root / INFO_FILE)  # a killed writer's: no writer of the whole store is live now
             return
         self.release()
         if shared:
             raise RuntimeError(
                 f"gradient store {root} is being written by a writer of the whole store (in this or "
-                "another process); close it before opening range writers (rows=)"
+                f"another process{_held_by(_writer_holder(root))}); close it before opening range writers (rows=)"
             )
+        holders = _writer_holder(root) or _range_holders(root)
         raise RuntimeError(
             f"gradient store {root} is being written by another writer (in this or another "
-            "process; a writer of the whole store or range writers); close that writer first"
+            f"process; a writer of the whole store or range writers{_held_by(holders)}); close that writer first"
         )
+
+    def record(self) -> None:
+        """Writes this process's record into writer.info (exclusively, never through a link), for the
+        refusals of other writers; nothing if the lock is not held or the file cannot be written."""
+        if self._fd is None or not self._exclusive:
+            return
+        path = self._root / INFO_FILE
+        try:
+            fd = create_file(path)
+            try:
+                os.write(fd, _record())
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):  # read-only folder, full disk, a directory there: the refusals omit it
+            _remove_quietly(path)
+            return
+        self._info = path
+
+    def release(self) -> None:
+        info, self._info = self._info, None
+        if info is not None and self._fd is not None:  # still held (not in a forked child): it is ours
+            _remove_quietly(info)
+        super().release()
 
 
 class RangeLock(_Held):
@@ -242,16 +286,124 @@ class RangeLock(_Held):
             try:
                 if not self._flock(fd, exclusive=True):
                     raise RuntimeError(
-                        f"rows [{start}, {stop}) of gradient store {path.parent} are being written by "
-                        "another range writer (in this or another process); close that writer first"
+                        f"rows [{start}, {stop}) of gradient store {path.parent} are being written by another "
+                        f"range writer (in this or another process{_held_by(_read_record(fd))}); close that "
+                        "writer first"
                     )
                 if _same_file(fd, path):
+                    _write_record(fd)
                     return created
             except BaseException:
                 self.release()
                 raise
             self.release()
         raise OSError(errno.EAGAIN, "the lock file kept being replaced while it was taken", str(path))
+
+
+def _record() -> bytes:
+    """This process's holder record: pid, host name and the time (UTC) it took the lock, as JSON."""
+    since = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode() + b"\n"
+
+
+def _write_record(fd: int) -> None:
+    """Replaces the content of the held range lock file at `fd` by this process's record (nothing on failure)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _record(), 0)
+    except OSError:
+        pass
+
+
+def _read_record(fd: int) -> str | None:
+    """The holder in the record at `fd` as "pid P on host H since T"; None if it is empty, longer
+    than _MAX_RECORD bytes, unreadable or not a record."""
+    try:
+        data = os.pread(fd, _MAX_RECORD + 1, 0)
+        doc = json.loads(data) if len(data) <= _MAX_RECORD else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    pid, host, since = doc.get("pid"), doc.get("host"), doc.get("since")
+    if not (type(pid) is int and pid > 0 and isinstance(host, str) and isinstance(since, str)):
+        return None
+    host, since = _printable(host), _printable(since)
+    if host == socket.gethostname() and not _alive(pid):
+        return None
+    return f"pid {pid} on host {host} since {since}"
+
+
+def _printable(text: str) -> str:
+    """`text` without control characters, at most 100 characters (a record is anyone's to write)."""
+    return "".join(ch for ch in text if ch.isprintable())[:100]
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (True where that cannot be told)."""
+    if os.name != "posix":  # os.kill elsewhere would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process
+        pass
+    return True
+
+
+def _writer_holder(root: Path) -> list[str]:
+    """The holder named by the store's writer.info, if it is a regular file holding a valid record
+    (a link, FIFO or device there is not opened, see open_file)."""
+    try:
+        fd = open_file(root / INFO_FILE)
+    except (OSError, ValueError):
+        return []
+    try:
+        found = _read_record(fd)
+    finally:
+        os.close(fd)
+    return [found] if found else []
+
+
+def _range_holders(root: Path) -> list[str]:
+    """The holders named by the range lock files of `root` that a live range writer holds."""
+    try:
+        names = [(name, a, b) for name, a, b, kind in range_files(root) if kind == "lock"]
+    except OSError:
+        return []
+    found = [(_range_holder(root / name), a, b) for name, a, b in names]
+    return [f"{holder} (rows [{a}, {b}))" for holder, a, b in found if holder]
+
+
+def _range_holder(path: Path) -> str | None:
+    """The holder named by the range lock file at `path` if a live writer holds its flock (found by
+    trying a shared flock: one taken at once means no live holder; released at once)."""
+    probe = _Held()  # a fork meanwhile: the child closes its copy (a shared flock may be on it)
+    try:
+        fd = open_file(path, opener=probe._open, closer=lambda _: probe.release())
+        return None if _try_flock(fd, exclusive=False) else _read_record(fd)
+    except (OSError, ValueError):  # gone meanwhile, or a link, FIFO or directory: no holder to name
+        return None
+    finally:
+        probe.release()
+
+
+def _held_by(holders: str | list[str] | None) -> str:
+    """ "; held by ..." naming `holders` (at most _HOLDERS_NAMED), or "" if there are none."""
+    if not holders:
+        return ""
+    holders = [holders] if isinstance(holders, str) else holders
+    more = f" and {len(holders) - _HOLDERS_NAMED} more" if len(holders) > _HOLDERS_NAMED else ""
+    return "; held by " + ", ".join(holders[:_HOLDERS_NAMED]) + more
+
+
+def _remove_quietly(path: Path) -> None:
+    """Removes the file `path` (a link itself) if it is there and can be removed; nothing otherwise."""
+    try:
+        remove_if_present(path)
+    except (OSError, ValueError):
+        pass
 
 
 def range_files(root: Path) -> list[tuple[str, int, int, str]]:
