@@ -398,8 +398,8 @@ class _JaxExport:
 
 
 def _linen_default(params: Any) -> list[str] | None:
-    """layers=None for a Flax NNX State: the paths of its nnx.Param leaves, with a UserWarning naming the other
-    floating Variables left out (BatchStat), if any (nnx_variables). For Flax linen variables holding
+    """layers=None for a Flax NNX State or Module: the paths of its nnx.Param leaves, with a UserWarning naming the
+    other floating Variables left out (BatchStat), if any (nnx_variables). For Flax linen variables holding
     collections besides "params": ["params"] (None for other
     params), with a UserWarning naming the collections left out when some are not LINEN_STATE's (a plain
     dict with a "params" entry and other trainable entries would otherwise lose them without a word). A Flax
@@ -416,7 +416,8 @@ def _linen_default(params: Any) -> list[str] | None:
             for kind, paths in others.items()
         )
         warnings.warn(
-            f"params are a Flax NNX State: only its nnx.Param variables are exported by default, leaving out the "
+            f"params are a Flax NNX {'State' if type(params).__name__ == 'State' else 'Module'}: only its "
+            "nnx.Param variables are exported by default, leaving out the "
             f"floating leaves of {left_out}, taken as not trained by gradient steps (as BatchNorm's running "
             "statistics are); if they are (a Variable type of your own holding weights, not a subclass of "
             "nnx.Param), name them in layers= to export them too (layers=['*'] exports every floating leaf); to "
