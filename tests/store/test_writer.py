@@ -186,6 +186,8 @@ def test_overwrite_replaces_the_old_store(tmp_path):
     write_store(tmp_path / "s", random_blocks(5, [2, 3], "float32", False), ids=list(range(5)))
     w = tracin.GradientStore.create(tmp_path / "s", 4, [7], dtype="bfloat16", overwrite=True)
     assert w.rows_done(0) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["checkpoint_000.npy", "manifest.json", "writer.info"]
+    w.close()  # the writer's record (writer.info) goes with it
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["checkpoint_000.npy", "manifest.json"]
 
 

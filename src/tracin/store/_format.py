@@ -30,7 +30,10 @@ CREATING = "create-in-progress"
 # NumPy dtype each store dtype is kept as on disk (NumPy has no bfloat16: its raw uint16 bits).
 DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 # Names a store may write into its directory (besides the range files below). ASCII digits only.
-_OWN_FILE = re.compile(r"(checkpoint_[0-9]+(_left|_right)?\.npy|ids\.npy|manifest\.json(\.tmp)?|create-in-progress)")
+# writer.info: the record (pid, host, start) of the live writer of the whole store (_locks.INFO_FILE).
+_OWN_FILE = re.compile(
+    r"(checkpoint_[0-9]+(_left|_right)?\.npy|ids\.npy|manifest\.json(\.tmp)?|create-in-progress|writer\.info)"
+)
 # Files of a range writer of rows [start, stop): rows-<start>-<stop>.json (its progress), .json.tmp,
 # .lock (held by the live writer). Numbers in decimal without leading zeros.
 RANGE_FILE = re.compile(r"rows-(0|[1-9][0-9]*)-([1-9][0-9]*)\.(json|json\.tmp|lock)")
