@@ -193,3 +193,16 @@ def test_a_resume_in_a_read_only_folder_is_refused_before_any_write(tmp_path, ro
     w = tracin.GradientStore.create(path, **SPEC, rows=rows_)  # writable again: resumes
     assert w.rows_done(0) == 40
     w.close()
+
+
+def test_a_refused_range_writer_leaves_the_live_writers_temporary_alone(tmp_path):
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, **SPEC).close()
+    w = tracin.GradientStore.create(path, **SPEC, rows=(0, 300))
+    tmp = path / "rows-0-300.json.tmp"
+    tmp.write_bytes(b"the live writer's progress, between its write and its rename")  # as inside write()
+    with pytest.raises(RuntimeError, match=r"rows \[0, 300\) of gradient store .* are being written by another"):
+        tracin.GradientStore.create(path, **SPEC, rows=(0, 300))
+    assert tmp.read_bytes() == b"the live writer's progress, between its write and its rename"
+    w.write(0, 0, rows(0)[:40])  # its write replaces the temporary
+    w.close()

@@ -133,8 +133,14 @@ def _range_writer(
         found = None
         files = None
         if not manifest.complete:
-            _check_temporary(root / (range_file(start, stop, "json") + ".tmp"), f"rows [{start}, {stop})")
-            claim = RangeLock(root, start, stop)
+            temporary, what = root / (range_file(start, stop, "json") + ".tmp"), f"rows [{start}, {stop})"
+            try:
+                claim = RangeLock(root, start, stop)
+            except OSError:  # a lock file the read-only folder cannot take: the refusal names the folder
+                if not os.access(root, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+                    _check_temporary(temporary, what)
+                raise
+            _check_temporary(temporary, what)  # holding the claim: a live writer of these rows may be using it
             found = read_progress(root, manifest, start, stop)
             files = _resumable_files(root, manifest, advice)
     except BaseException:
