@@ -316,3 +316,8 @@ def test_torch_float32_rows_beyond_the_range_are_refused_as_numpy_rows_are(targe
         errors.append((str(e.value), e.value.row, e.value.source, e.value.dtype, e.value.limit))
     assert errors[0] == errors[1]
     assert errors[0][1] == 5 and "first in row 15 of checkpoint 2; store them as" in errors[0][0]
+
+
+def test_a_meta_tensor_is_refused_naming_the_argument():
+    with pytest.raises(ValueError, match=r"^rows is a torch tensor on the meta device, which holds shapes but no"):
+        to_store_dtype(torch.empty(3, 4, device="meta"), "float16", "rows")

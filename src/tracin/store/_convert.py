@@ -201,6 +201,8 @@ def to_store_dtype(
     """
     torch_rows = is_torch_tensor(x)
     if torch_rows and x.device.type != "cpu":
+        if x.device.type == "meta":  # .cpu() would raise torch's NotImplementedError, naming nothing
+            raise ValueError(f"{name} is a torch tensor on the meta device, which holds shapes but no values")
         x = x.detach().cpu()
     view, source = as_matrix(x, name)
     if refuse_nonfinite and (err := _nonfinite(view, source, name, first_row, where)) is not None:
