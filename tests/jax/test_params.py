@@ -23,6 +23,26 @@ def _close(ours, ref):
     np.testing.assert_allclose(np.asarray(ours, np.float64), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
 
+class _BatchNormNet(nnx.Module):
+    """Linear(5, 4) -> BatchNorm(4) -> relu -> Linear(4, 3)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.l1, self.bn = nnx.Linear(5, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs)
+        self.l2 = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, v):
+        return self.l2(jax.nn.relu(self.bn(self.l1(v))))
+
+
+def _batchnorm_net() -> _BatchNormNet:
+    """A _BatchNormNet in eval mode whose running statistics (BatchStat) are not their initial values."""
+    model = _BatchNormNet(nnx.Rngs(0))
+    model.bn.mean[...] = jnp.linspace(-0.5, 0.5, 4)
+    model.bn.var[...] = jnp.linspace(0.5, 2.0, 4)
+    model.eval()
+    return model
+
+
 @pytest.mark.parametrize(
     "path, pattern, hit",
     [
@@ -120,21 +140,7 @@ def test_an_nnx_state_exports_its_params_alone_by_default(data, per_example_jax_
 
     x, y = data
 
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.l1, self.bn, self.l2 = (
-                nnx.Linear(5, 4, rngs=rngs),
-                nnx.BatchNorm(4, rngs=rngs),
-                nnx.Linear(4, 3, rngs=rngs),
-            )
-
-        def __call__(self, v):
-            return self.l2(jax.nn.relu(self.bn(self.l1(v))))
-
-    model = Net(nnx.Rngs(0))
-    model.bn.mean[...] = jnp.linspace(-0.5, 0.5, 4)
-    model.bn.var[...] = jnp.linspace(0.5, 2.0, 4)
-    model.eval()
+    model = _batchnorm_net()
     graphdef, state = nnx.split(model)
     _, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -186,21 +192,7 @@ def test_an_nnx_module_given_as_params_exports_its_params_alone_by_default(data,
 
     x, y = data
 
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.l1, self.bn, self.l2 = (
-                nnx.Linear(5, 4, rngs=rngs),
-                nnx.BatchNorm(4, rngs=rngs),
-                nnx.Linear(4, 3, rngs=rngs),
-            )
-
-        def __call__(self, v):
-            return self.l2(jax.nn.relu(self.bn(self.l1(v))))
-
-    model = Net(nnx.Rngs(0))
-    model.bn.mean[...] = jnp.linspace(-0.5, 0.5, 4)
-    model.bn.var[...] = jnp.linspace(0.5, 2.0, 4)
-    model.eval()
+    model = _batchnorm_net()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(m, inputs, targets):
