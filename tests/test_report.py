@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,19 @@ def test_checkpoint_contributions_accept_errors_up_to_tf32s_but_not_far_beyond(n
     far = tracin.TopK(result.values + 2e-2 * sign * size, result.indices)
     with pytest.warns(RuntimeWarning, match=r"\(18 of 18 pairs; largest difference"):
         checkpoint_contributions(*sets, far, normalize=normalize)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_checkpoint_contributions_bound_negative_weights_by_their_size(normalize):
+    # the error bound sums |w_s| |g_s(t)| |g_s(i)|: negative weights (negated rates) must not make it negative
+    rng = np.random.default_rng(34)
+    train, test, w = _full(rng, 60), _full(rng, 4), [-1.0, -0.3, -0.2]
+    sets = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    result = tracin.top_k(*sets, k=5, normalize=normalize)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 rounding of a right result is no mismatch
+        got = checkpoint_contributions(*sets, result, normalize=normalize)
+    np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("normalize", [False, True])

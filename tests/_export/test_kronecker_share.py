@@ -33,7 +33,13 @@ def test_a_share_is_unbalanced_when_a_factor_is_below_both_its_side_and_half_its
             assert got is None or got == Projection.kronecker_dims(share, layer)
 
 
-@pytest.mark.parametrize("share", [43, 53, 106, 109, 211, 1021])
+def test_a_bias_column_counts_in_its_sides_size():
+    # 222 = 6 x 37 on 64 x 6 with a bias: 6 projected columns for the 7 (bias included), below isqrt(222) // 2 = 7
+    assert unbalanced(222, LayerMatrix(64, 6, bias=True)) == (37, 6)
+    assert unbalanced(222, LayerMatrix(64, 6)) is None  # 6 is the whole side without a bias
+
+
+@pytest.mark.parametrize("share", [38, 43, 47, 53, 106, 109, 211, 1021])  # 38, 47: the nearest is above
 def test_the_suggested_share_is_the_nearest_that_every_layer_takes(share):
     k = balanced_share(LAYERS, share, 4)
     assert not any(_refused(k, layer) for layer in LAYERS)

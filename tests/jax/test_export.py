@@ -603,3 +603,15 @@ def test_examples_whose_loss_is_not_finite_are_named_in_one_warning(mlp, data, p
         expected = per_example_jax_grad(mlp.loss_fn, mlp.params[0], x, y)
         assert not rows[[3, 9]].any()  # the zero rows the warning is about
         np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_last_row_whose_loss_is_not_finite_is_named_without_its_padding_copies(mlp, data):
+    # 12 rows in batches of 8: the second batch is padded with copies of row 11, whose loss is NaN
+    x, y = data
+    x, y = x[:12], y[:12].copy()
+    y[11] = -100
+    checkpoints = list(zip(mlp.params, mlp.lrs, strict=True))
+    with pytest.warns(RuntimeWarning, match="NaN or infinite loss") as caught:
+        export_gradients(mlp.loss_fn, checkpoints, (x, y), batch_size=8, progress=False)
+    ours = [str(w.message) for w in caught if "NaN or infinite loss" in str(w.message)]
+    assert len(ours) == 1 and "loss for row 11 of the data at checkpoint 0: " in ours[0]

@@ -148,6 +148,21 @@ def test_padding_tokens_add_nothing():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
 
 
+def test_padding_ids_read_by_later_positions_give_the_padding_row_nothing():
+    # left padding: the causal mean carries the padding ids' embeddings into the labelled positions, so their
+    # output gradient is not zero; torch gives the padding_idx row no gradient, nor must its projection
+    model, checkpoints = model_and_checkpoints(seed=4)
+    ids, labels, _ = sequences(6, 5, seed=5)
+    ids = torch.cat([torch.zeros(6, 2, dtype=ids.dtype), ids], 1)
+    labels = torch.cat([torch.full((6, 2), -100), labels], 1)
+    proj = tracin.Projection(6 * 12, 3, per_layer=True, kronecker=True)
+    g = export_gradients(model, checkpoints, (ids, labels), token_loss, projection=proj, batch_size=4, progress=False)
+    layout, names = g.metadata["projection"]["segments"], [n for n, _ in model.named_parameters()]
+    for c, (state, _) in enumerate(checkpoints):
+        grads = autograd_grads(model, state, ids, labels, [ids.shape[1]] * len(ids))  # the padding ids kept
+        assert_rows_close(g.matrices[c], projected_reference(proj, layout, grads, names))
+
+
 def test_projection_apply_on_full_rows_gives_the_same_rows_for_any_batch_size_and_layers():
     model, checkpoints = model_and_checkpoints(seed=4)
     ids, labels, _ = sequences(10, 6, seed=5)
