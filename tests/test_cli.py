@@ -2566,3 +2566,65 @@ def test_csv_ids_a_spreadsheet_would_run_are_written_as_they_are_and_documented(
     readme = (CHECKOUT / "README.md").read_text()
     section = " ".join(readme.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0].split())
     assert "run as a formula" in section and "`=`, `+`, `-` or `@`" in section
+
+
+# `tracin ARGS...`, as the console script runs it; with "close" first: a real SIGINT to itself as the LocalCluster's
+# close at the end of the command begins (after the command's own tasks).
+CLUSTER_SCRIPT = """
+import os, signal, sys
+from distributed import SpecCluster
+import tracin.cli as cli
+
+if __name__ == "__main__":  # (the spawned worker processes import this script too)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also where pytest runs with it ignored
+    close, sent = SpecCluster._close, []
+
+    async def interrupted_close(self):
+        if sys.argv[1] == "close" and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return await close(self)
+
+    SpecCluster._close = interrupted_close
+    cli.console(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("when", ["dashboard", "close"])
+def test_ctrl_c_with_a_local_scheduler_ends_soon_in_one_line_leaving_no_worker(stores, tmp_path, when):
+    """fr261: a Ctrl-C just after `--scheduler local` printed its dashboard's line took 10.5 s to end the command
+    when it landed as the cluster closed at the end (Dask's exit hook waited out its timeout for the close it had
+    cancelled). Right after that line, and as the cluster closes: exit code 130 within seconds, the one line, and
+    no worker process left."""
+    pytest.importorskip("distributed")
+    psutil = pytest.importorskip("psutil")
+    paths, _, _ = stores
+    script = tmp_path / "cluster.py"
+    script.write_text(CLUSTER_SCRIPT)
+    command = [sys.executable, str(script), when, *_score(paths, "-k", "3", "--scheduler", "local", "--workers", "2")]
+    p = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        dashboard = p.stderr.readline()
+        workers = [c.pid for c in psutil.Process(p.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        if when == "dashboard":
+            p.send_signal(signal.SIGINT)
+        interrupted = p.stderr.readline()
+        reported = time.monotonic()
+        rest = p.communicate(timeout=60)[1]
+        ended = time.monotonic() - reported
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert dashboard.startswith("tracin.distributed: LocalCluster of 2 workers, dashboard "), dashboard
+    assert (p.returncode, interrupted, rest) == (130, "tracin score: interrupted\n", "")
+    assert ended < 5.0, ended  # 10 s and more before
+    assert len(workers) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    assert [pid for pid in workers if alive(pid)] == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import logging
@@ -66,8 +68,10 @@ def local_client(n_workers: int) -> Iterator[Client]:
     (why a worker died or was restarted: out of memory, killed) but not a task's error, which reaches
     the caller as it is (the worker would also log it, with its traceback, before: QuietTaskErrors).
     Left by an exception (Ctrl-C, an error), the cluster is closed quietly: its nannies would log each
-    worker process still running a task 4 s after they asked it to close, before they kill it."""
+    worker process still running a task 4 s after they asked it to close, before they kill it. A Ctrl-C
+    while the cluster closes at the end lets that close finish (_close_uncancelled)."""
     cluster = _new_local_cluster(n_workers)
+    closing: concurrent.futures.Future | None = None
     try:
         with Client(cluster) as local:
             local.register_plugin(QuietTaskErrors())  # on every worker, restarted ones included
@@ -78,10 +82,20 @@ def local_client(n_workers: int) -> Iterator[Client]:
                 file=sys.stderr,
             )
             yield local
+        closing = _close_uncancelled(cluster)
+        closing.result()
     except BaseException:
-        _close_quietly(cluster)
+        _close_quietly(cluster, closing)
         raise
-    cluster.close()
+    cluster.close()  # closed by now: stops the thread of its event loop
+
+
+def _close_uncancelled(cluster: SpecCluster) -> concurrent.futures.Future:
+    """The close of `cluster`, started on its event loop: a future that an interrupt of the caller's wait
+    for it leaves running. (Interrupted, cluster.close() cancels its close there and leaves the cluster
+    'closing' for good: every later close, Dask's exit hook's included, then waits out its whole timeout,
+    10 s, for that state to end.)"""
+    return asyncio.run_coroutine_threadsafe(cluster._close(), cluster.loop.asyncio_loop)
 
 
 def _new_local_cluster(n_workers: int) -> LocalCluster:
@@ -145,17 +159,21 @@ def nanny_preloads() -> dict[str, list]:
 
 
 NANNY_PROCESS_NAME = "Dask Worker process (from Nanny)"  # a Dask nanny's worker process: those alone are ended
-CLOSE_TIMEOUT_S = 10  # the longest closing a half-started LocalCluster may take (Dask's exit hook allows as long)
+CLOSE_TIMEOUT_S = 10  # the longest an interrupted or half-started LocalCluster's close may take (as Dask's exit hook's)
 
 
-def _close_quietly(cluster: Any) -> None:
+def _close_quietly(cluster: Any, closing: concurrent.futures.Future | None = None) -> None:
     """Closes `cluster` (its workers' processes, its scheduler, its event loop's thread), whatever state
-    it is in, without raising or logging; Dask's exit hook is told to leave it alone."""
+    it is in, without raising or logging; Dask's exit hook is told to leave it alone. `closing`: its
+    close already under way (_close_uncancelled), which is waited for instead."""
     quiet = logging.getLogger("distributed")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL + 1)  # 'Nanny failed to start' and the like, of a close we asked for
     try:
-        cluster.close(timeout=CLOSE_TIMEOUT_S)
+        if closing is not None:
+            closing.result(timeout=CLOSE_TIMEOUT_S)
+        else:
+            cluster.close(timeout=CLOSE_TIMEOUT_S)
     except BaseException:  # its unfinished state (AssertionError: Status.init), a timeout, another Ctrl-C
         pass
     finally:
