@@ -952,7 +952,11 @@ def test_one_nnx_module_at_two_checkpoints_is_refused():
     """A Module appended at each save is the live model itself (its Variables updated in place): refused, unlike
     one State object listed twice (a copy, deliberately given twice, as one torch state_dict object is taken)."""
     run = _nnx_training()
-    with pytest.raises(ValueError, match=r"checkpoints\[0\] and checkpoints\[1\] hold the same nnx\.Module object"):
+    with pytest.raises(
+        ValueError,  # a Module again for a loss_fn that calls it (r267 F2: a State copy is not callable)
+        match=r"checkpoints\[0\] and checkpoints\[1\] hold the same nnx\.Module object.*save a copy with each "
+        r"checkpoint, nnx\.clone\(model\) \(a Module again, for a loss_fn that calls it\), or jax\.tree\.map",
+    ):
         export_gradients(run.loss_fn, [(m, 0.1) for m in run.modules], run.data, progress=False)
     twice = export_gradients(run.loss_fn, [(run.copies[0], 0.5), (run.copies[0], 0.25)], run.data, progress=False)
     np.testing.assert_array_equal(twice.matrices[0], twice.matrices[1])

@@ -70,7 +70,8 @@ def refuse_live_variables(entries: Sequence[Checkpoint]) -> None:
         raise ValueError(
             f"checkpoints[{i}] and checkpoints[{j}] {what}, so each such checkpoint holds the final weights, not "
             f"those of its point of training: save a copy with each checkpoint, "
-            f"{_COPY.format('nnx.state(model, nnx.Param)')}, or save it to a file and pass the path{also}"
+            + ("nnx.clone(model) (a Module again, for a loss_fn that calls it), or " if module_twice else "")
+            + f"{_COPY.format('nnx.state(model, nnx.Param)')}, or save it to a file and pass the path{also}"
         )
     if states is not None:
         i, j, _ = states
