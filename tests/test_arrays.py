@@ -215,3 +215,23 @@ def test_a_sparse_torch_tensor_is_refused_by_name(rng):
     sparse = torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32)).to_sparse()
     with pytest.raises(TypeError, match=r"train: .*layout torch\.sparse_coo; pass a dense one \(\.to_dense\(\)\)"):
         tracin.self_influence(sparse)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda a: a[:, ::2][:, :2],  # two columns, column-strided: one row is not one run
+        lambda a: a[:2][::-1],  # two rows, reversed: a negative row stride
+        lambda a: np.broadcast_to(a[0], (2, a.shape[1])),  # two rows, one memory: row stride 0
+    ],
+    ids=["two_strided_columns", "two_reversed_rows", "two_broadcast_rows"],
+)
+def test_two_row_or_two_column_views_are_scored_by_value(view, rng):
+    """The smallest shapes whose layout still needs the copy: 2 columns, 2 rows (r266)."""
+    a = rng.standard_normal((6, 8), dtype=np.float32)
+    rows = view(a)
+    other = rng.standard_normal((3, rows.shape[1]), dtype=np.float32)
+    g = tracin.Gradients(rows)
+    np.testing.assert_array_equal(g.matrices[0], rows)
+    assert_close_to_exact(tracin.scores(tracin.Gradients(other), g), [other], [np.ascontiguousarray(rows)], [1.0])
+    np.testing.assert_allclose(tracin.self_influence(g), (rows.astype(np.float64) ** 2).sum(1), rtol=1e-5)

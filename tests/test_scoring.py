@@ -1611,3 +1611,14 @@ def test_factored_aggregate_of_a_test_store_read_in_chunks_sums_every_chunk(rng,
     got = tracin.aggregate(test, tracin.FactoredGradients([xl], [xr]))
     want = ((tl.astype(np.float64) @ xl.T) * (tr.astype(np.float64) @ xr.T)).sum(0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_num_threads_takes_the_largest_allowed_count_and_refuses_one_more(rng):
+    """num_threads=MAX_THREADS is allowed (the kernel caps it at the cores), MAX_THREADS + 1 refused (r266)."""
+    from tracin._validate import MAX_THREADS
+
+    a = rng.standard_normal((4, 3), dtype=np.float32)
+    exact = (a.astype(np.float64) ** 2).sum(1)
+    np.testing.assert_allclose(tracin.self_influence(tracin.Gradients(a), num_threads=MAX_THREADS), exact, rtol=1e-5)
+    with pytest.raises(ValueError, match=f"num_threads must be a positive integer no larger than {MAX_THREADS}"):
+        tracin.self_influence(tracin.Gradients(a), num_threads=MAX_THREADS + 1)

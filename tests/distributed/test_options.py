@@ -235,3 +235,26 @@ def test_unfinished_store_is_refused_on_the_client(unfinished, monkeypatch, name
     partial = tracin.GradientStore.open(unfinished, allow_partial=True)  # opened so: let through to the cluster
     with pytest.raises(AssertionError, match="a cluster was used"):
         getattr(td, name)(*(partial if s is unfinished else s for s in sides), progress=False)
+
+
+def test_more_shards_than_rows_gives_one_row_each_and_no_empty_range():
+    """shards above the rows (or the aligned units) is capped there: no empty range is a task (r266)."""
+    assert shard_ranges(5, 8, slots=2, shards=9) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert shard_ranges(10, 8, slots=2, shards=4, align=4) == [(0, 4), (4, 8), (8, 10)]
+    assert shard_ranges(0, 8, slots=2, shards=3) == [(0, 0)]
+
+
+def test_store_rows_past_the_stores_rows_are_refused_not_cut_short(tmp_path):
+    """A worker seeing fewer rows than a shard's stop (another copy of the store) is refused naming the
+    rows, not given the rows it has (r266: only the start was compared)."""
+    from dataclasses import replace
+
+    from tracin.distributed._shards import StoreRows
+
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [3], weights=[1.0])
+    w.write(0, 0, np.ones((6, 3), np.float32))
+    w.finalize()
+    rows = StoreRows.of(tracin.GradientStore.open(tmp_path / "s"))
+    assert rows.rows(2, 6).open().n_rows == 4
+    with pytest.raises(ValueError, match=r"has 6 usable rows here, but rows \[4, 8\) were asked for"):
+        replace(rows, start=4, stop=8).open()

@@ -153,3 +153,30 @@ def test_state_of_another_step_than_the_weights(run):
         _export(model, [(two, 1e-2, four)])
     with pytest.warns(UserWarning, match=r"has taken 2 steps, .* global_step 4: fewer"):
         _export(model, [(four, 1e-2, two)])
+
+
+def test_state_one_step_past_the_weights_is_refused(run, tmp_path):
+    """A state one step past its checkpoint's global_step (checkpoint-2's state stepped once more) is
+    another checkpoint's: refused as four steps are (r266: the boundary went unchecked)."""
+    model = _model(run)
+    folder = os.path.join(run, "checkpoint-2")
+    shutil.copy(os.path.join(folder, "trainer_state.json"), tmp_path)
+    later = _state(run, 2)
+    for entry in later["state"].values():
+        entry["step"] = entry["step"] + 1
+    torch.save(later, tmp_path / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"has taken 3 steps, while its checkpoint's trainer_state\.json records "):
+        _export(model, [(folder, 1e-2, str(tmp_path / "optimizer.pt"))])
+
+
+def test_two_groups_whose_second_decays_are_not_read_as_the_trainers_split(run, tmp_path):
+    """Beside a trainer_state.json, two unnamed groups of one rate whose second group decays are not a
+    Trainer's decay / no-decay split: refused saying so (r266: only the rates were checked)."""
+    model = _model(run)
+    folder = os.path.join(run, "checkpoint-2")
+    shutil.copy(os.path.join(folder, "trainer_state.json"), tmp_path)
+    decaying = _state(run, 2)
+    decaying["param_groups"][1]["weight_decay"] = 0.01
+    torch.save(decaying, tmp_path / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"the second weight_decay 0\.01, while a Trainer's share one rate"):
+        _export(model, [(folder, 1e-2, str(tmp_path / "optimizer.pt"))])
