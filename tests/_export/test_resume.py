@@ -244,6 +244,31 @@ def test_changed_learning_rates_are_named_as_such(problem, tmp_path):
         refuse_another_export(tmp_path / "s", metadata, [0.5, 0.2])
 
 
+def test_a_changed_projection_names_the_entries_that_differ_not_both_records(problem, tmp_path):
+    """review269 F1: a projection of another seed was refused with both whole records (every segment: thousands
+    of characters for a transformer), the one difference left to be found by eye."""
+    import tracin
+
+    model, checkpoints, data = problem
+    projection = tracin.Projection(6, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        export_gradients(
+            model,
+            checkpoints,
+            _Interrupting(data),
+            _ce,
+            store=tmp_path / "s",
+            batch_size=4,
+            progress=False,
+            projection=projection,
+        )
+    metadata = json.loads((tmp_path / "s" / "manifest.json").read_text())["metadata"]
+    other = copy.deepcopy(metadata)
+    other["projection"]["seed"] = 1
+    with pytest.raises(ValueError, match=r"other settings: projection: seed 0 there vs 1 here(?!.*segments)"):
+        refuse_another_export(tmp_path / "s", other, [0.5, 0.25])
+
+
 class _Interrupting:
     """(x, y) batches of 4 whose third pass (the first checkpoint's rows) stops after one batch."""
 

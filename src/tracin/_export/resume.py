@@ -518,7 +518,7 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
             + _advice(path, ": ")
         )
     settings = [
-        f"{key} {existing[key]!r} there vs {metadata[key]!r} here"
+        _setting_change(key, existing[key], metadata[key])
         for key in _SETTINGS
         if key in existing and key in metadata and existing[key] != metadata[key]
     ]
@@ -535,6 +535,19 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
             + ". Rows from both cannot be mixed"
             + _advice(path, ": ")
         )
+
+
+def _setting_change(key: str, there: Any, here: Any) -> str:
+    """`KEY A there vs B here`, naming only the differing entries of two dict records (a projection's
+    seed, not its every segment)."""
+    if isinstance(there, dict) and isinstance(here, dict):
+        diff = [
+            f"{k} {there.get(k)!r} there vs {here.get(k)!r} here"
+            for k in sorted(set(there) | set(here), key=str)
+            if there.get(k) != here.get(k)
+        ]
+        return f"{key}: " + ", ".join(diff)
+    return f"{key} {there!r} there vs {here!r} here"
 
 
 def _kind(preconditioner: Any) -> Any:
