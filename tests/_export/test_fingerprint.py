@@ -100,6 +100,21 @@ def _pass(fp: DataFingerprint, batches, where="pass"):
     fp.end()
 
 
+def test_a_functions_identity_ignores_the_future_imports_in_effect():
+    """exec and notebooks pass their __future__ imports on to the code they compile: one loss compiled with and
+    without `from __future__ import annotations` in effect (other co_flags) has one identity (no resume refused)."""
+    import __future__
+
+    fns = []
+    for flags in (0, __future__.annotations.compiler_flag):
+        namespace: dict = {}
+        source = "def loss(p, x, y):\n    return (p * x - y) ** 2\n"
+        exec(compile(source, "<cell>", "exec", flags=flags, dont_inherit=True), namespace)
+        fns.append(namespace["loss"])
+    assert fns[0].__code__.co_flags != fns[1].__code__.co_flags
+    assert callable_identity(fns[0]) == callable_identity(fns[1])
+
+
 def test_later_passes_must_see_the_first_pass_targets_in_order():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(6, 2)), np.arange(6)
@@ -113,6 +128,15 @@ def test_later_passes_must_see_the_first_pass_targets_in_order():
     with pytest.raises(ValueError, match="gave 1 batches, the first pass gave 2"):
         _pass(fp, batches[:1])
     assert fp.data == data
+
+
+def test_later_passes_must_see_the_first_pass_targets_with_the_same_inputs():
+    """The same inputs with their targets reshuffled (labels drawn again each pass): the targets tell."""
+    x, y = np.random.default_rng(0).normal(size=(6, 2)), np.arange(6)
+    fp = DataFingerprint()
+    _pass(fp, [(x[:3], y[:3]), (x[3:], y[3:])])
+    with pytest.raises(ValueError, match="checkpoint 1: batch 1 of the data holds other targets than on the first"):
+        _pass(fp, [(x[:3], y[:3]), (x[3:], y[[4, 3, 5]])], "checkpoint 1")
 
 
 def test_later_passes_must_see_the_first_pass_inputs_too():

@@ -23,6 +23,30 @@ def test_memory_sink_puts_blocks_at_their_rows(n_rows):
     assert g.metadata == {"mode": "last_layer"}
 
 
+@pytest.mark.parametrize("factored", [False, True])
+def test_memory_sink_puts_blocks_written_out_of_order_at_their_start_rows(factored):
+    """Random rows in blocks written out of order, the first at a later row: each lands at its start (in a 5-row
+    sink, a block written at row 0 instead left np.empty leftovers that could hold the right values)."""
+    rng = np.random.default_rng(0)
+    left, right = rng.normal(size=(600, 3)).astype(np.float32), rng.normal(size=(600, 4)).astype(np.float32)
+    sink = MemorySink(600, 1, "float32", factored, [1.0])
+    for start, stop in ((400, 550), (100, 250), (550, 600), (0, 100), (250, 400)):
+        sink.write(0, start, (left[start:stop], right[start:stop]) if factored else right[start:stop])
+    g = sink.finish({})
+    np.testing.assert_array_equal(g.right[0] if factored else g.matrices[0], right)
+    if factored:
+        np.testing.assert_array_equal(g.left[0], left)
+
+
+def test_memory_sink_destination_is_its_rows_of_the_checkpoint():
+    """What is computed in place into destination(c, start, rows, width) is rows [start, start + rows)."""
+    sink = MemorySink(6, 1, "float32", False, [1.0])
+    for start, stop in ((2, 6), (0, 2)):
+        sink.destination(0, start, stop - start, 3)[:] = np.arange(3 * start, 3 * stop).reshape(-1, 3)
+    assert sink.destination(0, 0, 2, 5) is None  # another width: not this checkpoint's rows
+    np.testing.assert_array_equal(sink.finish({}).matrices[0], np.arange(18).reshape(6, 3))
+
+
 _CUTOFFS = {"float16": "65520 rounds beyond 65504", "bfloat16": "3.3961775e+38 rounds beyond 3.3895314e+38"}
 
 

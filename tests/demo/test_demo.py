@@ -61,6 +61,8 @@ def test_detection_curve_counts_flipped_examples_in_score_order():
     # order by score: 1 (flipped), 2, 3 (flipped), 0
     np.testing.assert_allclose(curve, [0, 0.5, 0.5, 1.0, 1.0])
     assert found_at(curve, 0.25) == 0.5
+    # a fraction of 100 rows that float arithmetic puts just under a whole count (0.29 * 100 = 28.999...)
+    assert found_at(np.linspace(0.0, 1.0, 101), 0.29) == pytest.approx(0.29)
 
 
 def test_perfect_curve_bounds_every_ranking():
@@ -253,6 +255,20 @@ def test_demo_finds_flipped_labels_better_than_loss_and_random(default_demo):
     scores = [float(r["self_influence"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
     assert sum(r["flipped"] == "True" for r in rows) == result.n_flipped
+
+
+def test_the_ranking_names_each_rows_digit_in_load_digits(default_demo):
+    """report.md: `digits_row` is the row's index in sklearn.datasets.load_digits(): its image and true label."""
+    from sklearn.datasets import load_digits
+
+    out, _, _ = default_demo
+    x, y = load_digits(return_X_y=True)
+    data = load_noisy_digits(0.2, seed=0)
+    rows = list(csv.DictReader(open(out / "self_influence_ranking.csv")))
+    at, train = (np.array([int(r[k]) for r in rows]) for k in ("digits_row", "train_row"))
+    assert len(set(at.tolist())) == len(rows)
+    np.testing.assert_array_equal(y[at], [int(r["true_label"]) for r in rows])
+    np.testing.assert_array_equal((x[at] / 16.0).astype(np.float32), data.x_train[train])
 
 
 def test_the_readme_quotes_what_the_demo_prints(default_demo):

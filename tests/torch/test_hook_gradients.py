@@ -762,3 +762,17 @@ def test_a_layer_norm_weight_reused_outside_its_forward_under_bfloat16_autocast_
     assert set(hooks.unsummed) == {"body.2"}
     gap, tolerance = hooks.unsummed["body.2"]
     assert gap == pytest.approx(0.1 / 1.1, rel=0.15) and tolerance < gap / 2
+
+
+def test_rows_that_cancel_are_judged_at_the_scale_of_the_rows_not_of_their_small_sum():
+    """A well-fit batch: rows of norm ~1 summing to ~1e-6. Rounding of the rows' scale (1e-9) is no missed use, a
+    gap of a whole row is one (_unsummed: the scale is the larger of |total| and the rows' Frobenius norm)."""
+    from tracin.torch.hook_gradients import _unsummed
+
+    rng = np.random.default_rng(0)
+    row = torch.from_numpy(rng.normal(size=8))
+    total = torch.from_numpy(rng.normal(size=8)) * 1e-6
+    rows = torch.stack([row, total - row]).float()
+    assert _unsummed(total + 1e-9, total, rows) is None
+    gap, tolerance = _unsummed(total + row, total, rows)
+    assert gap == pytest.approx(torch.linalg.vector_norm(row).item() / torch.linalg.vector_norm(rows).item(), rel=1e-3)
