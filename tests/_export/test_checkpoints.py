@@ -79,3 +79,13 @@ def test_an_optimizer_state_in_the_learning_rates_place_is_named_as_the_learning
     with pytest.raises(TypeError, match=message) as e:
         parse_checkpoints([("a", state, 0.1)], "params", optimizer=optimizer)
     assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize("one_pair", [({"w": 1}, 0.1), ("ckpt.pt", np.float32(0.1), {"m": 1}), ["a", 2]])
+def test_one_pair_given_for_the_list_of_pairs_is_named_as_such(one_pair):
+    """review274 F2: export(loss, (params, lr), data) blamed checkpoints[0], the params, for not being a
+    pair; the message says the value looks like one pair and asks for a list of them."""
+    with pytest.raises(TypeError, match=r"looks like one pair itself.*pass a list of them") as caught:
+        parse_checkpoints(one_pair, "params")
+    assert "checkpoints[0]" not in str(caught.value)
+    assert len(parse_checkpoints([one_pair], "params")) == 1

@@ -1023,3 +1023,34 @@ def test_a_saved_nnx_param_state_is_told_that_layers_star_is_right(tmp_path, per
         got = export_gradients(loss_fn, [(str(path), 1.0)], data, layers=["*"], progress=False)
     assert [p["name"] for p in got.metadata["params"]] == ["bias/value", "kernel/value"]
     np.testing.assert_allclose(got.matrices[0], per_example_jax_grad(loss_fn, params, *data), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_train_states_stepped_outside_jit_export_despite_their_int_steps(mlp, data, tmp_path, as_file):
+    """apply_gradients outside jax.jit leaves a TrainState's step a Python int, one per checkpoint (review274
+    F1): two such checkpoints (objects or msgpack files) export, rows those of their params alone."""
+    optax = pytest.importorskip("optax")
+    from flax.training import train_state
+
+    x, y = data
+    state = train_state.TrainState.create(apply_fn=None, params=mlp.params[0], tx=optax.adam(1e-2))
+    checkpoints = []
+    for i, params in enumerate(mlp.params[:2]):
+        state = state.apply_gradients(grads=jax.tree_util.tree_map(jnp.zeros_like, state.params))
+        state = state.replace(params=params)
+        assert type(state.step) is int
+        if as_file:
+            path = tmp_path / f"state{i}.msgpack"
+            path.write_bytes(serialization.to_bytes(state))
+            checkpoints.append((path, 0.5))
+        else:
+            checkpoints.append((state, 0.5))
+
+    def state_loss(s, a, b):
+        return mlp.loss_fn(s.params if hasattr(s, "params") else s["params"], a, b)
+
+    with pytest.warns(UserWarning, match="Flax TrainState"):
+        g = export_gradients(state_loss, checkpoints, (x, y), progress=False)
+    for matrix, weights in zip(g.matrices, mlp.weights[:2], strict=True):
+        ref = mlp.reference_rows(mlp.reference_grads(weights, x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
+        np.testing.assert_allclose(np.asarray(matrix, np.float64), ref, rtol=1e-4, atol=1e-6)

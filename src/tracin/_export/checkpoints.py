@@ -67,6 +67,16 @@ def parse_checkpoints(
         )
     if not checkpoints:
         raise ValueError(f"checkpoints is empty; give at least one ({source}, learning_rate) pair")
+    if (
+        len(checkpoints) in (2, 3)
+        and isinstance(checkpoints[1], numbers.Real)
+        and not isinstance(checkpoints[1], bool)
+        and not (isinstance(checkpoints[0], (tuple, list)) and len(checkpoints[0]) in (2, 3))
+    ):
+        raise TypeError(
+            f"checkpoints must be a sequence of ({source}, learning_rate) pairs; this looks like one pair itself "
+            "(its item 1 is a number): pass a list of them, [(checkpoint, learning_rate), ...]"
+        )
     parsed = []
     for i, entry in enumerate(checkpoints):
         if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):

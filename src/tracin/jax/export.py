@@ -33,6 +33,7 @@ from .params import (
     leaf_path,
     linen_collections,
     nnx_variables,
+    step_as_array,
     train_state_entries,
 )
 from .per_example import FullRows, LastLayer, LayerInputError, LossWatch, check_per_example, check_uncoupled
@@ -265,7 +266,7 @@ class _JaxExport:
     ):
         self.loss_fn, self.plan = loss_fn, plan
         self.n_rows, self.one_shot = plan.n_rows, plan.one_shot
-        self._first = restore(first, "checkpoints[0]")
+        self._first = step_as_array(restore(first, "checkpoints[0]"))
         self.last_layer = None
         self.kronecker: Any = None  # the KroneckerRows computing the rows, if kronecker=True
         self.fingerprints = {"loss": callable_identity(loss_fn)}
@@ -351,7 +352,7 @@ class _JaxExport:
         self._index = self.watch.checkpoint = index
         if isinstance(self.compute_rows, LastLayer):
             self.compute_rows.checkpoint = index  # named by its layer_input check
-        params = self._first if index == 0 else restore(source, f"checkpoints[{index}]")
+        params = self._first if index == 0 else step_as_array(restore(source, f"checkpoints[{index}]"))
         self._first = None  # checkpoint 0 is loaded once
         self.layout.check_same(layout_of(params, None), f"checkpoints[{index}]")
         if self.kronecker is not None:

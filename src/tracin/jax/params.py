@@ -647,6 +647,23 @@ def train_state_entries(params: Any) -> list[str]:
     return sorted((key for key in floating if key != "params"), key=str)
 
 
+def step_as_array(params: Any) -> Any:
+    """A Flax TrainState (the object, or the dict a saved one restores as: a "params" Mapping and an
+    "opt_state" entry) whose "step" is a Python int, as an apply_gradients outside jax.jit leaves it, with
+    that step as a NumPy array, as a jitted step holds it: a non-array leaf is static and must equal the
+    first checkpoint's, which no two checkpoints' steps do. Other params are returned as they are."""
+    if isinstance(params, dict):
+        entries = params
+    elif dataclasses.is_dataclass(params) and not isinstance(params, type) and hasattr(params, "replace"):
+        entries = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    else:
+        return params
+    step = entries.get("step")
+    if type(step) is not int or not isinstance(entries.get("params"), Mapping) or "opt_state" not in entries:
+        return params
+    return {**params, "step": np.asarray(step)} if isinstance(params, dict) else params.replace(step=np.asarray(step))
+
+
 def as_patterns(layers: Any) -> list[str]:
     """layers as a list of path patterns (a single string is one pattern)."""
     return shared_patterns(layers, "['l2'] or ['params/Dense_1/*']")
