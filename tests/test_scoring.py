@@ -1054,6 +1054,20 @@ def test_gradients_of_different_parameters_or_modes_are_refused(rng):
         )
 
 
+def test_parameters_of_the_same_names_and_other_shapes_are_named_by_their_shapes(rng):
+    """review272 F1: two sides from models with the same layer names but other widths showed two identical
+    name lists; the message lists the entries whose shapes differ."""
+    a, b = random_set(rng, 2, [12]), random_set(rng, 5, [12])
+
+    def meta(width):
+        params = [{"name": "fc.weight", "shape": [width, 2]}, {"name": "fc.bias", "shape": [12 - 2 * width]}]
+        return {"framework": "torch", "mode": "full", "params": params}
+
+    match = r"different parameters: shapes differ: 'fc\.weight' \[4, 2\] vs \[3, 2\]; 'fc\.bias' \[4\] vs \[6\]$"
+    with pytest.raises(ValueError, match=match):
+        tracin.scores(tracin.Gradients(a, metadata=meta(4)), tracin.Gradients(b, metadata=meta(3)))
+
+
 @pytest.mark.parametrize(
     "odd, message",
     [

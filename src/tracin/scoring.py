@@ -246,7 +246,7 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
     ):
         raise ValueError(
             f"{names[0]} and {names[1]} are gradients of different parameters: "
-            f"{_param_names(t['params'])} vs {_param_names(x['params'])}"
+            + _params_differ(t["params"], x["params"])
         )
     _check_same_checkpoints(t, x, names)
     _check_same_optimizer_states(t, x, names)
@@ -258,6 +258,20 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
             # then the space of the gradients the whitening was fitted on: the other side's too (bare
             # arrays carry no records of their own, their whitening's are checked)
             _check_same_train_space(fitted["space"], other, fitted_on, name)
+
+
+def _params_differ(a: list[dict], b: list[dict], limit: int = 10) -> str:
+    """What differs between two recorded params lists: the names where they differ, else the shapes of the
+    entries (same names) whose shapes differ, at most `limit` of them."""
+    if [p.get("name") for p in a] != [p.get("name") for p in b]:
+        return f"{_param_names(a)} vs {_param_names(b)}"
+    diff = [
+        f"{short(p['name'])} {short(p.get('shape'))} vs {short(q.get('shape'))}"
+        for p, q in zip(a, b, strict=True)
+        if p != q
+    ]
+    more = f", ... ({len(diff) - limit} more)" if len(diff) > limit else ""
+    return "shapes differ: " + "; ".join(diff[:limit]) + more
 
 
 def _param_names(params: list[dict], limit: int = 40) -> str:
