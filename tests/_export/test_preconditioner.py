@@ -3,6 +3,7 @@ Adam's formulas against float64 NumPy on hand-made moments."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -83,6 +84,20 @@ def test_rank_one_scales_match_the_factorisation_of_v_plus_eps_squared():
     scale_l, scale_r = _scales([weight, bias], 0, True, 4)
     np.testing.assert_allclose(scale_l, np.sqrt(r.sum() / r), rtol=1e-13)
     np.testing.assert_allclose(scale_r, 1 / np.sqrt(c), rtol=1e-13)
+
+
+def test_rank_one_scales_add_each_parameters_eps_root_to_v_plus_eps_squared():
+    """optax's eps_root (a preconditioner_options key) joins eps^2 under the factorisation: v_hat + eps^2 + eps_root,
+    each parameter's own; large against v here, so that leaving it out would fail."""
+    rng = np.random.default_rng(5)
+    weight, bias = _moments(rng, [(4, 3), (4,)], step=2.0, b2=0.95, eps=0.1)
+    weight, bias = (dataclasses.replace(a, eps_root=root) for a, root in ((weight, 0.5), (bias, 2.0)))
+    v = np.hstack([weight.v.reshape(4, 3), bias.v.reshape(4, 1)]).astype(np.float64) / (1 - 0.95**2)
+    v += np.array([0.1**2 + 0.5] * 3 + [0.1**2 + 2.0])
+    r, c = v.sum(1), v.sum(0)
+    left, right = _scales([weight, bias], 0, True, 4)
+    np.testing.assert_allclose(left, np.sqrt(r.sum() / r), rtol=1e-13)
+    np.testing.assert_allclose(right, 1 / np.sqrt(c), rtol=1e-13)
 
 
 def test_rank_one_scales_of_a_rank_one_v_far_above_eps_squared_are_its_exact_factors():

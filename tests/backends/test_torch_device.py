@@ -14,7 +14,7 @@ import tracin
 from reference import exact_scores, factored_to_full, score_bound
 from tracin import _tunables, backends
 from tracin._arrays import as_matrix
-from tracin.backends import _torch_topk, placement, torch_device
+from tracin.backends import _torch_rows, _torch_topk, placement, torch_device
 from tracin.gradients import GradientSet, KernelSide
 
 from .numpy_reference import normalized
@@ -870,6 +870,16 @@ def test_placement_choices_and_argument_errors(rng):
         tracin.scores(host, host, device=0)
     with pytest.raises(ValueError, match=r"precision='tf32' needs a CUDA device \(device='cuda'\), not 'torch:cpu'"):
         tracin.aggregate(host, host, device="torch:cpu", precision="tf32")
+    for device in (None, "cpu"):  # the C++ kernel (host rows' default) has no TF32 either
+        with pytest.raises(ValueError, match=r"precision='tf32' needs a CUDA device \(device='cuda'\), not 'cpu'"):
+            placement.choose(device, "tf32", {"train": host})
+
+
+def test_tile_rows_count_16_bit_rows_at_two_bytes_a_value():
+    """A tile holds tile_bytes of rows as stored on the host: 2 bytes a value for 16-bit blocks, 4 for float32."""
+    side = types.SimpleNamespace(blocks=[np.zeros((9, 10), np.float32), np.zeros((9, 6), np.float16)], dtypes=[0, 1])
+    assert _torch_rows.tile_rows(side, 5200) == 5200 // (10 * 4 + 6 * 2) == 100
+    assert _torch_rows.tile_rows(side, 10) == 1  # at least one row
 
 
 @pytest.mark.parametrize("device", [None, "cpu", "torch:cpu"])

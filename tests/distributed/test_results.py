@@ -231,6 +231,30 @@ def test_factored_store(client, tmp_path):
     np.testing.assert_array_equal(td.aggregate(test, store, client=client, shards=3), tracin.aggregate(test, store))
 
 
+def test_add_in_order_adds_rows_one_after_another_to_a_copy_of_the_total():
+    """The aggregate chain's link: the total it is given is left as it was (a retried link, or Dask handing the
+    same result to two tasks, must see the previous shard's sums), and rows are added in order, not pairwise."""
+    total = np.array([1.0, 2.0**53])
+    partials = np.array([[2.0**-60, 1.0], [1.0, 1.0]])
+    got = _tasks.add_in_order(partials, total)
+    np.testing.assert_array_equal(total, [1.0, 2.0**53])
+    expected = total.copy()
+    for row in partials:
+        expected = expected + row
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(_tasks.add_in_order(partials), partials[0] + partials[1])
+
+
+def test_column_sums_part_adds_to_a_copy_of_the_sums_it_is_given():
+    """The full aggregate's chain link over test shards: the previous shard's sums are left as they were (a retried
+    link must start from them again), the link's own rows added to a copy."""
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    sums = [np.full(4, 10.0)]
+    (got,) = _tasks.column_sums_part(tracin.Gradients(rows), sums, 1, 0)
+    np.testing.assert_array_equal(sums[0], np.full(4, 10.0))
+    np.testing.assert_array_equal(got, 10.0 + rows.astype(np.float64).sum(0))
+
+
 def test_merge_task_merges_blocks_of_test_rows_in_little_memory(monkeypatch):
     """8 parts of (4000, 50) tied scores: merged a block of rows at a time, the same bits as one merge_top_k,
     with temporaries well under the inputs (one merge of all the rows needs about twice them)."""

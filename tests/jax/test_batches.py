@@ -41,6 +41,16 @@ def test_a_short_array_set_runs_as_one_batch_of_its_row_count():
     assert large.size == 4 and [b.inputs.shape[0] for b in large] == [4, 4, 4]
 
 
+def test_empty_batches_of_an_iterable_are_skipped_and_do_not_set_the_batch_size():
+    """A batch of 0 rows (first or later) yields nothing and does not fix the size: the first non-empty one does."""
+    x, y = np.arange(10.0)[:, None], np.arange(10)
+    plan = BatchPlan([(x[:0], y[:0]), (x[:4], y[:4]), (x[4:4], y[4:4]), (x[4:10], y[4:10])], batch_size=None)
+    batches = list(plan)
+    assert plan.n_rows == 10 and plan.size == 4
+    assert [(b.start, b.count) for b in batches] == [(0, 4), (4, 4), (8, 2)]
+    np.testing.assert_array_equal(batches[2].targets, [8, 9, 9, 9])
+
+
 def test_iterables_take_the_first_batch_size_and_cut_longer_batches():
     x, y = np.arange(10.0)[:, None], np.arange(10)
     plan = BatchPlan([(x[:3], y[:3]), (x[3:10], y[3:10])], batch_size=None)
