@@ -589,7 +589,7 @@ def test_save_load_round_trip(tmp_path, full):
 def test_load_keeps_valid_inverses_and_refuses_another_dampings(tmp_path, monkeypatch):
     """A float64 file loads with its stored inverses (no inversion), also with the inverse computed
     another way (LU, np.linalg.inv: as valid, different rounding); one holding the damped inverse at
-    twice its damping is refused."""
+    twice its damping is refused, and so is one at 1 + 1e-5 times it."""
     pytest.importorskip("threadpoolctl")
     g = np.random.default_rng(0).standard_normal((50, 512)).astype(np.float32)
     test = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
@@ -600,6 +600,7 @@ def test_load_keeps_valid_inverses_and_refuses_another_dampings(tmp_path, monkey
     (lam,) = w.spec.lambdas
     lu = np.linalg.inv(r + lam * np.eye(512))
     doubled = w.with_damping(2e-3).inverses[0]
+    near = w.with_damping(1e-3 * (1 + 1e-5)).inverses[0]  # r270 W16: off by 1e-5, 40x load's residual bar here
     monkeypatch.setattr(_whitening, "damped_inverse", None)
     back = Whitening.load(path)
     np.testing.assert_array_equal(back.inverses[0], w.inverses[0])
@@ -607,9 +608,10 @@ def test_load_keeps_valid_inverses_and_refuses_another_dampings(tmp_path, monkey
     np.testing.assert_array_equal(*whitened)
     _saved_with(path, inverse_0=(lu + lu.T) / 2)
     np.testing.assert_array_equal(Whitening.load(path).inverses[0], (lu + lu.T) / 2)
-    _saved_with(path, inverse_0=doubled)
-    with pytest.raises(ValueError, match="inverse_0 is not the damped inverse of moment_0"):
-        Whitening.load(path)
+    for other in (doubled, near):
+        _saved_with(path, inverse_0=other)
+        with pytest.raises(ValueError, match="inverse_0 is not the damped inverse of moment_0"):
+            Whitening.load(path)
 
 
 @pytest.mark.parametrize("damping", [1e-9, 1e-10])
@@ -2125,3 +2127,21 @@ def test_apply_keeps_the_test_weights_and_they_weigh_the_scores(rng):
         w * (np.asarray(t, np.float64) @ x.T) for w, t, x in zip([0.5, 2.0], white.matrices, [a, b], strict=True)
     )
     np.testing.assert_allclose(tracin.scores(white, [a, b]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_whitening_threads_set_blas_to_that_many_threads():
+    """r270 W13 (threadpool_limits given no limit): blas_threads(1) holds BLAS at one thread, not at its default."""
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+
+    from tracin.whitening._threads import blas_threads
+
+    def counts() -> set:
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    if not counts():
+        pytest.skip("threadpoolctl finds no BLAS library loaded")
+    with blas_threads(1):
+        assert counts() == {1}
+    with blas_threads(2):
+        assert counts() == {2}

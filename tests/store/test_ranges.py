@@ -312,6 +312,7 @@ def _progress(path: Path, **changes) -> str:
             r"written\[0\] must be sorted, disjoint \[start, stop\) ranges within \[0, 300\]",
         ),
         ({"written": [[[20, 40], [0, 10]], []]}, r"written\[0\] must be sorted"),
+        ({"written": [[[10, 10]], []]}, r"written\[0\] must be sorted, disjoint"),  # r270 S3: an empty range
         ({"written": [[[0, "BIG"]], []]}, "beyond the float64 range"),
         (None, "corrupt progress file, not valid JSON"),
     ],
@@ -482,3 +483,14 @@ def test_adding_written_rows_reads_a_logarithmic_number_of_ranges():
         bound = 2 * (n.bit_length() + 1) + 4  # two bisections of at most log2(n) + 1 steps, the ranges merged
         assert max(cost) <= bound, (n, cost)
         assert list.copy(ranges) == _runs(covered)
+
+
+def test_a_range_writer_refuses_a_block_running_past_its_range_into_the_next(tmp_path):
+    """r270 S8 (only the block's start checked against the range): a block starting inside the range but
+    running past its stop would overwrite rows of the next range's writer, unrecorded by it."""
+    path = tmp_path / "s"
+    _create(path)
+    with tracin.GradientStore.create(path, **SPEC, rows=(50, 200)) as r:
+        with pytest.raises(ValueError, match=r"rows \[190, 210\) are outside this writer's rows \[50, 200\)"):
+            r.write(0, 190, rows(0)[190:210])
+        assert r.missing(0) == [[50, 200]]

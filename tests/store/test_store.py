@@ -352,3 +352,14 @@ def test_true_or_false_arguments_take_numpys_bools_and_refuse_anything_else(tmp_
         with pytest.raises(TypeError, match="overwrite must be True or False"):
             tracin.GradientStore.create(tmp_path / "bad", 4, [3], None, overwrite=bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_partial_use_of_rows_written_out_of_order_starts_at_row_0(tmp_path):
+    """r270 S4 (Manifest.rows_done counting a first written range that does not start at row 0): rows [3, 10)
+    written, rows [0, 3) not: allow_partial has no usable rows, and the refusal counts 0 usable, not 10."""
+    blocks = random_blocks(10, [3], "float32", False)
+    with tracin.GradientStore.create(tmp_path / "s", 10, [3], [1.0]) as w:
+        w.write(0, 3, blocks[0][3:])
+    assert tracin.GradientStore.open(tmp_path / "s", allow_partial=True).n_rows == 0
+    with pytest.raises(ValueError, match=r"rows usable from row 0, per checkpoint: \[0\] of 10"):
+        tracin.self_influence(tracin.GradientStore.open(tmp_path / "s"))

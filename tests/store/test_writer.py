@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -722,3 +723,33 @@ def test_a_full_disk_at_create_counts_the_space_the_interrupted_create_holds(tmp
     text = str(info.value)
     held = re.search(r"0 bytes are free now \(and the (\d+) bytes this interrupted create's files hold", text)
     assert held is not None and int(held[1]) >= 256 * 1024, text
+
+
+def test_write_all_continues_a_short_write_where_it_stopped(tmp_path, monkeypatch):
+    """r270 S10 (each pwrite at the first offset): pwrite may write less than asked (Linux: at most 2 GiB - 4 KiB
+    a call); the rest of the data goes right after what it wrote."""
+    from tracin.store import _files
+
+    pwrite = os.pwrite
+    monkeypatch.setattr(_files.os, "pwrite", lambda fd, data, offset: pwrite(fd, data[:3], offset))
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        _files.write_all(fd, b"0123456789", 2, path)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\0\0" + b"0123456789"
+
+
+def test_read_all_reads_on_past_the_size_a_file_had_when_it_was_taken(tmp_path, monkeypatch):
+    """r270 S11 (the buffer never grown): a file that grew after read_all took its size is read whole."""
+    from tracin.store import _files
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(100)))
+    monkeypatch.setattr(_files.os, "fstat", lambda fd: os.stat_result((0,) * 6 + (10,) + (0,) * 3))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert bytes(_files.read_all(fd, 1000, path)) == bytes(range(100))
+    finally:
+        os.close(fd)
