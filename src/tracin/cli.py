@@ -105,7 +105,8 @@ def _open_store(path: str, option: str, allow_partial: bool):
         raise CommandError(f"{option}: no gradient store at {path}")
     try:
         store = GradientStore.open(path, allow_partial=allow_partial)
-        # rows usable = the prefix written for every checkpoint; `tracin info` counts rows recorded anywhere
+        # rows usable = the prefix written for every checkpoint (with --allow-partial, range writers' rows too);
+        # `tracin info` counts rows recorded anywhere
         info = store.info()
     except StoreChangedError as e:
         raise CommandError(f"{option}: gradient store changed while reading: {_one_line(e)}") from e
@@ -126,6 +127,12 @@ def _open_store(path: str, option: str, allow_partial: bool):
         )
     if store.n_rows == 0:
         state = "has no rows" if store.complete else f"has no usable rows yet ({usable})"
+        if any(info["rows_unmerged"]):
+            state += (
+                f"; range writers record {', '.join(map(str, info['rows_unmerged']))} rows {_per_slot(info)} "
+                "past them, not usable until merged: once every range writer has finished, rerun the export "
+                "or call GradientStore.create(<the same arguments>).close(), which merges them"
+            )
         raise CommandError(f"{option}: gradient store {path} {state}; nothing to score")
     return store
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,13 @@ from ._format import (
     Manifest,
     StoreChangedError,
     StoreFormatError,
+    merge_ranges,
     parse_manifest,
     printable,
 )
 from ._locks import range_files
 from ._npy import check_npy, map_array, open_ids, read_array, read_ids, unencodable_id
+from ._ranges import read_progress
 from ._writer import GradientStoreWriter
 
 try:
@@ -140,9 +143,11 @@ class GradientStore(GradientSet):
         chunk_bytes: int,
         seen: bytes,
         ids_file: _IdsFile | None,
+        unmerged: list[int],
     ):
         """`seen`: the bytes of a manifest.json found to hold this store's id (at first, `manifest`'s);
-        `ids_file`: the ids file as checked at opening (None for a store without ids)."""
+        `ids_file`: the ids file as checked at opening (None for a store without ids); `unmerged`: per
+        checkpoint, the rows range writers' progress files recorded past the usable prefix at opening."""
         self.path = path
         self._manifest = manifest
         self._seen = seen
@@ -151,6 +156,7 @@ class GradientStore(GradientSet):
         self._start, self._stop = start, stop
         self._allow_partial = allow_partial
         self._chunk_bytes = chunk_bytes
+        self._unmerged = unmerged
         self.factored = manifest.factored
         self.weights = np.asarray(manifest.weights, dtype=np.float64)
         self.weights_given = manifest.weights_given
@@ -223,7 +229,10 @@ class GradientStore(GradientSet):
         """Opens the store at `path` after checking the manifest against the files.
 
         An unfinished store opens, but scoring it raises unless allow_partial=True, which exposes
-        the rows written so far for every checkpoint (a prefix). chunk_bytes: bytes of rows
+        the rows written so far for every checkpoint (a prefix), counting those that range writers
+        (GradientStore.create(..., rows=), a distributed export) record in their progress files, read
+        only; rows they record past the prefix are a UserWarning, as is a malformed progress file (its
+        range is then left out). chunk_bytes: bytes of rows
         (all checkpoints together) mapped per kernel call; a store read into memory instead (many
         files) costs about 3x chunk_bytes in self_influence, up to 5x scored against itself
         (scoring holds up to 5 chunks at once). A malformed manifest or file, or a
@@ -250,10 +259,19 @@ class GradientStore(GradientSet):
                     f"gradient store {root} was re-created while it was being opened ({change}); open it again"
                 ) from e
             raise
-        stop = m.n_rows
+        stop, unmerged = m.n_rows, [0] * len(m.dims)
         if allow_partial and not m.complete:
-            stop = min(m.rows_done(c) for c in range(len(m.dims)))
-        return cls(root, m, files, 0, stop, allow_partial, chunk_bytes, seen, ids_file)
+            stop, unmerged = _partial_rows(root, m)
+            if any(unmerged):
+                warnings.warn(
+                    f"gradient store {root}: range writers record rows past the {stop} usable from row 0 (per "
+                    f"checkpoint: {_first(unmerged)} more) that are not usable until merged into {MANIFEST}: once "
+                    "every range writer has finished, rerun the export or call GradientStore.create(<the same "
+                    "arguments>).close(), which merges them",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return cls(root, m, files, 0, stop, allow_partial, chunk_bytes, seen, ids_file, unmerged)
 
     # -- GradientSet ----------------------------------------------------------------------------
     @property
@@ -411,6 +429,7 @@ class GradientStore(GradientSet):
             self._chunk_bytes,
             self._seen,
             self._ids_file,
+            self._unmerged,
         )
 
     @property
@@ -470,7 +489,9 @@ class GradientStore(GradientSet):
             "format_version": FORMAT_VERSION,
             "complete": m.complete,
             "rows": m.n_rows,
-            "rows_written": [m.rows_done(c) for c in range(len(m.dims))],  # the prefix usable with allow_partial
+            "rows_written": [m.rows_done(c) for c in range(len(m.dims))],  # the prefix manifest.json records
+            # opened with allow_partial=True: rows range writers' progress files recorded past the usable prefix
+            "rows_unmerged": list(self._unmerged),
             "rows_recorded": [sum(b - a for a, b in m.written[c]) for c in range(len(m.dims))],  # anywhere
             "checkpoints": len(m.dims),
             "layers_per_checkpoint": _layers_per_checkpoint(m),
@@ -548,9 +569,39 @@ def _recreated(root: Path, seen: bytes, store_id: str | None) -> str | None:
     return None if now_id == store_id else f"store id {store_id} then, {now_id} now"
 
 
+def _partial_rows(root: Path, m: Manifest) -> tuple[int, list[int]]:
+    """For allow_partial=True on an unfinished store: r such that rows [0, r) are written for every
+    checkpoint, by manifest.json or by the range writers' progress files in `root` (read only: the
+    writers sync a block's data before their progress file records it), and per checkpoint the rows
+    those files record from r on. A progress file that is malformed or cannot be read is a UserWarning
+    naming it, and left out."""
+    ranged: list[list[list[int]]] = [[] for _ in m.dims]
+    for name, start, stop, kind in range_files(root):
+        if kind != "json":
+            continue
+        try:
+            progress = read_progress(root, m, start, stop)
+        except (StoreFormatError, OSError) as e:
+            warnings.warn(
+                f"{e}; GradientStore.open(allow_partial=True) leaves out the rows {name} records",
+                UserWarning,
+                stacklevel=3,
+            )
+            continue
+        if progress is not None:  # None: merged and removed meanwhile (manifest.json, read before, lacks them)
+            for c, ranges in enumerate(progress.written):
+                ranged[c].extend(ranges)
+    usable = m.n_rows
+    for c, written in enumerate(m.written):
+        merged = merge_ranges([*written, *ranged[c]])
+        usable = min(usable, merged[0][1] if merged and merged[0][0] == 0 else 0)
+    unmerged = [sum(max(0, b - max(a, usable)) for a, b in merge_ranges(r)) for r in ranged]
+    return usable, unmerged
+
+
 def describe(path: str | os.PathLike) -> str:
     """describe() of the store at `path`, finished or not (what `tracin info PATH` prints)."""
-    return GradientStore.open(path, allow_partial=True).describe()
+    return GradientStore.open(path).describe()  # describe() reads only the manifest and lists range files
 
 
 def _layers_per_checkpoint(m: Manifest) -> int:
