@@ -120,7 +120,8 @@ def test_interrupted_export_resumes_with_other_shards(client, tmp_path):
             tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, batch_size=10, progress=False)
             is None
         )
-    assert not tracin.GradientStore.open(store, allow_partial=True).complete
+    with pytest.warns(UserWarning, match=r"range writers record rows past the 0 usable .*55, 55 more"):
+        assert not tracin.GradientStore.open(store, allow_partial=True).complete
     found = td.export_gradients(
         "torch", model, checkpoints, data, loss, store=store, client=client, shards=3, batch_size=10, progress=False
     )

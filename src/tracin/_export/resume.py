@@ -330,11 +330,12 @@ def _closure_change(before: Any, now: Any) -> str:
 
 
 def _existing_store(path: str | os.PathLike) -> Any:
-    """The store at `path` (GradientStore, partial ones too), None when there is none readable yet."""
+    """The store at `path` (GradientStore, unfinished ones too: its metadata and weights), None when
+    there is none readable yet."""
     from ..store import GradientStore
 
-    try:
-        return GradientStore.open(path, allow_partial=True)
+    try:  # without allow_partial: no rows are read, so range writers' progress files need not be
+        return GradientStore.open(path)
     except (OSError, ValueError):  # no store yet, or one whose defects the writer reports
         return None
 
