@@ -1,6 +1,7 @@
 """The `tracin` command line: info, score, self-influence, bench, demo.
 
-Every failure is one line on stderr, `tracin COMMAND: error: ...`, with exit code 2 for a command line
+Every warning is one line on stderr, `tracin COMMAND: warning: ...`, and every failure too,
+`tracin COMMAND: error: ...`, with exit code 2 for a command line
 wrong in itself (argparse's checks, which print the usage lines first, and UsageError: options that do not
 combine, an empty value, an -o name without the command's suffix) and 1 for everything else (files,
 stores, data, the system); one writing the results (a full disk) names --output or stdout. Output cut
@@ -36,8 +37,10 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,7 +50,7 @@ from ._validate import MAX_THREADS
 from ._whole_file import MAX_LINKS, SEPARATORS, TEMP_PREFIX, resolve
 from ._whole_file import whole_file as _whole_file
 from .store._files import enclosing_store
-from .store._format import short
+from .store._format import printable, short
 
 EXAMPLES = """examples:
   tracin demo                                   # the mislabelled-digits demo (pip install 'tracin[demo]')
@@ -104,7 +107,9 @@ def _open_store(path: str, option: str, allow_partial: bool):
     if not Path(path).exists():
         raise CommandError(f"{option}: no gradient store at {path}")
     try:
-        store = GradientStore.open(path, allow_partial=allow_partial)
+        with warnings.catch_warnings(record=True) as held:  # shown below unless the error says the same
+            warnings.simplefilter("always")
+            store = GradientStore.open(path, allow_partial=allow_partial)
         # rows usable = the prefix written for every checkpoint (with --allow-partial, range writers' rows too);
         # `tracin info` counts rows recorded anywhere
         info = store.info()
@@ -130,10 +135,12 @@ def _open_store(path: str, option: str, allow_partial: bool):
         if any(info["rows_unmerged"]):
             state += (
                 f"; range writers record {', '.join(map(str, info['rows_unmerged']))} rows {_per_slot(info)} "
-                "past them, not usable until merged: once every range writer has finished, rerun the export "
-                "or call GradientStore.create(<the same arguments>).close(), which merges them"
+                "past them, after rows not yet written for every checkpoint: they become usable once the rows "
+                "before them are written (let the export finish, or rerun it to resume)"
             )
         raise CommandError(f"{option}: gradient store {path} {state}; nothing to score")
+    for shown in held:
+        warnings.warn_explicit(shown.message, shown.category, shown.filename, shown.lineno)
     return store
 
 
@@ -310,7 +317,6 @@ def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, 
     from itertools import islice
 
     from ._progress import progress_bar
-    from .store._format import printable
 
     if _is_terminal(f):
         rows = ([printable(x) if isinstance(x, str) else x for x in row] for row in rows)
@@ -1093,14 +1099,12 @@ def _path_text(path: Path) -> str:
     """`path` for a message line: store._format.printable's escapes (as `tracin info` shows a store's
     path), so that a name that is not valid text (bytes undecodable in the file system's encoding,
     lone surrogates in Python) prints under a strict stdout encoding instead of failing the command."""
-    from .store._format import printable
 
     return printable(str(path))
 
 
 def _one_line(e: BaseException) -> str:
     """The message of `e` on one line, other control characters escaped (it may quote a store's strings)."""
-    from .store._format import printable
 
     return printable(" ".join(str(e).split())) or type(e).__name__
 
@@ -1140,6 +1144,12 @@ def _signal_cause(e: BaseException) -> tuple[BaseException, BaseException] | Non
     return None
 
 
+def _show_warning(command: str, message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """A warning as one line on stderr, `tracin COMMAND: warning: ...` (not Python's file:line and source)."""
+    text = printable(" ".join(str(message).split())) or category.__name__
+    print(f"tracin {command}: warning: {text}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace, received: list[int]) -> int:
     """Runs the command; returns the exit code, failures reported as one line on stderr. An error
     while a signal unwinds the command, or after one was `received`, is raised as that signal."""
@@ -1148,7 +1158,9 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
     prefix = f"tracin {args.command}: error:"
     try:
         try:
-            args.func(args)
+            with warnings.catch_warnings():
+                warnings.showwarning = partial(_show_warning, args.command)
+                args.func(args)
         except Exception as e:
             found = _signal_cause(e)
             if found is not None:

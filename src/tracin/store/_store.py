@@ -231,8 +231,8 @@ class GradientStore(GradientSet):
         An unfinished store opens, but scoring it raises unless allow_partial=True, which exposes
         the rows written so far for every checkpoint (a prefix), counting those that range writers
         (GradientStore.create(..., rows=), a distributed export) record in their progress files, read
-        only; rows they record past the prefix are a UserWarning, as is a malformed progress file (its
-        range is then left out). chunk_bytes: bytes of rows
+        only; rows they record past the prefix (after rows not yet written) are a UserWarning, as is a
+        malformed progress file (its range is then left out). chunk_bytes: bytes of rows
         (all checkpoints together) mapped per kernel call; a store read into memory instead (many
         files) costs about 3x chunk_bytes in self_influence, up to 5x scored against itself
         (scoring holds up to 5 chunks at once). A malformed manifest or file, or a
@@ -265,9 +265,9 @@ class GradientStore(GradientSet):
             if any(unmerged):
                 warnings.warn(
                     f"gradient store {root}: range writers record rows past the {stop} usable from row 0 (per "
-                    f"checkpoint: {_first(unmerged)} more) that are not usable until merged into {MANIFEST}: once "
-                    "every range writer has finished, rerun the export or call GradientStore.create(<the same "
-                    "arguments>).close(), which merges them",
+                    f"checkpoint: {_first(unmerged)} more), after rows not yet written for every checkpoint: they "
+                    "become usable once the rows before them are written (let the export finish, or rerun it to "
+                    "resume); merging alone does not make them usable",
                     UserWarning,
                     stacklevel=2,
                 )
