@@ -236,6 +236,16 @@ def test_score_summary_says_the_k_returned_when_capped(stores, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == "top-40 proponents of 3 test rows over 40 train rows"
 
 
+def test_score_csv_ranks_count_from_one_per_test_row_and_side(stores, capsys):
+    paths, _, _ = stores
+    assert main(_score(paths, "-k", "4", "--side", "both")) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 3 * 2 * 4
+    for t in range(3):
+        for side in ("proponents", "opponents"):
+            assert [r["rank"] for r in rows if r["test_row"] == str(t) and r["side"] == side] == ["1", "2", "3", "4"]
+
+
 def test_score_normalize_writes_cosine_top_k(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     out = tmp_path / "cos.npz"
@@ -281,6 +291,18 @@ def test_self_influence_ranking(stores, tmp_path, capsys):
     assert list(rows[0]) == ["rank", "train_row", "train_id", "self_influence"]
     assert [r["train_id"] for r in rows] == [f"train-{i}" for i in np.argsort(-exact)[:7]]
     assert {"train_row", "train_id"} <= set(PAIRS_HEADER)
+
+
+def test_self_influence_ranks_equal_scores_in_row_order(tmp_path, capsys):
+    """Rows of equal self-influence (duplicated examples) are ranked in row order, as top_k breaks ties: the
+    same CSV on every run and machine."""
+    row = np.array([[1.0, 2.0, -0.5]], np.float32)
+    rows = np.repeat(row, 300, axis=0)
+    rows[7] *= 2  # one row first; the other 299 tie
+    path = _write_store(tmp_path / "s", [rows], [1.0])
+    assert main(["self-influence", str(path), "--top", "300"]) == 0
+    ranked = [int(r["train_row"]) for r in csv.DictReader(io.StringIO(capsys.readouterr().out))]
+    assert ranked == [7, *(i for i in range(300) if i != 7)]
 
 
 def test_csv_scores_read_back_to_the_same_float32(tmp_path, rng):
@@ -1566,6 +1588,16 @@ def test_selfbench_check_rejects_a_wrong_top_k(rng):
     late = indices.copy()
     late[39, 4] = np.argmin(exact[39])  # in the last test row: not only the first rows are checked
     assert wrong(np.take_along_axis(exact, late, 1).astype(np.float32), late)
+
+
+def test_selfbench_check_takes_a_near_tie_chosen_either_way():
+    """A row left out that beats the chosen one by less than twice the bound (1.5e-5 of 1): float32 rounding may
+    order such near ties either way, and the check takes it (docstring: more than twice that bound fails)."""
+    test = np.array([[1.0, 0.0]], np.float32)
+    train = np.array([[1.0, 0.0], [1.0 + 1.5e-5, 0.0], [0.5, 0.0]], np.float32)
+    assert selfbench.matches_float64(test, train, 1, np.array([[1.0]], np.float32), np.array([[0]]))
+    far = np.array([[1.0, 0.0], [1.0 + 3e-5, 0.0], [0.5, 0.0]], np.float32)  # beyond twice the bound: wrong
+    assert not selfbench.matches_float64(test, far, 1, np.array([[1.0]], np.float32), np.array([[0]]))
 
 
 def _float64_top_k(exact: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -72,6 +72,16 @@ def test_slow_automatic_bar_over_passes_starts_in_the_pass_reached(made, monkeyp
     assert "export checkpoint 2/2" in capsys.readouterr().err
 
 
+def test_a_bar_over_passes_ends_full_in_its_last_pass(made, capsys):
+    bar = _progress.progress_bar(3, True, "export", passes=2, unit_scale=False)
+    bar.update(2)
+    bar.update(4)  # the rest of the first pass and the whole second: the last pass stays full, not a third begun
+    bar.close()
+    assert len(made) == 1 and made[0].n == 3 and made[0].total == 3
+    err = capsys.readouterr().err
+    assert "export checkpoint 2/2" in err and "3/2" not in err
+
+
 def test_closing_an_automatic_bar_that_never_showed_is_harmless(made):
     bar = _progress.progress_bar(None, None, "quick")
     bar.update(1)

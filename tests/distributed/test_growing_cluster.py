@@ -286,3 +286,20 @@ def test_a_scheduler_that_does_not_answer_is_asked_once_per_retry_period(monkeyp
     assert _cluster.host_slots(worker) == 2 and len(asked) == 3
     monkeypatch.setattr(_cluster, "_host_slots", {})
     assert _cluster.host_slots(worker) == 1  # never answered: the worker's own threads
+
+
+def test_host_slots_are_at_least_the_worker_own_threads(monkeypatch):
+    """A scheduler whose record does not list this worker's host yet (or under another name) gives no count
+    of 0 slots (kernel_threads divides the cores by it): the worker's own threads at least."""
+    from types import SimpleNamespace
+
+    from tracin.distributed import _cluster
+
+    monkeypatch.setattr(_cluster, "sync", lambda loop, fn, callback_timeout: {"tcp://10.0.0.2:1": 4})
+    monkeypatch.setattr(_cluster, "_host_slots", {})
+    threads, scheduler = SimpleNamespace(nthreads=2), SimpleNamespace(ncores=None)
+    worker = SimpleNamespace(address="tcp://10.0.0.1:1", state=threads, loop=None, scheduler=scheduler)
+    assert _cluster.host_slots(worker) == 2
+    monkeypatch.setattr(_cluster, "get_worker", lambda: worker)
+    monkeypatch.setattr(_cluster, "usable_cores", lambda: 8)
+    assert _cluster.kernel_threads(None) == 4

@@ -54,6 +54,13 @@ def test_wrong_shape_on_disk(store_dir):
         tracin.GradientStore.open(store_dir)
 
 
+def test_a_fortran_order_data_file_is_refused_not_read_transposed(store_dir):
+    """The same dtype, shape and size, its values in column order: read as C order they would be other rows."""
+    np.save(store_dir / "checkpoint_000.npy", np.asfortranarray(np.arange(24, dtype=np.float16).reshape(6, 4)))
+    with pytest.raises(StoreFormatError, match="checkpoint_000.npy: stored in Fortran order; the format requires C"):
+        tracin.GradientStore.open(store_dir)
+
+
 def test_manifest_dims_disagreeing_with_the_files(store_dir):
     _edit_manifest(store_dir, lambda d: d["checkpoints"][0].update(dim=5))
     with pytest.raises(StoreFormatError, match=r"shape \(6, 4\) on disk, but the manifest implies \(6, 5\)"):

@@ -388,3 +388,16 @@ def test_the_float64_copy_is_skipped_on_cpu_when_it_would_not_fit_twice_over(mon
     for name, t in state.items():
         assert wide[name].dtype == torch.float64 and torch.equal(wide[name], t.double())
     assert wx.dtype == torch.float64 and wy.dtype == torch.long  # integer targets kept as they are
+
+
+def test_the_same_infinity_on_both_sides_agrees_and_one_sided_ones_do_not():
+    """An example whose gradient overflows the same way batched and alone is exported as it is (scoring names
+    it): the check takes +inf against +inf (whose difference is NaN), not +inf against -inf or a number."""
+    from tracin.torch.first_rows_check import agrees, directions_agree
+
+    inf, nan = float("inf"), float("nan")
+    want = torch.tensor([1.0, inf, -inf, nan])
+    assert agrees([(want.clone(), want)])
+    assert directions_agree(want.double(), want.double(), torch.zeros(4, dtype=torch.float64), torch.float32)
+    for got in ([1.0, -inf, -inf, nan], [1.0, inf, -inf, 0.0], [1.0, 1e30, -inf, nan]):
+        assert not agrees([(torch.tensor(got), want)])

@@ -53,6 +53,16 @@ def test_the_buffer_is_reused_across_copies():
     np.testing.assert_array_equal(second.numpy(), np.full((3, 4), 2.0, np.float32))
 
 
+def test_an_element_wider_than_the_buffer_made_before_grows_it():
+    """A piece is one element where the element is wider than piece_bytes: after a copy of narrower values made
+    the buffer, a wider dtype's element needs a larger one."""
+    copier = HostCopier(pinned=False, piece_bytes=4)
+    np.testing.assert_array_equal(copier.copy(torch.arange(5, dtype=torch.float32)).numpy(), np.arange(5))
+    wide = torch.arange(6, dtype=torch.float64) / 3 + 1j
+    np.testing.assert_array_equal(copier.copy(wide).numpy(), wide.numpy())
+    assert copier._staging.numel() == 16  # one complex128
+
+
 def test_a_mismatched_destination_is_refused():
     with pytest.raises(ValueError, match=r"dest has shape \(3, 4\), source \(4, 4\)"):
         HostCopier(pinned=False).into(torch.empty(3, 4), torch.ones(4, 4))

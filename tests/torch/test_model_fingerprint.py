@@ -154,6 +154,18 @@ def test_model_digest_covers_settings_buffers_and_code_not_paths_private_or_trai
     assert "this is Python 3.99" in model_changes(base, bumped)[0]
 
 
+def test_model_digest_leaves_out_folders_and_records_parameter_dtypes():
+    """A cache_dir (where files were read or kept) is not a setting, as model_path is not; a parameter's
+    dtype is part of the structure (a float64 copy of the model computes other gradients)."""
+    torch.manual_seed(0)
+    here, there = Net(), Net()
+    here.cache_dir, there.cache_dir = "/scratch/a", "/scratch/b"
+    assert "cache_dir" not in model_digest(here)["settings"] and model_digest(here) == model_digest(there)
+    wide = Net()
+    wide.l1.double()  # l1's parameters only: no buffer changes dtype
+    assert model_digest(wide)["structure"] != model_digest(Net())["structure"]
+
+
 class WithTensorAndActivation(nn.Module):
     """A plain tensor attribute (not a buffer) and an activation function held as an attribute."""
 
