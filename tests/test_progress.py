@@ -82,6 +82,23 @@ def test_a_bar_over_passes_ends_full_in_its_last_pass(made, capsys):
     assert "export checkpoint 2/2" in err and "3/2" not in err
 
 
+def test_each_pass_of_a_bar_times_its_own_rows(made, capsys):
+    """review280 F1: the count restarted per pass but the clock ran from the first pass, so the rate a
+    later pass ended on was about 1/c of its own; each pass now starts its clock (a fake one here)."""
+    clock = [100.0]
+    bar = _progress.progress_bar(3, True, "export", passes=3, unit_scale=False)
+    tqdm_bar = made[0]
+    tqdm_bar._time = lambda: clock[0]
+    tqdm_bar.start_t = tqdm_bar.last_print_t = clock[0]
+    for _ in range(9):  # one row a second, three passes of three rows
+        clock[0] += 1.0
+        bar.update(1)
+    assert tqdm_bar.format_dict["elapsed"] == pytest.approx(3.0)  # the last pass's 3 s, not all 9
+    assert tqdm_bar.n == 3
+    bar.close()
+    assert "1.00ex/s" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+
+
 def test_closing_an_automatic_bar_that_never_showed_is_harmless(made):
     bar = _progress.progress_bar(None, None, "quick")
     bar.update(1)

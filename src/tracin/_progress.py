@@ -135,6 +135,8 @@ class _Passes:
                 self._pass, self._done = self._pass + 1, 0
                 # Not tqdm's reset(), which redraws at once: a bar still inside its delay stays hidden.
                 self._bar.n = self._bar.last_print_n = 0
+                # Each pass's clock too: else elapsed and the closing rate (n / elapsed) span all passes.
+                self._bar.start_t = self._bar.last_print_t = self._bar._time()
                 self._bar.set_description_str(_pass_desc(self._desc, self._pass, self._passes), refresh=False)
             elif step == 0:
                 break  # more than every pass holds: nothing left to count
