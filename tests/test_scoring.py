@@ -1066,6 +1066,16 @@ def test_parameters_of_the_same_names_and_other_shapes_are_named_by_their_shapes
     match = r"different parameters: shapes differ: 'fc\.weight' \[4, 2\] vs \[3, 2\]; 'fc\.bias' \[4\] vs \[6\]$"
     with pytest.raises(ValueError, match=match):
         tracin.scores(tracin.Gradients(a, metadata=meta(4)), tracin.Gradients(b, metadata=meta(3)))
+    # review283 F3: a shape given as a tuple in memory is the same shape; a key other than the shape is named
+    as_tuples = meta(4)
+    as_tuples["params"] = [{**p, "shape": tuple(p["shape"])} for p in as_tuples["params"]]
+    same = tracin.scores(tracin.Gradients(a, metadata=as_tuples), tracin.Gradients(b, metadata=meta(4)))
+    np.testing.assert_allclose(same, a[0].astype(np.float64) @ b[0].T.astype(np.float64), rtol=1e-5)
+    other = meta(4)
+    other["params"][1] = {**other["params"][1], "dtype": "float16"}
+    match = r"different parameters: entries differ: 'fc\.bias' 'dtype' None vs 'float16'$"
+    with pytest.raises(ValueError, match=match):
+        tracin.scores(tracin.Gradients(a, metadata=meta(4)), tracin.Gradients(b, metadata=other))
 
 
 @pytest.mark.parametrize(

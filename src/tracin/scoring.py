@@ -242,7 +242,7 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
         and t.get("framework") == x.get("framework")
         and "params" in t
         and "params" in x
-        and t["params"] != x["params"]
+        and _comparable(t["params"]) != _comparable(x["params"])
     ):
         raise ValueError(
             f"{names[0]} and {names[1]} are gradients of different parameters: "
@@ -260,18 +260,32 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
             _check_same_train_space(fitted["space"], other, fitted_on, name)
 
 
+def _comparable(params: list[dict]) -> list[dict]:
+    """Recorded params with each shape a list (a tuple in metadata given in memory is the same shape)."""
+    return [{**p, "shape": list(p["shape"])} if isinstance(p.get("shape"), tuple) else p for p in params]
+
+
 def _params_differ(a: list[dict], b: list[dict], limit: int = 10) -> str:
-    """What differs between two recorded params lists: the names where they differ, else the shapes of the
-    entries (same names) whose shapes differ, at most `limit` of them."""
+    """What differs between two recorded params lists: the names where they differ, else per entry that
+    differs its shapes (or, shapes equal, its other differing keys), at most `limit` entries."""
     if [p.get("name") for p in a] != [p.get("name") for p in b]:
         return f"{_param_names(a)} vs {_param_names(b)}"
-    diff = [
-        f"{short(p['name'])} {short(p.get('shape'))} vs {short(q.get('shape'))}"
-        for p, q in zip(a, b, strict=True)
-        if p != q
-    ]
+    diff, shapes_only = [], True
+    for p, q in zip(_comparable(a), _comparable(b), strict=True):
+        if p == q:
+            continue
+        keys = (
+            ["shape"]
+            if p.get("shape") != q.get("shape")
+            else sorted((k for k in {*p, *q} if p.get(k) != q.get(k)), key=str)
+        )
+        shapes_only = shapes_only and keys == ["shape"]
+        what = ", ".join(
+            f"{'' if k == 'shape' else short(k) + ' '}{short(p.get(k))} vs {short(q.get(k))}" for k in keys[:3]
+        )
+        diff.append(f"{short(p['name'])} {what}")
     more = f", ... ({len(diff) - limit} more)" if len(diff) > limit else ""
-    return "shapes differ: " + "; ".join(diff[:limit]) + more
+    return ("shapes differ: " if shapes_only else "entries differ: ") + "; ".join(diff[:limit]) + more
 
 
 def _param_names(params: list[dict], limit: int = 40) -> str:
