@@ -1054,3 +1054,20 @@ def test_train_states_stepped_outside_jit_export_despite_their_int_steps(mlp, da
     for matrix, weights in zip(g.matrices, mlp.weights[:2], strict=True):
         ref = mlp.reference_rows(mlp.reference_grads(weights, x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
         np.testing.assert_allclose(np.asarray(matrix, np.float64), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_one_train_state_keeps_its_int_step_for_a_loss_reading_it_in_python(mlp, data):
+    """review283 F2: a loss branching in Python on a single TrainState's int step exports (the step is read
+    as an array only where several checkpoints' steps differ)."""
+    optax = pytest.importorskip("optax")
+    from flax.training import train_state
+
+    x, y = data
+    state = train_state.TrainState.create(apply_fn=None, params=mlp.params[0], tx=optax.sgd(1e-2)).replace(step=3)
+
+    def state_loss(s, a, b):
+        return mlp.loss_fn(s.params, a, b) * (2.0 if s.step > 1 else 0.0)
+
+    g = export_gradients(state_loss, [(state, 0.5)], (x, y), progress=False)
+    ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
+    np.testing.assert_allclose(np.asarray(g.matrices[0], np.float64), 2.0 * ref, rtol=1e-4, atol=1e-6)

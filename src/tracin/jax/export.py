@@ -234,7 +234,7 @@ def export_gradients(
     kronecker = kronecker_projection(projection, mode, preconditioner, entries)
     plan = BatchPlan(data, batch_size)
     kron = (projection, entries, adam if preconditioner else None) if kronecker else None
-    framework = _JaxExport(loss_fn, layer_input, layers, mode, plan, entries[0].source, kron)
+    framework = _JaxExport(loss_fn, layer_input, layers, mode, plan, entries[0].source, kron, len(entries) > 1)
     refuse_empty_parameters(projection, framework.params)  # per_layer: a segment per parameter
     if preconditioner is not None:
         framework.check_states(entries)
@@ -263,10 +263,14 @@ class _JaxExport:
         plan: BatchPlan,
         first: Any,
         kronecker: Any = None,
+        several: bool = False,
     ):
         self.loss_fn, self.plan = loss_fn, plan
         self.n_rows, self.one_shot = plan.n_rows, plan.one_shot
-        self._first = step_as_array(restore(first, "checkpoints[0]"))
+        # several checkpoints: a TrainState's Python-int step (one per checkpoint) is read as an array, as a
+        # jitted step holds it; one checkpoint keeps it as it is (a loss may branch on it in Python)
+        self._restore = (lambda *a: step_as_array(restore(*a))) if several else restore
+        self._first = self._restore(first, "checkpoints[0]")
         self.last_layer = None
         self.kronecker: Any = None  # the KroneckerRows computing the rows, if kronecker=True
         self.fingerprints = {"loss": callable_identity(loss_fn)}
@@ -352,7 +356,7 @@ class _JaxExport:
         self._index = self.watch.checkpoint = index
         if isinstance(self.compute_rows, LastLayer):
             self.compute_rows.checkpoint = index  # named by its layer_input check
-        params = self._first if index == 0 else step_as_array(restore(source, f"checkpoints[{index}]"))
+        params = self._first if index == 0 else self._restore(source, f"checkpoints[{index}]")
         self._first = None  # checkpoint 0 is loaded once
         self.layout.check_same(layout_of(params, None), f"checkpoints[{index}]")
         if self.kronecker is not None:
