@@ -750,3 +750,54 @@ def module_functions() -> dict[str, list[str]]:
 
 def test_stub_matches_the_module():
     assert stub_functions() == module_functions()
+
+
+@pytest.mark.parametrize("isa", list(ISA_FEATURES))
+def test_cosine_scores_of_a_later_run_scale_the_last_lane_of_a_full_tile(rng, isa):
+    """normalize=1 over two checkpoints: the second run is summed apart and added to the tile times
+    the train rows' inverse norms; 32 test rows (a multiple of every micro-tile's lanes) make the
+    tile's last lane a test row."""
+    if missing_cpu_features(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    test = [rng.standard_normal((32, 12), dtype=np.float32) for _ in range(2)]
+    train = [rng.standard_normal((7, 12), dtype=np.float32) for _ in range(2)]
+    w = [0.5, 2.0]
+    sides = tracin.Gradients(test).kernel_side(), tracin.Gradients(train).kernel_side()
+    got = _core.scores(*sides, w, isa=isa, normalize=1)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+
+    exact = sum(c * unit(t) @ unit(x).T for c, t, x in zip(w, test, train, strict=True))
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * sum(w))
+
+
+@pytest.mark.parametrize("isa", list(ISA_FEATURES))
+@pytest.mark.parametrize("log2_weight", [230, 250])
+def test_a_row_lowered_past_float32s_powers_of_two_is_raised_back(rng, isa, log2_weight):
+    """|w x test value| of 2^230 or more: the packed row is lowered by e_r >= 130, whose 2^e_r is no
+    float32, so the scores are raised back by ldexp; train values of 2^(110 - log2_weight) keep the
+    scores near 2^110, within float32."""
+    if missing_cpu_features(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    test = rng.uniform(1.0, 2.0, (3, 20)).astype(np.float32)
+    train = (rng.standard_normal((5, 20)) * 2.0 ** (110 - log2_weight)).astype(np.float32)
+    w = [2.0**log2_weight]
+    got = _core.scores(tracin.Gradients([test]).kernel_side(), tracin.Gradients([train]).kernel_side(), w, isa=isa)
+    assert_close_to_exact(got, [test], [train], w)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_a_non_finite_value_is_named_by_its_row_for_each_dtype(rng, dtype, value):
+    """float16 Inf (0x7c00) and NaN are told from finite values by their bits, as float32's: the
+    error names the row, also for a call with no scores to compute."""
+    test = rng.standard_normal((5, 6)).astype(dtype)
+    train = rng.standard_normal((4, 6)).astype(dtype)
+    test[3, 5] = value
+    sides = tracin.Gradients([test]).kernel_side(), tracin.Gradients([train]).kernel_side()
+    with pytest.raises(ValueError, match=r"test checkpoint 0 contains NaN or Inf values, first in rows \[3\]"):
+        _core.scores(*sides, [1.0])
+    train[2, 0] = value
+    with pytest.raises(ValueError, match=r"train checkpoint 0 contains NaN or Inf values, first in rows \[2\]"):
+        _core.scores(tracin.Gradients([test[:0]]).kernel_side(), tracin.Gradients([train]).kernel_side(), [1.0])
