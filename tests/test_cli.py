@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -801,7 +802,7 @@ def test_allow_partial_with_no_usable_rows_is_an_error_naming_the_side(stores, t
     ):
         assert main(command) == 1
         line = _error_line(capsys.readouterr().err, command[0])
-        assert f"{option}: gradient store" in line and "(rows usable from row 0, per checkpoint: 0, 0 of 40)" in line
+        assert f"{option}: gradient store" in line and "(rows written from row 0, per checkpoint: 0, 0 of 40)" in line
         assert main([*command, "--allow-partial"]) == 1
         line = _error_line(capsys.readouterr().err, command[0])
         assert f"{option}: gradient store {tmp_path / 'gap'} has no usable rows yet" in line and "0, 0 of 40" in line
@@ -818,8 +819,61 @@ def test_an_unfinished_factored_stores_counts_are_said_per_factor_pair(tmp_path,
     w.close()
     assert main(["self-influence", str(tmp_path / "pf")]) == 1
     line = _error_line(capsys.readouterr().err, "self-influence")
-    assert "(rows usable from row 0, per factor pair (2 layers per checkpoint): 60, 30 of 100)" in line
+    assert "(rows written from row 0, per factor pair (2 layers per checkpoint): 60, 30 of 100)" in line
+    assert "--allow-partial to use the 30 rows written so far for every factor pair" in line
     assert "per checkpoint:" not in line
+
+
+# -- warnings ------------------------------------------------------------------------------------
+def _store_that_warns(path: Path, rng: np.random.Generator) -> Path:
+    """An unfinished store whose range writers recorded rows 9..12 past the 6 usable (rows 6..9 missing):
+    GradientStore.open(allow_partial=True) warns of them."""
+    tracin.GradientStore.create(path, 12, [3, 2], weights=[0.5, 2.0]).close()
+    for start, stop in ((0, 6), (9, 12)):
+        with tracin.GradientStore.create(path, 12, [3, 2], weights=[0.5, 2.0], rows=(start, stop)) as w:
+            for c, d in enumerate((3, 2)):
+                w.write(c, start, rng.standard_normal((stop - start, d)).astype(np.float32))
+    return path
+
+
+def test_a_warning_made_an_error_is_a_one_line_error(tmp_path, rng, capsys):
+    # review283 F4: `python -W error -m tracin ...` ended in a traceback
+    path = _store_that_warns(tmp_path / "s", rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["self-influence", str(path), "--allow-partial"]) == 1
+    line = _error_line(capsys.readouterr().err, "self-influence")
+    assert line.startswith(f"tracin self-influence: error: gradient store {path}: range writers record rows past")
+
+
+def test_one_store_on_both_sides_warns_once_per_command(tmp_path, rng, capsys):
+    # review283 F4: its warning was shown twice, once per side
+    path = _store_that_warns(tmp_path / "s", rng)
+    for _ in range(2):  # and again in the next command
+        assert main(["score", "--test", str(path), "--train", str(path), "--allow-partial", "-k", "2"]) == 0
+        err = capsys.readouterr().err
+        warned = [line for line in err.splitlines() if line.startswith("tracin score: warning: ")]
+        assert len(warned) == 1 and "past the 6 usable from row 0" in warned[0], err
+
+
+def test_a_warning_to_a_stderr_whose_reader_went_away_does_not_stop_the_command(tmp_path, rng):
+    # review283 F4: the warning's BrokenPipeError ended the command before the -o file was written
+    path = _store_that_warns(tmp_path / "s", rng)
+    out = tmp_path / "out.csv"
+    script = f"""
+import os, sys
+from tracin.cli import main
+r, w = os.pipe()
+os.close(r)
+sys.stderr = os.fdopen(w, "w", buffering=1)
+code = main(["self-influence", {str(path)!r}, "--allow-partial", "-o", {str(out)!r}])
+open({str(tmp_path / "code")!r}, "w").write(str(code))
+"""
+    subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    # the summary line after the results also meets the broken pipe: exit code 141, as for SIGPIPE
+    assert (tmp_path / "code").read_text() == "141"
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(int(r["train_row"]) for r in rows) == list(range(6))
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The `tracin` command line: info, score, self-influence, bench, demo.
 
-Every warning is one line on stderr, `tracin COMMAND: warning: ...`, and every failure too,
-`tracin COMMAND: error: ...`, with exit code 2 for a command line
+Every warning is one line on stderr, `tracin COMMAND: warning: ...` (once per command; dropped where
+stderr fails), and every failure too, `tracin COMMAND: error: ...` (also a warning made an error,
+`python -W error -m tracin ...`), with exit code 2 for a command line
 wrong in itself (argparse's checks, which print the usage lines first, and UsageError: options that do not
 combine, an empty value, an -o name without the command's suffix) and 1 for everything else (files,
 stores, data, the system); one writing the results (a full disk) names --output or stdout. Output cut
@@ -99,44 +100,48 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _open_store(path: str, option: str, allow_partial: bool):
     """The store at `path`; every failure to open it an error naming `option`: no such path, an
     empty one (Path('') is the current folder), not a store, a malformed store, an unfinished one
-    (naming --allow-partial unless allowed) and one with no usable rows (none written from row 0 on)."""
-    from .store import GradientStore, StoreChangedError, StoreFormatError
-
+    (naming --allow-partial unless allowed) and one with no usable rows (none written from row 0 on
+    for every checkpoint). The counts said for an unfinished store are the rows written from row 0 on,
+    counting those range writers (a distributed export) recorded but not yet merged, as --allow-partial does."""
     if not path:
         raise UsageError(f"{option}: expected a gradient store folder, got ''")
     if not Path(path).exists():
         raise CommandError(f"{option}: no gradient store at {path}")
-    try:
-        with warnings.catch_warnings(record=True) as held:  # shown below unless the error says the same
-            warnings.simplefilter("always")
-            store = GradientStore.open(path, allow_partial=allow_partial)
-        # rows usable = the prefix written for every checkpoint (with --allow-partial, range writers' rows too);
-        # `tracin info` counts rows recorded anywhere
-        info = store.info()
-    except StoreChangedError as e:
-        raise CommandError(f"{option}: gradient store changed while reading: {_one_line(e)}") from e
-    except StoreFormatError as e:
-        raise CommandError(f"{option}: malformed gradient store: {_one_line(e)}") from e
-    except OSError as e:  # not a folder, no manifest, unreadable
-        raise CommandError(f"{option}: {_one_line(e)}") from e
-    usable = f"rows usable from row 0, {_per_slot(info)}: {', '.join(map(str, info['rows_written']))} of {info['rows']}"
-    if not store.complete and not allow_partial and all(r == info["rows"] for r in info["rows_written"]):
-        raise CommandError(
-            f"{option}: gradient store {path} is unfinished: every row is written ({usable}) but the store was "
-            "never finalized; call GradientStore.create(<the same arguments>).finalize(), or rerun the export"
-        )
+    store, held = _opened(path, option, allow_partial)
+    if not store.complete and not allow_partial:  # opened again to count the range writers' rows
+        store, held = _opened(path, option, True)
+    info = store.info()
+    # rows usable = the prefix written for every checkpoint, the fewest of these; `tracin info` counts rows
+    # recorded anywhere
+    counts = ", ".join(map(str, info["rows_from_row_0"]))
+    written = f"rows written from row 0, {_per_slot(info)}: {counts} of {info['rows']}"
     if not store.complete and not allow_partial:
-        raise CommandError(
-            f"{option}: gradient store {path} is unfinished ({usable}); finish the export, "
-            "or pass --allow-partial to use the rows written so far"
+        _show_held(held, store, info)  # a malformed progress file (its rows left out of the counts)
+        if store.n_rows == info["rows"]:
+            merge = " (it merges the range writers' progress files first)" if info["range_writers"] else ""
+            raise CommandError(
+                f"{option}: gradient store {path} is unfinished: every row is written ({written}) but the store "
+                f"was never finalized; call GradientStore.create(<the same arguments>).finalize(){merge}, or rerun "
+                "the export"
+            )
+        partial = (
+            f"or pass --allow-partial to use the {store.n_rows} rows written so far for every {_each(info)}"
+            if store.n_rows
+            else f"no row is written for every {_each(info)} yet, so --allow-partial has none to use"
         )
+        raise CommandError(f"{option}: gradient store {path} is unfinished ({written}); finish the export ({partial})")
     if store.n_rows == 0:
-        state = "has no rows" if store.complete else f"has no usable rows yet ({usable})"
-        if any(info["rows_unmerged"]):
+        _show_held(held, store, info)
+        state = (
+            "has no rows"
+            if store.complete
+            else f"has no usable rows yet ({written}: a row is usable once it and those before it are written "
+            f"for every {_each(info)})"
+        )
+        if any(info["rows_past_usable"]):
             state += (
-                f"; range writers record {', '.join(map(str, info['rows_unmerged']))} rows {_per_slot(info)} "
-                "past them, after rows not yet written for every checkpoint: they become usable once the rows "
-                "before them are written (let the export finish, or rerun it to resume)"
+                f"; range writers record {', '.join(map(str, info['rows_past_usable']))} rows {_per_slot(info)} "
+                "not yet usable (let the export finish, or rerun it to resume)"
             )
         raise CommandError(f"{option}: gradient store {path} {state}; nothing to score")
     for shown in held:
@@ -144,11 +149,44 @@ def _open_store(path: str, option: str, allow_partial: bool):
     return store
 
 
+def _opened(path: str, option: str, allow_partial: bool) -> tuple[Any, list[warnings.WarningMessage]]:
+    """GradientStore.open(path, allow_partial=...) and the warnings it gave, held for _open_store to show
+    unless its error says the same; a failure an error naming `option`."""
+    from .store import GradientStore, StoreChangedError, StoreFormatError
+
+    try:
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            return GradientStore.open(path, allow_partial=allow_partial), held
+    except StoreChangedError as e:
+        raise CommandError(f"{option}: gradient store changed while reading: {_one_line(e)}") from e
+    except StoreFormatError as e:
+        raise CommandError(f"{option}: malformed gradient store: {_one_line(e)}") from e
+    except OSError as e:  # not a folder, no manifest, unreadable
+        raise CommandError(f"{option}: {_one_line(e)}") from e
+
+
+def _show_held(held: list[warnings.WarningMessage], store: Any, info: dict[str, Any]) -> None:
+    """Shows the `held` warnings of opening `store` but the one on rows range writers record past its
+    usable rows, which _open_store's errors state in their own words (its counts)."""
+    from .store._store import rows_past_usable_warning
+
+    stated = rows_past_usable_warning(store.path, store.n_rows, info["rows_past_usable"])
+    for shown in held:
+        if str(shown.message) != stated:
+            warnings.warn_explicit(shown.message, shown.category, shown.filename, shown.lineno)
+
+
 def _per_slot(info: dict[str, Any]) -> str:
     """What a store's per-slot counts are counted over: its checkpoints, or, for a factored store of
     several layers per checkpoint (info['layers_per_checkpoint']), its factor pairs, one per layer."""
     layers = info["layers_per_checkpoint"]
     return "per checkpoint" if layers == 1 else f"per factor pair ({layers} layers per checkpoint)"
+
+
+def _each(info: dict[str, Any]) -> str:
+    """What each of a store's per-slot counts counts rows of (see _per_slot)."""
+    return "checkpoint" if info["layers_per_checkpoint"] == 1 else "factor pair"
 
 
 def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
@@ -1144,10 +1182,20 @@ def _signal_cause(e: BaseException) -> tuple[BaseException, BaseException] | Non
     return None
 
 
-def _show_warning(command: str, message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-    """A warning as one line on stderr, `tracin COMMAND: warning: ...` (not Python's file:line and source)."""
-    text = printable(" ".join(str(message).split())) or category.__name__
-    print(f"tracin {command}: warning: {text}", file=sys.stderr)
+def _show_warning(
+    command: str, shown: set[str], message: Warning | str, category: type[Warning], *_: Any, **__: Any
+) -> None:
+    """A warning as one line on stderr, `tracin COMMAND: warning: ...` (not Python's file:line and source),
+    unless the command showed that line before (`shown`: one store on both sides of `score` warns once).
+    A stderr that fails (a reader that went away) drops the warning, as Python's own showwarning does."""
+    line = f"tracin {command}: warning: {printable(' '.join(str(message).split())) or category.__name__}"
+    if line in shown:
+        return
+    shown.add(line)
+    try:
+        print(line, file=sys.stderr)
+    except OSError:
+        pass
 
 
 def _run(args: argparse.Namespace, received: list[int]) -> int:
@@ -1159,7 +1207,7 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
     try:
         try:
             with warnings.catch_warnings():
-                warnings.showwarning = partial(_show_warning, args.command)
+                warnings.showwarning = partial(_show_warning, args.command, set())
                 args.func(args)
         except Exception as e:
             found = _signal_cause(e)
@@ -1186,7 +1234,7 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
         hint = f"pip install 'tracin[{extra}]'" if extra else f"pip install the package providing {e.name}"
         print(f"{prefix} missing module {e.name!r}: {hint}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, OSError, MemoryError) as e:
+    except (ValueError, TypeError, OSError, MemoryError, Warning) as e:  # Warning: made an error (-W error)
         print(f"{prefix} {_one_line(e)}", file=sys.stderr)
         return 1
     return 0

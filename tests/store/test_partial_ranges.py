@@ -5,6 +5,8 @@ warnings; the CLI's "no usable rows" error says that range writers' rows await t
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import warnings
 from pathlib import Path
@@ -78,8 +80,9 @@ def test_ranges_written_partly_on_two_checkpoints_give_the_prefix_written_on_bot
         store = tracin.GradientStore.open(path, allow_partial=True)
     assert "once the rows before them are written" in str(caught[0].message)
     _assert_rows(store, rows, 4)
-    assert store.info()["rows_unmerged"] == [8, 6]
-    assert store[1:3].info()["rows_unmerged"] == [8, 6]
+    assert store.info()["rows_past_usable"] == [8, 6]
+    assert store[1:3].info()["rows_past_usable"] == [8, 6]
+    assert store.info()["rows_from_row_0"] == [12, 4] and store.info()["rows_written"] == [0, 0]
 
 
 def test_the_prefix_ends_at_the_first_gap(tmp_path, rows):
@@ -139,7 +142,7 @@ def test_a_store_without_range_files_is_unchanged(tmp_path, rows):
             w.write(c, 8, rows[c][8:10])  # out of order: not part of the prefix, no warning
     store = _open_quietly(path, allow_partial=True)
     _assert_rows(store, rows, 5)
-    assert store.info()["rows_unmerged"] == [0, 0]
+    assert store.info()["rows_past_usable"] == [0, 0] and store.info()["rows_from_row_0"] == [5, 5]
 
 
 def test_without_allow_partial_range_files_change_nothing(tmp_path, rows):
@@ -149,7 +152,8 @@ def test_without_allow_partial_range_files_change_nothing(tmp_path, rows):
     _write_range(path, rows, 6, 12, [12, 12])
     names = sorted(p.name for p in path.iterdir())
     store = _open_quietly(path)
-    assert store.n_rows == N_ROWS and store.info()["rows_unmerged"] == [0, 0]
+    assert store.n_rows == N_ROWS and store.info()["rows_past_usable"] == [0, 0]
+    assert store.info()["rows_from_row_0"] == [0, 0]  # the progress files are not read
     with pytest.raises(ValueError, match=r"unfinished \(rows usable from row 0, per checkpoint: \[0, 0\] of 12\)"):
         tracin.self_influence(store)
     assert sorted(p.name for p in path.iterdir()) == names  # nothing created, removed or merged
@@ -165,11 +169,10 @@ def test_cli_says_range_writers_rows_await_the_rows_before_them(tmp_path, rows, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tracin self-influence: error: path: "), lines
     assert (
-        f"gradient store {path} has no usable rows yet (rows usable from row 0, per checkpoint: 0, 0 of 12)"
-        in (lines[0])
+        f"gradient store {path} has no usable rows yet (rows written from row 0, per checkpoint: 0, 0 of 12: "
+        "a row is usable once it and those before it are written for every checkpoint)" in lines[0]
     )
-    assert "range writers record 6, 3 rows per checkpoint past them, after rows not yet written" in lines[0]
-    assert "usable once the rows before them are written (let the export finish, or rerun it" in lines[0]
+    assert "; range writers record 6, 3 rows per checkpoint not yet usable (let the export finish, or rerun" in lines[0]
     # finishing the missing range makes them usable
     _write_range(path, rows, 0, 6, [6, 6])
     assert main(["self-influence", str(path), "--allow-partial"]) == 0
@@ -178,3 +181,61 @@ def test_cli_says_range_writers_rows_await_the_rows_before_them(tmp_path, rows, 
     warned = [line for line in captured.err.splitlines() if "warning" in line]
     assert len(warned) == 1 and warned[0].startswith(f"tracin self-influence: warning: gradient store {path}: ")
     assert "past the 9 usable from row 0 (per checkpoint: 3, 0 more)" in warned[0]
+
+
+def test_cli_shows_a_malformed_progress_file_before_the_no_usable_rows_error(tmp_path, rows, capsys):
+    # review283 F1: the warning naming the corrupt file (and its remedy) was dropped with the error
+    path = tmp_path / "s"
+    _create(path)
+    _write_range(path, rows, 0, 6, [6, 6])
+    _write_range(path, rows, 6, 12, [12, 12])
+    (path / "rows-0-6.json").write_text("{not json")
+    for flags in (["--allow-partial"], []):
+        assert main(["self-influence", str(path), *flags]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 2, lines
+        assert lines[0].startswith(f"tracin self-influence: warning: {path / 'rows-0-6.json'}: corrupt progress file")
+        assert "remove it to write rows [0, 6) again" in lines[0]
+        assert lines[1].startswith("tracin self-influence: error: path: ") and "0, 0 of 12" in lines[1]
+        said = "range writers record 6, 6 rows per checkpoint not yet usable" in lines[1]
+        assert said == bool(flags)  # the warning on them is in the error, not shown
+
+
+def test_cli_counts_range_writers_rows_without_allow_partial_too(tmp_path, rows, capsys):
+    # review283 F5: without --allow-partial the counts were manifest.json's only ("0, 0 of 12")
+    path = tmp_path / "s"
+    _create(path)
+    _write_range(path, rows, 0, 6, [6, 0])  # checkpoint 0 only
+    assert main(["self-influence", str(path)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "unfinished (rows written from row 0, per checkpoint: 6, 0 of 12)" in line
+    assert "--allow-partial has none to use" in line
+    assert main(["self-influence", str(path), "--allow-partial"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "has no usable rows yet (rows written from row 0, per checkpoint: 6, 0 of 12: a row is usable" in line
+    _write_range(path, rows, 0, 6, [6, 6])
+    _write_range(path, rows, 6, 12, [12, 9])
+    assert main(["self-influence", str(path)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "(rows written from row 0, per checkpoint: 12, 9 of 12)" in line
+    assert "or pass --allow-partial to use the 9 rows written so far for every checkpoint" in line
+    assert main(["self-influence", str(path), "--allow-partial"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 9
+
+
+def test_cli_says_a_store_written_whole_by_range_writers_needs_finalize_and_finalize_merges(tmp_path, rows, capsys):
+    # review283 F5: the "never finalized" branch was never reached for rows written in range files
+    path = tmp_path / "s"
+    _create(path)
+    _write_range(path, rows, 0, 6, [6, 6])
+    _write_range(path, rows, 6, 12, [12, 12])
+    assert main(["self-influence", str(path)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "every row is written (rows written from row 0, per checkpoint: 12, 12 of 12)" in line
+    assert "never finalized; call GradientStore.create(<the same arguments>).finalize() (it merges" in line
+    tracin.GradientStore.create(path, N_ROWS, DIMS, weights=WEIGHTS).finalize()  # the remedy it names
+    assert main(["self-influence", str(path)]) == 0
+    ranked = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(ranked) == N_ROWS and not list(path.glob("rows-*"))
+    influence = {int(r["train_row"]): float(r["self_influence"]) for r in ranked}
+    np.testing.assert_allclose([influence[i] for i in range(N_ROWS)], _self_influence(rows, N_ROWS), rtol=1e-6)

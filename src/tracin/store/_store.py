@@ -143,11 +143,13 @@ class GradientStore(GradientSet):
         chunk_bytes: int,
         seen: bytes,
         ids_file: _IdsFile | None,
-        unmerged: list[int],
+        from_row_0: list[int],
+        past_usable: list[int],
     ):
         """`seen`: the bytes of a manifest.json found to hold this store's id (at first, `manifest`'s);
-        `ids_file`: the ids file as checked at opening (None for a store without ids); `unmerged`: per
-        checkpoint, the rows range writers' progress files recorded past the usable prefix at opening."""
+        `ids_file`: the ids file as checked at opening (None for a store without ids); per checkpoint at
+        opening, `from_row_0`: the rows written from row 0 on, and `past_usable`: the rows range writers'
+        progress files recorded past the usable prefix (see info())."""
         self.path = path
         self._manifest = manifest
         self._seen = seen
@@ -156,7 +158,8 @@ class GradientStore(GradientSet):
         self._start, self._stop = start, stop
         self._allow_partial = allow_partial
         self._chunk_bytes = chunk_bytes
-        self._unmerged = unmerged
+        self._from_row_0 = from_row_0
+        self._past_usable = past_usable
         self.factored = manifest.factored
         self.weights = np.asarray(manifest.weights, dtype=np.float64)
         self.weights_given = manifest.weights_given
@@ -259,19 +262,12 @@ class GradientStore(GradientSet):
                     f"gradient store {root} was re-created while it was being opened ({change}); open it again"
                 ) from e
             raise
-        stop, unmerged = m.n_rows, [0] * len(m.dims)
+        stop, from_row_0, past_usable = m.n_rows, [m.rows_done(c) for c in range(len(m.dims))], [0] * len(m.dims)
         if allow_partial and not m.complete:
-            stop, unmerged = _partial_rows(root, m)
-            if any(unmerged):
-                warnings.warn(
-                    f"gradient store {root}: range writers record rows past the {stop} usable from row 0 (per "
-                    f"checkpoint: {_first(unmerged)} more), after rows not yet written for every checkpoint: they "
-                    "become usable once the rows before them are written (let the export finish, or rerun it to "
-                    "resume); merging alone does not make them usable",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        return cls(root, m, files, 0, stop, allow_partial, chunk_bytes, seen, ids_file, unmerged)
+            stop, from_row_0, past_usable = _partial_rows(root, m)
+            if any(past_usable):
+                warnings.warn(rows_past_usable_warning(root, stop, past_usable), UserWarning, stacklevel=2)
+        return cls(root, m, files, 0, stop, allow_partial, chunk_bytes, seen, ids_file, from_row_0, past_usable)
 
     # -- GradientSet ----------------------------------------------------------------------------
     @property
@@ -429,7 +425,8 @@ class GradientStore(GradientSet):
             self._chunk_bytes,
             self._seen,
             self._ids_file,
-            self._unmerged,
+            self._from_row_0,
+            self._past_usable,
         )
 
     @property
@@ -490,8 +487,11 @@ class GradientStore(GradientSet):
             "complete": m.complete,
             "rows": m.n_rows,
             "rows_written": [m.rows_done(c) for c in range(len(m.dims))],  # the prefix manifest.json records
-            # opened with allow_partial=True: rows range writers' progress files recorded past the usable prefix
-            "rows_unmerged": list(self._unmerged),
+            # rows written from row 0 on: rows_written, and opened with allow_partial=True, range writers' rows
+            # after it (the rows usable are the fewest of these: the same rows must be there for every checkpoint)
+            "rows_from_row_0": list(self._from_row_0),
+            # opened with allow_partial=True: rows range writers' progress files record past the usable prefix
+            "rows_past_usable": list(self._past_usable),
             "rows_recorded": [sum(b - a for a, b in m.written[c]) for c in range(len(m.dims))],  # anywhere
             "checkpoints": len(m.dims),
             "layers_per_checkpoint": _layers_per_checkpoint(m),
@@ -569,12 +569,23 @@ def _recreated(root: Path, seen: bytes, store_id: str | None) -> str | None:
     return None if now_id == store_id else f"store id {store_id} then, {now_id} now"
 
 
-def _partial_rows(root: Path, m: Manifest) -> tuple[int, list[int]]:
+def rows_past_usable_warning(root: Path, usable: int, past: list[int]) -> str:
+    """The UserWarning GradientStore.open(allow_partial=True) gives for the rows `past` (per checkpoint)
+    that range writers record past the `usable` rows of the store at `root`."""
+    return (
+        f"gradient store {root}: range writers record rows past the {usable} usable from row 0 (per "
+        f"checkpoint: {_first(past)} more), after rows not yet written for every checkpoint: they "
+        "become usable once the rows before them are written (let the export finish, or rerun it to "
+        "resume); merging alone does not make them usable"
+    )
+
+
+def _partial_rows(root: Path, m: Manifest) -> tuple[int, list[int], list[int]]:
     """For allow_partial=True on an unfinished store: r such that rows [0, r) are written for every
     checkpoint, by manifest.json or by the range writers' progress files in `root` (read only: the
-    writers sync a block's data before their progress file records it), and per checkpoint the rows
-    those files record from r on. A progress file that is malformed or cannot be read is a UserWarning
-    naming it, and left out."""
+    writers sync a block's data before their progress file records it), per checkpoint the rows written
+    from row 0 on (r is the fewest), and per checkpoint the rows those files record from r on. A progress
+    file that is malformed or cannot be read is a UserWarning naming it, and left out."""
     ranged: list[list[list[int]]] = [[] for _ in m.dims]
     for name, start, stop, kind in range_files(root):
         if kind != "json":
@@ -591,12 +602,13 @@ def _partial_rows(root: Path, m: Manifest) -> tuple[int, list[int]]:
         if progress is not None:  # None: merged and removed meanwhile (manifest.json, read before, lacks them)
             for c, ranges in enumerate(progress.written):
                 ranged[c].extend(ranges)
-    usable = m.n_rows
+    from_row_0 = []
     for c, written in enumerate(m.written):
         merged = merge_ranges([*written, *ranged[c]])
-        usable = min(usable, merged[0][1] if merged and merged[0][0] == 0 else 0)
-    unmerged = [sum(max(0, b - max(a, usable)) for a, b in merge_ranges(r)) for r in ranged]
-    return usable, unmerged
+        from_row_0.append(merged[0][1] if merged and merged[0][0] == 0 else 0)
+    usable = min(from_row_0, default=m.n_rows)
+    past = [sum(max(0, b - max(a, usable)) for a, b in merge_ranges(r)) for r in ranged]
+    return usable, from_row_0, past
 
 
 def describe(path: str | os.PathLike) -> str:
