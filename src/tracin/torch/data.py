@@ -110,12 +110,63 @@ def batch_rows(tree: Tree, name: str) -> int:
 
 
 def call_model(model: Callable, inputs: Tree) -> Any:
-    """model(x), model(*x) for a tuple/list, model(**x) for a dict (any Mapping)."""
+    """model(x), model(*x) for a tuple/list, model(**x) for a dict (any Mapping), on copies of the input
+    tensors: a forward changing its inputs in place (x -= mean) sees the batch as it was on every pass."""
+    inputs = _copied(inputs)
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def _copied(tree: Tree) -> Tree:
+    """`tree` with each tensor cloned (a Mapping as a dict), other leaves as they are."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, Mapping):
+        return {k: _copied(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return _rebuilt(tree, [_copied(v) for v in tree])
+    return tree
+
+
+def watch_targets(targets: Tree) -> list[tuple[str, torch.Tensor, int, torch.Tensor]]:
+    """(path, tensor, its version counter, a copy) of each strided tensor of a batch's targets, for
+    refuse_changed_targets; inference tensors, which count no versions, left out."""
+    return [
+        (path, t, t._version, t.clone())
+        for path, t in _named_leaves(targets, "targets")
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_inference()
+    ]
+
+
+def refuse_changed_targets(watched: list[tuple[str, torch.Tensor, int, torch.Tensor]], cause: Exception | None) -> None:
+    """A ValueError (from `cause`, the error the checks ended in, if any) naming the targets that changed since
+    watch_targets, loss_fn having changed them in place: each pass tracin makes over a batch would see them
+    changed again. They are first restored from the copies (the caller's data is left as it was); an in-place
+    change leaving them as they were (a clamp of valid labels) passes."""
+    changed = [(path, t, saved) for path, t, version, saved in watched if t._version != version and not _same(t, saved)]
+    with torch.no_grad():
+        for _, t, saved in changed:
+            if t.shape == saved.shape:
+                t.copy_(saved)
+    if changed:
+        raise ValueError(
+            f"loss_fn changes the batch's {', '.join(path for path, _, _ in changed)} in place (labels -= 1, say): "
+            "tracin calls it several times on each batch (its checks, the per-example gradients), and each call "
+            "would see them changed again; compute out of place instead (labels = labels - 1)"
+        ) from cause
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when `a` and `b` hold the same shape, dtype and values (NaN equal to NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    equal = a == b
+    if a.is_floating_point() or a.is_complex():
+        equal |= a.isnan() & b.isnan()
+    return bool(equal.all())
 
 
 def inputs_mismatch(model: Any, inputs: Tree) -> str | None:

@@ -47,8 +47,10 @@ from .data import (
     host_arrays,
     inputs_mismatch,
     integer_mismatch,
+    refuse_changed_targets,
     slice_rows,
     tree_map,
+    watch_targets,
 )
 from .first_rows_check import active_autocast
 from .host_copy import HostCopier
@@ -441,13 +443,23 @@ class _TorchExport:
     def check(self, state: dict[str, torch.Tensor], batch: _Batch) -> None:
         """The loss checks on the batch's first rows; on the whole batch only to word an error for it
         (a forward pass of the whole batch costs a good part of the batched gradients). An error says how
-        the data was read when that may not be what was meant (Batches.note)."""
+        the data was read when that may not be what was meant (Batches.note). A loss_fn changing the
+        targets in place is refused (refuse_changed_targets): every later pass would see them changed again."""
         with _noting(self._batches.note):
             self._check(state, batch)
 
     def _check(self, state: dict[str, torch.Tensor], batch: _Batch) -> None:
         inputs, targets = self._on_device(batch)
-        rows = min(_CHECKED_ROWS, batch.count)
+        watched = watch_targets(targets)
+        try:
+            self._check_on(state, batch.count, inputs, targets)
+        except Exception as e:
+            refuse_changed_targets(watched, e)
+            raise
+        refuse_changed_targets(watched, None)
+
+    def _check_on(self, state: dict[str, torch.Tensor], count: int, inputs: Tree, targets: Tree) -> None:
+        rows = min(_CHECKED_ROWS, count)
         try:
             check_loss_on(
                 self.model,
@@ -462,7 +474,7 @@ class _TorchExport:
             why = inputs_mismatch(self.model, inputs) if isinstance(e, TypeError) else None
             if why is not None:
                 raise TypeError(why) from e
-            check_loss_on(self.model, state, self.names, self.loss_fn, inputs, targets, batch.count)
+            check_loss_on(self.model, state, self.names, self.loss_fn, inputs, targets, count)
         except RuntimeError as e:  # float64 NumPy data for a float32 model: torch's own words name no data
             why = dtype_mismatch(state.values(), inputs, targets, e) or integer_mismatch(
                 state.values(), inputs, targets, e

@@ -173,7 +173,10 @@ def example_gradients(
                     parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
                 except RuntimeError as e:
                     refuse_checkpointing(e)
-                    raise
+                    explained = one_row_error(e, model, state, loss_fn, x, y)
+                    if explained is None:
+                        raise
+                    raise explained from e
         # nn.Embedding(sparse=True) gives a sparse gradient
         yield [_dense(g, leaves[n]) for n, g in zip(names, parts, strict=True)]
 
@@ -185,7 +188,8 @@ def one_row_error(
     error of the same type (a ValueError where that type cannot be built from a message) adding that
     tracin ran them on a batch of one row, when they run on that example twice (a batch of two rows);
     naming the model's output that loses dimensions at one row (.squeeze() without a dim: 0-d where the
-    loss expects (1,)) when there is one. None (raise `e` as it is) when they fail on two rows too, for
+    loss expects (1,)) when there is one, and the model's BatchNorm modules without running statistics
+    (they normalize over the batch in eval mode too). None (raise `e` as it is) when they fail on two rows too, for
     the device's failures and out of memory. Reruns the passes: for an error about to be raised only."""
     if device_failure(e) or isinstance(e, MemoryError):
         return None
@@ -204,6 +208,17 @@ def one_row_error(
         )
     else:
         cause = "they run on two rows (the same example twice)"
+    batch_stats = [
+        n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    ]
+    if batch_stats:
+        verb = "normalizes" if len(batch_stats) == 1 else "normalize"
+        cause += (
+            f"; {', '.join(repr(n) for n in batch_stats)} (BatchNorm without running statistics) {verb} over the "
+            "batch even in eval mode, which tracin runs the model in: an example alone has no per-example gradient "
+            "there, whatever layers= chooses; give them running statistics (track_running_stats=True) or use a "
+            "per-example norm (LayerNorm, GroupNorm)"
+        )
     message = (
         f"{e}\n(tracin runs the model and loss_fn on single examples, a batch of one row, for per-example "
         f"gradients and their check; this failed there, while {cause})"

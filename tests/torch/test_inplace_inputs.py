@@ -1,0 +1,141 @@
+"""Models and losses that change the batch in place (x -= mean in a forward, labels -= 1 in a loss_fn), and the
+one-row failures the first-rows check explains (an output squeezed to 0-d, BatchNorm without running statistics)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import tracin
+from tracin.torch import export_gradients
+
+LR = 0.1
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+class NormalizingNet(nn.Module):
+    """Normalizes its input in place before two Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.full((6,), 0.5))
+        self.register_buffer("std", torch.full((6,), 2.0))
+        self.a, self.b = nn.Linear(6, 10), nn.Linear(10, 3)
+
+    def forward(self, x):
+        x -= self.mean
+        x /= self.std
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _checkpoints(model: nn.Module) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """Two states of `model`: its own and one with every parameter moved by a seeded Gaussian step."""
+    g = torch.Generator().manual_seed(5)
+    moved = {
+        k: v + 0.3 * torch.randn(v.shape, generator=g) if k in dict(model.named_parameters()) else v.clone()
+        for k, v in model.state_dict().items()
+    }
+    return [({k: v.clone() for k, v in model.state_dict().items()}, LR), (moved, LR)]
+
+
+def _rows64(model: nn.Module, checkpoints, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> list[np.ndarray]:
+    """Per-example float64 autograd gradients w.r.t. `names`, each example a fresh copy of its row."""
+    out = []
+    for state, _ in checkpoints:
+        m = copy.deepcopy(model).double().eval()
+        m.load_state_dict({k: v.double() for k, v in state.items()})
+        params = dict(m.named_parameters())
+        rows = []
+        for i in range(len(y)):
+            loss = LOSS(m(x[i : i + 1].double().clone()), y[i : i + 1]).sum()
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+            rows.append(torch.cat([g.reshape(-1) for g in grads]).numpy())
+        out.append(np.stack(rows))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+@pytest.mark.parametrize("loader", [False, True])
+def test_forward_normalizing_its_input_in_place(mode: str, loader: bool) -> None:
+    torch.manual_seed(0)
+    model = NormalizingNet()
+    checkpoints = _checkpoints(model)
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    x0 = x.clone()
+    data = DataLoader(TensorDataset(x, y), batch_size=8) if loader else (x, y)
+    g = export_gradients(model, checkpoints, data, LOSS, mode=mode, progress=False)
+    assert torch.equal(x, x0)
+    names = [p["name"] for p in g.metadata["params"]]
+    assert names == (["b.weight", "b.bias"] if mode == "last_layer" else ["a.weight", "a.bias", "b.weight", "b.bias"])
+    want = _rows64(model, checkpoints, x0, y, names)
+    if mode == "full":
+        for got, rows in zip(g.matrices, want, strict=True):
+            np.testing.assert_allclose(got, rows, rtol=1e-5, atol=1e-6 * np.abs(rows).max())
+    else:
+        scores = sum(LR * rows @ rows.T for rows in want)
+        np.testing.assert_allclose(tracin.scores(g, g), scores, rtol=1e-5, atol=1e-6 * np.abs(scores).max())
+
+
+def test_loss_fn_changing_targets_in_place_is_refused_and_undone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(12, 6), torch.randint(1, 4, (12,))  # 1-based labels
+    y0 = y.clone()
+
+    def shifting(out, labels):
+        labels -= 1
+        return LOSS(out, labels)
+
+    with pytest.raises(ValueError, match=r"loss_fn changes the batch's targets in place .*labels = labels - 1"):
+        export_gradients(model, _checkpoints(model), (x, y), shifting, progress=False)
+    assert torch.equal(y, y0)
+
+
+def test_loss_fn_changing_targets_in_place_to_the_same_values_passes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    checkpoints = _checkpoints(model)
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+
+    def clamping(out, labels):
+        labels.clamp_(0, 2)
+        return LOSS(out, labels)
+
+    got = export_gradients(model, checkpoints, (x, y), clamping, progress=False)
+    want = export_gradients(model, checkpoints, (x, y), LOSS, progress=False)
+    for a, b in zip(got.matrices, want.matrices, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class Squeezing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x).squeeze()  # (batch, 3); (3,) on one row
+
+
+def test_output_squeezed_at_one_row_is_explained_in_full_mode() -> None:
+    torch.manual_seed(0)
+    model = Squeezing()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(RuntimeError, match=r"shape \(3,\) on one row and \(2, 3\) on two.*\.squeeze\(-1\)"):
+        export_gradients(model, _checkpoints(model), (x, y), LOSS, mode="full", progress=False)
+
+
+@pytest.mark.parametrize("layers", [None, ["3"]])
+def test_batchnorm_without_running_statistics_is_named_with_the_remedy(layers: list[str] | None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError) as raised, pytest.warns(RuntimeWarning, match="mix the examples"):
+        export_gradients(model, _checkpoints(model), (x, y), LOSS, layers=layers, progress=False)
+    message = str(raised.value)
+    assert "'1' (BatchNorm without running statistics)" in message
+    assert "whatever layers= chooses" in message and "track_running_stats=True" in message
