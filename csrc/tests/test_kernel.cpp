@@ -19,11 +19,17 @@
 #include "../src/engine.hpp"
 #include "../src/kernels.hpp"
 #include "../src/parallel.hpp"
+#include "../src/topk.hpp"
 #include "check.hpp"
 #include "tracin/tracin.hpp"
 
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(__linux__)
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -720,6 +726,100 @@ void TestCancellation() {
   Check(seconds < 1.0, "cancelled TopK returned within a second (" + std::to_string(seconds) + " s)");
 }
 
+#if defined(__linux__)
+// A Ctrl-C that lands while the kernel reads a given row, without timing: the rows from that one
+// on are mapped PROT_NONE, and the first read of them faults into this handler, which sets the
+// cancellation flag (as the Python layer's SIGINT handler does), makes the rows readable and
+// returns, so the read is retried and succeeds.
+std::atomic<bool> touch_cancel{false};
+char* guard_begin = nullptr;
+std::size_t guard_bytes = 0;
+
+void CancelOnTouch(int sig, siginfo_t* info, void*) {
+  char* at = static_cast<char*>(info->si_addr);
+  if (at >= guard_begin && at < guard_begin + guard_bytes) {
+    touch_cancel = true;  // before the rows open: no thread reads on past them with the flag clear
+    if (mprotect(guard_begin, guard_bytes, PROT_READ | PROT_WRITE) == 0) return;
+  }
+  ::signal(sig, SIG_DFL);  // any other fault: crash as usual once the handler returns
+}
+
+// Column sums check the flag before every row of a band (a thread's share of the columns over ALL
+// test rows), not only between bands: cancelled while reading row 8 of 32 rows of ones (one page
+// each), every band stops after it, so each column sums rows 0..8 (9), or none for a band that had
+// not started (two threads: it is handed out after the flag). Without the per-row check the
+// band's sums run to 32.
+void TestColumnSumsStopAtTheRowOfTheCancellation() {
+  const std::int64_t page = sysconf(_SC_PAGESIZE);
+  const std::int64_t m = 32, cols = 1024, cut = 8;
+  const std::int64_t stride = std::max<std::int64_t>(cols, page / 4);  // a row starts a page
+  const std::size_t row_bytes = static_cast<std::size_t>(stride) * 4, bytes = row_bytes * m;
+  void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  Check(memory != MAP_FAILED, "column-sum cancellation: mmap of the test rows");
+  if (memory == MAP_FAILED) return;
+  float* data = static_cast<float*>(memory);
+  std::fill(data, data + m * stride, 1.0f);
+  struct sigaction action = {}, previous = {};
+  action.sa_sigaction = CancelOnTouch;
+  action.sa_flags = SA_SIGINFO;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGSEGV, &action, &previous);
+  tracin::GradientSide test;
+  test.blocks = {{data, m, cols, stride, tracin::DType::kFloat32}};
+  for (const int threads : {1, 2}) {
+    guard_begin = static_cast<char*>(memory) + cut * row_bytes;
+    guard_bytes = row_bytes * (m - cut);
+    touch_cancel = false;
+    Check(mprotect(guard_begin, guard_bytes, PROT_NONE) == 0, "column-sum cancellation: mprotect");
+    tracin::Options o;
+    o.num_threads = threads;
+    o.cancel = &touch_cancel;
+    std::vector<double> sums(static_cast<std::size_t>(cols), 0.0);
+    const tracin::Status s = tracin::AggregateColumnSums(test, {sums.data()}, o);
+    const std::string what = "column sums cancelled at row " + std::to_string(cut) + ", " +
+                             std::to_string(threads) + " thread(s): ";
+    Check(touch_cancel.load(), what + "the guarded rows were read (the flag was set)");
+    Check(s.code == tracin::StatusCode::kCancelled, what + "kCancelled, got '" + s.message + "'");
+    const auto stopped = [&](double v) { return v == cut + 1 || (threads > 1 && v == 0.0); };
+    Check(std::all_of(sums.begin(), sums.end(), stopped) &&
+              std::count(sums.begin(), sums.end(), static_cast<double>(cut + 1)) > 0,
+          what + "each column sums rows 0.." + std::to_string(cut) + " (or none), column 0 sums " +
+              std::to_string(sums[0]) + " rows, the last " + std::to_string(sums.back()));
+  }
+  sigaction(SIGSEGV, &previous, nullptr);
+  munmap(memory, bytes);
+}
+#endif
+
+// The final sort of a large top-k pool (k = n beyond 2^16 candidates, where it goes in halves)
+// checks the cancellation flag itself: a flag already set leaves it unsorted and unwritten
+// (WriteBest false, output untouched); a clear one sorts it best first, ties to the smaller index.
+void TestLargePoolSortIsCancellable() {
+  const std::int64_t n = 200000;  // > 2^16: SortChecked splits before sorting
+  std::mt19937 rng(15);
+  std::uniform_int_distribution<int> value(-1000, 1000);  // many ties
+  std::vector<tracin::detail::Candidate> pool(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) pool[static_cast<std::size_t>(i)] = {static_cast<float>(value(rng)), i};
+  std::shuffle(pool.begin(), pool.end(), rng);
+  std::vector<tracin::detail::Candidate> expected = pool;
+  std::sort(expected.begin(), expected.end(), tracin::detail::Better);
+  std::vector<float> values(static_cast<std::size_t>(n), 7.0f);
+  std::vector<std::int64_t> indices(static_cast<std::size_t>(n), -1);
+  std::atomic<bool> cancel{true};
+  std::vector<tracin::detail::Candidate> cancelled = pool;
+  Check(!tracin::detail::WriteBest(&cancelled, n, false, values.data(), indices.data(), &cancel),
+        "a k = n selection of 200000 candidates with the flag set reports the cancellation");
+  Check(std::all_of(values.begin(), values.end(), [](float v) { return v == 7.0f; }) &&
+            std::all_of(indices.begin(), indices.end(), [](std::int64_t i) { return i == -1; }),
+        "a cancelled k = n selection writes no output");
+  cancel = false;
+  Check(tracin::detail::WriteBest(&pool, n, true, values.data(), indices.data(), &cancel),
+        "a k = n selection of 200000 candidates with the flag clear completes");
+  bool same = true;
+  for (std::size_t j = 0; j < expected.size(); ++j)
+    same = same && values[j] == -expected[j].value && indices[j] == expected[j].index;
+  Check(same, "a k = n selection of 200000 candidates: best first, ties to the smaller index (negated output)");
+}
 
 // A train_block (or test_block) beyond the rows is the rows: values near INT64_MAX neither overflow
 // the tile's size nor leave top-k slots unwritten, and give the default call's bits.
@@ -829,7 +929,8 @@ void TestHugeThreadCount() {
 // per-pass check let it run on ~0.3-0.6 of the call, >= 0.6 s here). Robust to the runner's load
 // changing: test rows are added until the fastest of 3 calls takes >= 2 s, and an attempt whose
 // call finishes Ok before the flag (the runner got faster) is retried with that call's time, at
-// most 3 times per share; at least one attempt must have seen the flag.
+// most 3 times per share; at least one attempt must have seen the flag. Its pools (60000) are sorted
+// whole: the check within a larger pool's sort is TestLargePoolSortIsCancellable's.
 void TestCancellationDuringTheSelection() {
   const std::int64_t n = 60000;
   std::mt19937 rng(14);
@@ -1640,6 +1741,10 @@ int main() {
   TestSlicesAddedInDouble();
   TestCancellation();
   TestCancellationDuringTheSelection();
+#if defined(__linux__)
+  TestColumnSumsStopAtTheRowOfTheCancellation();
+#endif
+  TestLargePoolSortIsCancellable();
   TestBlocksBeyondTheRows();
   TestBadOutputsAndEnums();
   TestHugeThreadCount();
