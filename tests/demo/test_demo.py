@@ -1337,3 +1337,15 @@ def test_python_m_tracin_demo_runs_the_demo_command(tmp_path):
     assert runs["package"].stdout == runs["command"].stdout and b"saving 1 checkpoint\n" in runs["package"].stdout
     assert runs["package error"].stderr == runs["command error"].stderr
     assert runs["package error"].stderr.splitlines()[-1].startswith(b"tracin demo: error: argument --noise:")
+
+
+def test_the_training_bar_counts_whole_epochs(tmp_path, capsys):
+    """review285 F1: the train bar showed '0.00/150' and '37.0/150' (tqdm's unit scaling); epochs are whole."""
+    run_demo(
+        DemoConfig(output=tmp_path, noise=0.001, training=TrainingConfig(epochs=3, checkpoints=1), examples=1, k=2),
+        progress=True,
+        log=lambda *_: None,
+    )
+    shown = capsys.readouterr().err.replace("\r", "\n")
+    assert re.search(r"train: .*\b3/3 \[", shown), shown
+    assert not re.search(r"\d\.\d+/3\b", shown)

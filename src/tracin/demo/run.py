@@ -148,7 +148,7 @@ def _run(
         f"training an MLP with {framework} for {counted(config.training.epochs, 'epoch')}, "
         f"saving {counted(config.training.checkpoints, 'checkpoint')}"
     )
-    bar = progress_bar(config.training.epochs, progress, "train", unit="epoch")
+    bar = progress_bar(config.training.epochs, progress, "train", unit="epoch", unit_scale=False)
     model = train(data, config.training, lambda e, write: owned.put(saved[e], write), lambda _: bar.update())
     bar.close()
     train_logits, test_logits = model.logits(data.x_train), model.logits(data.x_test)
