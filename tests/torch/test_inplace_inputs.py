@@ -139,3 +139,16 @@ def test_batchnorm_without_running_statistics_is_named_with_the_remedy(layers: l
     message = str(raised.value)
     assert "'1' (BatchNorm without running statistics)" in message
     assert "whatever layers= chooses" in message and "track_running_stats=True" in message
+
+
+def test_batchnorm_without_running_statistics_is_named_in_last_layer_mode_too() -> None:
+    """fx281 left mode='last_layer' with torch's bare 'Expected more than 1 value per channel': looking for
+    the last nn.Linear runs the model on the first row alone, and the error now names the BatchNorm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError) as raised:
+        export_gradients(model, _checkpoints(model), (x, y), LOSS, mode="last_layer", progress=False)
+    message = str(raised.value)
+    assert "Expected more than 1 value per channel" in message and "the last nn.Linear on the first row" in message
+    assert "'1' (BatchNorm without running statistics)" in message and "track_running_stats=True" in message

@@ -52,7 +52,7 @@ from .data import (
     tree_map,
     watch_targets,
 )
-from .first_rows_check import active_autocast
+from .first_rows_check import active_autocast, batch_statistics_note
 from .host_copy import HostCopier
 from .last_layer import LinearFactors
 from .layers import (
@@ -547,9 +547,21 @@ def _last_layer_name(model: nn.Module, layers: list[str] | None, batches: Batche
             why = dtype_mismatch(model.parameters(), inputs, (), e) or integer_mismatch(
                 model.parameters(), inputs, (), e
             )
-            if why is None:
-                raise
-            raise TypeError(why) from e
+            if why is not None:
+                raise TypeError(why) from e
+            _raise_with_batch_statistics_note(e, model)
+            raise
+        except ValueError as e:
+            _raise_with_batch_statistics_note(e, model)
+            raise
+
+
+def _raise_with_batch_statistics_note(e: Exception, model: nn.Module) -> None:
+    """`e`, raised running the model on one row, raised again noting its BatchNorm modules without running
+    statistics (they fail on one row), if it has any; else returns."""
+    note = batch_statistics_note(model)
+    if note is not None:
+        raise type(e)(f"{e} (tracin looks for the last nn.Linear on the first row alone; {note})") from e
 
 
 _NOTED = (TypeError, ValueError, RuntimeError, IndexError)  # errors a model or loss_fn fed the wrong tensors raises

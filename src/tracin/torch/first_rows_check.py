@@ -208,17 +208,9 @@ def one_row_error(
         )
     else:
         cause = "they run on two rows (the same example twice)"
-    batch_stats = [
-        n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
-    ]
-    if batch_stats:
-        verb = "normalizes" if len(batch_stats) == 1 else "normalize"
-        cause += (
-            f"; {', '.join(repr(n) for n in batch_stats)} (BatchNorm without running statistics) {verb} over the "
-            "batch even in eval mode, which tracin runs the model in: an example alone has no per-example gradient "
-            "there, whatever layers= chooses; give them running statistics (track_running_stats=True) or use a "
-            "per-example norm (LayerNorm, GroupNorm)"
-        )
+    batch_stats = batch_statistics_note(model)
+    if batch_stats is not None:
+        cause += f"; {batch_stats}"
     message = (
         f"{e}\n(tracin runs the model and loss_fn on single examples, a batch of one row, for per-example "
         f"gradients and their check; this failed there, while {cause})"
@@ -228,6 +220,23 @@ def one_row_error(
     except Exception:
         return ValueError(message)
     return explained if str(explained) == message else ValueError(message)
+
+
+def batch_statistics_note(model: nn.Module) -> str | None:
+    """What to do about the model's BatchNorm modules without running statistics, which normalize over the
+    batch even in eval mode (no per-example gradient for an example alone); None when it has none."""
+    names = [
+        n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    ]
+    if not names:
+        return None
+    verb = "normalizes" if len(names) == 1 else "normalize"
+    return (
+        f"{', '.join(repr(n) for n in names)} (BatchNorm without running statistics) {verb} over the batch even "
+        "in eval mode, which tracin runs the model in: an example alone has no per-example gradient there, "
+        "whatever layers= chooses; give them running statistics (track_running_stats=True) or use a per-example "
+        "norm (LayerNorm, GroupNorm)"
+    )
 
 
 def _output_shapes(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: Tree) -> list[tuple] | None:
