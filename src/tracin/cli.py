@@ -107,10 +107,15 @@ def _open_store(path: str, option: str, allow_partial: bool):
         raise UsageError(f"{option}: expected a gradient store folder, got ''")
     if not Path(path).exists():
         raise CommandError(f"{option}: no gradient store at {path}")
+    from .store import StoreChangedError
+
     store, held = _opened(path, option, allow_partial)
     if not store.complete and not allow_partial:  # opened again to count the range writers' rows
         store, held = _opened(path, option, True)
-    info = store.info()
+    try:
+        info = store.info()
+    except StoreChangedError as e:  # a file removed since the store was opened
+        raise CommandError(f"{option}: gradient store changed while reading: {_one_line(e)}") from e
     # rows usable = the prefix written for every checkpoint, the fewest of these; `tracin info` counts rows
     # recorded anywhere
     counts = ", ".join(map(str, info["rows_from_row_0"]))

@@ -152,3 +152,29 @@ def test_batchnorm_without_running_statistics_is_named_in_last_layer_mode_too() 
     message = str(raised.value)
     assert "Expected more than 1 value per channel" in message and "the last nn.Linear on the first row" in message
     assert "'1' (BatchNorm without running statistics)" in message and "track_running_stats=True" in message
+
+
+def test_loss_fn_changing_targets_past_the_checked_rows_is_refused_and_undone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(12, 6), torch.randn(12, 3)
+    y[5, 1] = float("nan")  # a missing value, past the rows the first-rows check runs on
+    y0 = y.clone()
+
+    def masked(out, target):
+        seen = ~target.isnan()
+        target.nan_to_num_(0.0)
+        return ((out - target) ** 2 * seen).sum(1)
+
+    with pytest.raises(ValueError, match=r"loss_fn changes the batch's targets in place"):
+        export_gradients(model, _checkpoints(model), (x, y), masked, progress=False)
+    assert torch.equal(y.isnan(), y0.isnan()) and torch.equal(y.nan_to_num(), y0.nan_to_num())
+
+
+def test_one_tensor_given_twice_is_one_copy() -> None:
+    from tracin.torch.data import call_model
+
+    x = torch.randn(3, 4)
+    seen = []
+    call_model(lambda a, b: seen.append(a is b and a is not x), (x, x))
+    assert seen == [True]

@@ -120,14 +120,18 @@ def call_model(model: Callable, inputs: Tree) -> Any:
     return model(inputs)
 
 
-def _copied(tree: Tree) -> Tree:
-    """`tree` with each tensor cloned (a Mapping as a dict), other leaves as they are."""
+def _copied(tree: Tree, copies: dict[int, torch.Tensor] | None = None) -> Tree:
+    """`tree` with each tensor cloned (a Mapping as a dict), other leaves as they are; a tensor found
+    twice (model(x, x)) cloned once, so that the forward sees one tensor there too (`copies`: by id)."""
+    copies = {} if copies is None else copies
     if isinstance(tree, torch.Tensor):
-        return tree.clone()
+        if id(tree) not in copies:
+            copies[id(tree)] = tree.clone()
+        return copies[id(tree)]
     if isinstance(tree, Mapping):
-        return {k: _copied(v) for k, v in tree.items()}
+        return {k: _copied(v, copies) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return _rebuilt(tree, [_copied(v) for v in tree])
+        return _rebuilt(tree, [_copied(v, copies) for v in tree])
     return tree
 
 

@@ -486,15 +486,29 @@ class _TorchExport:
             self.compute_rows.check(state, inputs, targets)
 
     def compute(self, state: dict[str, torch.Tensor], batch: _Batch) -> Any:
-        return self.compute_rows(state, *self._on_device(batch))
+        return self._rows(state, batch)
+
+    def _rows(self, state: dict[str, torch.Tensor], batch: _Batch, out: torch.Tensor | None = None) -> Any:
+        """compute_rows on the batch, refusing a loss_fn that changed its targets in place there (an
+        in-place change of rows past the first-rows check's, labels[labels == -100] = 0 or y.nan_to_num_():
+        the passes over the batch would see other targets, and the next checkpoint other data)."""
+        inputs, targets = self._on_device(batch)
+        watched = watch_targets(targets)
+        try:
+            rows = self.compute_rows(state, inputs, targets, **({} if out is None else {"out": out}))
+        except Exception as e:
+            refuse_changed_targets(watched, e)
+            raise
+        refuse_changed_targets(watched, None)
+        return rows
 
     def compute_into(self, state: dict[str, torch.Tensor], batch: _Batch, out: np.ndarray) -> None:
         """On the CPU straight into `out`; on another device computed there, then copied into `out`
         through the copier's pinned buffer."""
         if self.device.type == "cpu":
-            self.compute_rows(state, *self._on_device(batch), out=torch.from_numpy(out))
+            self._rows(state, batch, torch.from_numpy(out))
             return
-        computed = self.compute_rows(state, *self._on_device(batch))
+        computed = self._rows(state, batch)
         if self.copier is None:
             torch.from_numpy(out).copy_(computed)
         else:
