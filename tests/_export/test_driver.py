@@ -451,3 +451,102 @@ def test_a_checkpoint_folder_whose_files_changed_after_its_fingerprint_is_refuse
         export(_Changed(_data(), lambda: (folder / "notes.txt").write_text("x")), checkpoints, _options(), [])
     g = export(_Changed(_data(), lambda: None), checkpoints, _options(), [])  # read, not changed: no error
     np.testing.assert_allclose(g.matrices[1], np.concatenate(_data()) * 5.0, rtol=1e-6)
+
+
+class _Loads(_Scaled):
+    """_Scaled recording the index of every checkpoint loaded."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loaded: list[int] = []
+
+    def load(self, source, index):
+        self.loaded.append(index)
+        return super().load(source, index)
+
+
+def test_a_resume_does_not_load_the_checkpoints_already_written(tmp_path, monkeypatch):
+    """A checkpoint whose rows are all in the store is skipped whole: not loaded, its data not read again."""
+    real_write = StoreSink.write
+
+    def killed(self, c, start, block):  # killed at checkpoint 1's second batch
+        if c == 1 and start == 4:
+            raise KeyboardInterrupt
+        real_write(self, c, start, block)
+
+    monkeypatch.setattr(StoreSink, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(_Scaled(_data()), CKPTS, _options(tmp_path / "g"), [])
+    monkeypatch.setattr(StoreSink, "write", real_write)
+    again = _Loads(_data())
+    assert export(again, CKPTS, _options(tmp_path / "g"), []).complete
+    assert again.loaded == [1] and again.computed == [4, 8]
+
+
+def test_a_store_export_of_data_whose_length_is_not_its_row_count_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"data gave 10 rows, expected 11 \(its length\)"):
+        export(_Scaled(_data(), n_rows=11), CKPTS, _options(tmp_path / "g"), [])
+
+
+def test_data_of_unknown_length_ends_its_bar_full_on_the_last_checkpoint(monkeypatch):
+    """The row count learnt on the first pass makes a new bar for the later ones, started at the rows of
+    the passes done: the last pass ends it at rows x checkpoints."""
+    import tracin._export.driver as driver
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, *args, passes=1, **kwargs):
+            self.total, self.passes, self.count = total, passes, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.count += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(driver, "progress_bar", Bar)
+    checkpoints = [*CKPTS, ({"scale": 3.0}, 1.0)]
+    export(_Scaled(_data(), n_rows=None), checkpoints, _options(), [])
+    assert [(b.total, b.passes) for b in bars] == [(None, 3), (10, 3)]
+    assert bars[-1].count == 30
+
+
+def test_a_resumed_batchs_non_finite_projection_is_named_by_its_data_row(tmp_path, monkeypatch):
+    """A transform's NonFiniteRowError names a row of the block it was given; in a batch trimmed at the resume
+    point that block starts past the batch's first row, and the error names the data's row."""
+    from tracin.projection import NonFiniteRowError
+
+    class Refusing:  # refuses data row 7 (x[7, 0] * 2.0 == 6.0 at checkpoint 0) once armed
+        key = "refusing"
+        armed = False
+
+        def dims(self, dims):
+            return dims
+
+        def apply(self, block, checkpoint, slot):
+            bad = np.flatnonzero(np.isclose(block[:, 0], 6.0))
+            if self.armed and bad.size:
+                raise NonFiniteRowError("the projection of row {} is not finite", int(bad[0]))
+            return block
+
+        def to_dict(self):
+            return {"kind": "refusing"}
+
+    real_write = StoreSink.write
+
+    def torn(self, c, start, block):  # killed half-way through checkpoint 0's second batch (rows 4..7)
+        if c == 0 and start == 4:
+            real_write(self, c, start, block[:2])
+            raise KeyboardInterrupt
+        real_write(self, c, start, block)
+
+    monkeypatch.setattr(StoreSink, "write", torn)
+    with pytest.raises(KeyboardInterrupt):
+        export(_Scaled(_data()), CKPTS, _options(tmp_path / "g"), [Refusing()])
+    monkeypatch.setattr(StoreSink, "write", real_write)
+    refusing = Refusing()
+    refusing.armed = True
+    with pytest.raises(ValueError, match=r"^checkpoint 0: the projection of row 7 is not finite$"):
+        export(_Scaled(_data()), CKPTS, _options(tmp_path / "g"), [refusing])

@@ -284,3 +284,18 @@ def test_train_tiles_are_staged_one_ahead_in_two_slots(rng, monkeypatch):
         ("use", 3),
         ("release", 1),
     ]
+
+
+def test_clear_drops_the_items_kept_for_the_whole_call():
+    """keep()'s items (a device backend's staging buffers) last for one public call: clear() at its end
+    frees them, so the next call makes its own (and no device memory outlives the call)."""
+    cache = ChunkCache()
+    cache.use((0, 3))
+    first = cache.keep("staging", lambda: ["buffer 1"])
+    assert cache.get("rows", lambda: "chunk") == "chunk"
+    cache.use((3, 6))
+    assert cache.keep("staging", lambda: ["buffer 2"]) is first  # kept across test chunks
+    assert cache.get("rows", lambda: "other chunk") == "other chunk"
+    cache.next_train = object()
+    cache.clear()
+    assert cache.keep("staging", lambda: ["buffer 2"]) == ["buffer 2"] and cache.next_train is None

@@ -114,3 +114,21 @@ def test_a_missing_or_broken_torch_names_the_device_asked_for(monkeypatch, insta
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if installed else None)
     with pytest.raises(ValueError, match=f"^device='torch:cpu' scores with torch, which {why} "):
         backends.get("torch:cpu")
+
+
+def test_the_built_in_torch_backends_are_made_for_the_device_asked_for(registry, monkeypatch):
+    """'cuda:N' makes the torch backend on device N ('cuda': the current one), 'torch:cpu' on the CPU; a
+    lost index would score every GPU's share of a multi-GPU run on the current device."""
+    made = []
+
+    class FakeTorchDevice:
+        @staticmethod
+        def make(device):
+            made.append(device)
+            return NumpyReference()
+
+    monkeypatch.setattr(registry, "torch_module", lambda device: FakeTorchDevice)
+    registry.get("cuda:1")
+    registry.get("cuda")
+    registry.get("torch:cpu")
+    assert made == ["cuda:1", "cuda", "cpu"]

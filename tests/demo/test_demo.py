@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,20 @@ def test_detection_curve_counts_flipped_examples_in_score_order():
     assert found_at(curve, 0.25) == 0.5
     # a fraction of 100 rows that float arithmetic puts just under a whole count (0.29 * 100 = 28.999...)
     assert found_at(np.linspace(0.0, 1.0, 101), 0.29) == pytest.approx(0.29)
+
+
+def test_detection_curve_breaks_score_ties_by_row_and_finds_nothing_without_flips():
+    """Tied scores are inspected in row order (the docstring's rule, so a curve does not depend on the sort
+    algorithm); a training set without flipped labels has a curve of 0, not NaN."""
+    scores = np.tile([0.0, 2.0, 1.0], 20)  # 20-row ties, interleaved: a non-stable sort reorders them
+    flipped = np.zeros(60, dtype=bool)
+    flipped[[1, 4, 5, 20, 57]] = True
+    order = [i for value in (2.0, 1.0, 0.0) for i in range(60) if scores[i] == value]  # ties in row order
+    want = np.concatenate([[0], np.cumsum(flipped[order])]) / 5
+    np.testing.assert_array_equal(detection_curve(scores, flipped), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(detection_curve(scores, np.zeros(60, dtype=bool)), np.zeros(61))
 
 
 def test_perfect_curve_bounds_every_ranking():
@@ -224,6 +239,8 @@ def test_the_recipe_traces_up_to_the_first_checkpoint_at_or_after_the_held_out_p
     assert checkpoints_to_trace(saved, tied) == 2
     with pytest.raises(ValueError, match="checkpoint_epochs must be a non-empty ascending sequence"):
         checkpoints_to_trace([29, 14], curve)
+    with pytest.raises(ValueError, match="checkpoint_epochs must be a non-empty ascending sequence"):
+        checkpoints_to_trace([14, 14, 29], curve)  # two checkpoints of one epoch: strictly ascending
     with pytest.raises(ValueError, match="held_out_accuracy must be a non-empty 1-D sequence"):
         checkpoints_to_trace(saved, [])
 
@@ -638,6 +655,33 @@ def _own_store(path, rows=30):
     writer = GradientStore.create(path, rows, [8], [0.1])
     writer.write(0, 0, np.ones((rows, 8), np.float32))
     return writer.finalize()
+
+
+def test_a_recorded_file_the_user_changed_stays_and_is_forgotten(tmp_path):
+    """clear(): a file an earlier run recorded that changed since is left alone and dropped from the
+    record (it is the user's now); one the user removed is dropped too."""
+    report, diagnostics = tmp_path / "report.md", tmp_path / "checkpoint_diagnostics.png"
+    with DemoFiles(tmp_path) as files:
+        files.put(report, lambda p: p.write_text("demo's"))
+        files.put(diagnostics, lambda p: p.write_bytes(b"png"))
+    report.write_text("the user's notes")
+    diagnostics.unlink()
+    _clear(tmp_path, [])
+    assert report.read_text() == "the user's notes"
+    assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
+
+
+def test_a_link_at_a_recorded_temporary_name_is_not_the_demos(tmp_path):
+    """A symbolic link where the record names an interrupted run's temporary (null) is left alone:
+    the demo replaces or removes only what it wrote, never a link."""
+    (tmp_path / "checkpoints").mkdir()
+    temporary = tmp_path / "checkpoints" / ".checkpoint_0001.tracin-demo-tmp.pt"
+    (tmp_path / "mine.pt").write_bytes(b"user")
+    temporary.symlink_to(tmp_path / "mine.pt")
+    (tmp_path / LEDGER).write_text(json.dumps({"files": {"checkpoints/.checkpoint_0001.tracin-demo-tmp.pt": None}}))
+    _clear(tmp_path, [])
+    assert temporary.is_symlink() and (tmp_path / "mine.pt").read_bytes() == b"user"
+    assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
 
 
 def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(tmp_path):

@@ -76,3 +76,23 @@ def test_listed_opponents_of_score_0_or_above_are_not_drawn_as_raising_the_loss(
     assert "grey: a score of 0 or of the other sign" in caption
     colours, caption = _grid(drawn, tmp_path, [2.0, 0.5, 0.1], [-1.5, -0.2, -0.01])
     assert colours == ["tab:green"] * 3 + ["tab:red"] * 3 and "grey" not in caption
+
+
+@pytest.mark.parametrize("epochs,traced", [([1, 3, 5], 2), ([0, 2, 4], 3)])
+def test_checkpoints_are_drawn_at_their_epochs_traced_ones_filled(epochs, traced, drawn, tmp_path):
+    """A checkpoint saved after 0-based epoch e is a dot at epoch e + 1 (the x axis counts epochs from 1)
+    on the accuracy curve; the traced ones filled, the others hollow."""
+    accuracy = np.array([0.5, 0.6, 0.8, 0.9, 0.7, 0.65])
+    plot_held_out_accuracy(accuracy, epochs, traced, tmp_path / "acc.png")
+    lines = {line.get_label(): line for line in drawn[-1].axes[0].get_lines()}
+    dots = lines["checkpoints traced"]
+    np.testing.assert_array_equal(dots.get_xdata(), np.array(epochs[:traced]) + 1)
+    np.testing.assert_array_equal(dots.get_ydata(), accuracy[epochs[:traced]])
+    hollow = lines.get("checkpoints not traced")
+    if traced == len(epochs):
+        assert hollow is None
+    else:
+        np.testing.assert_array_equal(hollow.get_xdata(), np.array(epochs[traced:]) + 1)
+        np.testing.assert_array_equal(hollow.get_ydata(), accuracy[epochs[traced:]])
+        assert hollow.get_markerfacecolor() == "white"
+    np.testing.assert_array_equal(lines["held-out accuracy after each epoch"].get_xdata(), np.arange(1, 7))

@@ -742,3 +742,31 @@ def test_a_store_path_that_is_a_file_is_refused_naming_store(tmp_path):
     with pytest.raises(ValueError, match=r"^store: .*taken exists and is not a directory"):
         export_gradients(model, [(model.state_dict(), 1.0)], classification_data(4, seed=0), LOSS, store=path)
     assert path.read_text() == "not a store"
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer", "factored"])
+def test_a_float64_model_exports_its_gradients_rounded_to_float32(mode):
+    """A float64 model (scientific code) runs in float64; its rows are stored as float32 (the sinks take
+    float32 / float16 / bfloat16 only), each the float64 per-example gradient rounded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    g = export_gradients(model, [(model.state_dict(), 0.5)], (x, y), LOSS, mode=mode, progress=False)
+    chosen = list(model.named_parameters()) if mode != "last_layer" else list(model[2].named_parameters(prefix="2"))
+    want = []
+    for i in range(6):
+        model.zero_grad()
+        LOSS(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        want.append(torch.cat([p.grad.reshape(-1) for _, p in chosen]).numpy())
+    want = np.stack(want)
+    if mode == "full":
+        got = g.matrices[0]
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    else:  # each layer's (left, right) factors: weight gradient left_i right_i[:-1]^T, bias left_i
+        got = []
+        for left, right in zip(g.left, g.right, strict=True):
+            assert left.dtype == right.dtype == np.float32
+            l64, r64 = left.astype(np.float64), right.astype(np.float64)
+            got += [np.einsum("np,nq->npq", l64, r64[:, :-1]).reshape(6, -1), l64]
+        np.testing.assert_allclose(np.hstack(got), want, rtol=1e-5, atol=1e-10)

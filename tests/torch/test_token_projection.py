@@ -247,6 +247,8 @@ def test_adam_scales_layers_by_the_rank_one_factorisation_and_other_parameters_e
     )
     assert g.metadata["preconditioner"]["kind"] == "adam" and "of v + eps^2" in g.metadata["preconditioner"]["factored"]
     assert len(g.metadata["fingerprints"]["optimizer_states"]) == 1
+    # how that digest was made (an in-memory state_dict), which scoring needs to compare two "adam" sides
+    assert g.metadata["optimizer_state_sources"] == ["state"]
     state, _, opt_state = checkpoint
     names = [n for n, _ in model.named_parameters()]
     groups = opt_state["param_groups"][0]
