@@ -2714,3 +2714,14 @@ def test_ctrl_c_with_a_local_scheduler_ends_soon_in_one_line_leaving_no_worker(s
             return False
 
     assert [pid for pid in workers if alive(pid)] == []
+
+
+def test_a_warning_of_several_lines_is_shown_as_one_line_once(capsys):
+    """r288: a warning's line breaks and runs of spaces become single spaces (not escaped '\\n'), and the
+    same warning shown again by one command is not repeated."""
+    from tracin.cli import _show_warning
+
+    shown: set[str] = set()
+    for _ in range(2):
+        _show_warning("score", shown, UserWarning("first line\n  second\tline"), UserWarning, "f.py", 1)
+    assert capsys.readouterr().err == "tracin score: warning: first line second line\n"

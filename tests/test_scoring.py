@@ -1646,3 +1646,20 @@ def test_num_threads_takes_the_largest_allowed_count_and_refuses_one_more(rng):
     np.testing.assert_allclose(tracin.self_influence(tracin.Gradients(a), num_threads=MAX_THREADS), exact, rtol=1e-5)
     with pytest.raises(ValueError, match=f"num_threads must be a positive integer no larger than {MAX_THREADS}"):
         tracin.self_influence(tracin.Gradients(a), num_threads=MAX_THREADS + 1)
+
+
+def test_differing_parameter_entries_are_all_named_and_cut_at_ten(rng):
+    """r288: a record differing in two keys names both; one that differs in a key other than its shape makes
+    the message 'entries differ' wherever it stands; past ten differing entries the rest are counted."""
+    a, b = random_set(rng, 2, [12]), random_set(rng, 5, [12])
+    mine = [{"name": f"p{i}", "shape": [1]} for i in range(12)]
+    theirs = [{"name": "p0", "shape": [1], "dtype": "float16", "kind": "x"}]
+    theirs += [{"name": f"p{i}", "shape": [1, 1]} for i in range(1, 12)]
+    shapes = "; ".join(f"'p{i}' \\[1\\] vs \\[1, 1\\]" for i in range(1, 10))
+    first = "'p0' 'dtype' None vs 'float16', 'kind' None vs 'x'"
+    match = rf"different parameters: entries differ: {first}; {shapes}, \.\.\. \(2 more\)$"
+    with pytest.raises(ValueError, match=match):
+        tracin.scores(
+            tracin.Gradients(a, metadata={"framework": "torch", "mode": "full", "params": mine}),
+            tracin.Gradients(b, metadata={"framework": "torch", "mode": "full", "params": theirs}),
+        )

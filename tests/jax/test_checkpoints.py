@@ -1071,3 +1071,18 @@ def test_one_train_state_keeps_its_int_step_for_a_loss_reading_it_in_python(mlp,
     g = export_gradients(state_loss, [(state, 0.5)], (x, y), progress=False)
     ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
     np.testing.assert_allclose(np.asarray(g.matrices[0], np.float64), 2.0 * ref, rtol=1e-4, atol=1e-6)
+
+
+def test_plain_dicts_with_an_int_step_keep_it_for_a_loss_reading_it_in_python(mlp, data):
+    """r288: a dict with "params" and a Python-int "step" but no "opt_state" is no TrainState: over several
+    checkpoints its step stays the int it is (equal on both), for a loss branching on it in Python."""
+    x, y = data
+    checkpoints = [({"params": p, "step": 3}, 0.5) for p in mlp.params[:2]]
+
+    def loss(p, a, b):
+        return mlp.loss_fn(p["params"], a, b) * (2.0 if p["step"] > 1 else 0.0)
+
+    g = export_gradients(loss, checkpoints, (x, y), progress=False)
+    for matrix, weights in zip(g.matrices, mlp.weights[:2], strict=True):
+        ref = mlp.reference_rows(mlp.reference_grads(weights, x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
+        np.testing.assert_allclose(np.asarray(matrix, np.float64), 2.0 * ref, rtol=1e-4, atol=1e-6)

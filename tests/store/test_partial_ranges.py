@@ -239,3 +239,36 @@ def test_cli_says_a_store_written_whole_by_range_writers_needs_finalize_and_fina
     assert len(ranked) == N_ROWS and not list(path.glob("rows-*"))
     influence = {int(r["train_row"]): float(r["self_influence"]) for r in ranked}
     np.testing.assert_allclose([influence[i] for i in range(N_ROWS)], _self_influence(rows, N_ROWS), rtol=1e-6)
+
+
+def test_an_unreadable_progress_file_is_a_warning_and_its_range_left_out(tmp_path, rows, monkeypatch):
+    """r288: a progress file that cannot be read (an OSError, EACCES or EIO) is left out with a warning, as a
+    malformed one is, not an error failing the open."""
+    import tracin.store._store as store_module
+
+    path = tmp_path / "s"
+    _create(path)
+    _write_range(path, rows, 0, 6, [6, 6])
+    _write_range(path, rows, 6, 12, [12, 12])
+    read = store_module.read_progress
+
+    def failing(root, m, start, stop):
+        if start == 6:
+            raise PermissionError(13, "Permission denied", str(root / "rows-6-12.json"))
+        return read(root, m, start, stop)
+
+    monkeypatch.setattr(store_module, "read_progress", failing)
+    with pytest.warns(UserWarning, match=r"Permission denied.*leaves out the rows rows-6-12\.json records"):
+        store = tracin.GradientStore.open(path, allow_partial=True)
+    _assert_rows(store, rows, 6)
+
+
+def test_cli_says_range_writers_rows_await_the_rows_before_them_on_one_checkpoint_too(tmp_path, rows, capsys):
+    """r288: rows past the usable prefix on one checkpoint alone are said in the no-usable-rows error too."""
+    path = tmp_path / "s"
+    _create(path)
+    _write_range(path, rows, 6, 12, [12, 0])  # checkpoint 1: nothing
+    assert main(["self-influence", str(path), "--allow-partial"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "has no usable rows yet" in lines[0], lines
+    assert "; range writers record 6, 0 rows per checkpoint not yet usable (let the export finish" in lines[0]

@@ -4,6 +4,7 @@ one-row failures the first-rows check explains (an output squeezed to 0-d, Batch
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -178,3 +179,107 @@ def test_one_tensor_given_twice_is_one_copy() -> None:
     seen = []
     call_model(lambda a, b: seen.append(a is b and a is not x), (x, x))
     assert seen == [True]
+
+
+class KeywordNormalizingNet(NormalizingNet):
+    """NormalizingNet taking its input as a keyword, from a dict of inputs."""
+
+    def forward(self, *, x):
+        return super().forward(x)
+
+
+class PairNormalizingNet(NormalizingNet):
+    """NormalizingNet taking (unused, x), from a tuple of inputs: the tensor normalized in place is the second."""
+
+    def forward(self, unused, x):
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("inputs", ["dict", "tuple"])
+def test_forward_normalizing_its_input_in_place_from_a_dict_or_a_tuple(inputs: str) -> None:
+    """r288: the copies reach the tensors inside a dict (model(**x)) and past a tuple's first item (model(*x))."""
+    torch.manual_seed(0)
+    plain = NormalizingNet()
+    model = KeywordNormalizingNet() if inputs == "dict" else PairNormalizingNet()
+    model.load_state_dict(plain.state_dict())
+    checkpoints = _checkpoints(model)
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    x0 = x.clone()
+    given = {"x": x} if inputs == "dict" else (torch.zeros(20, 1), x)
+    g = export_gradients(model, checkpoints, (given, y), LOSS, progress=False)
+    assert torch.equal(x, x0)
+    names = [p["name"] for p in g.metadata["params"]]
+    for got, rows in zip(g.matrices, _rows64(plain, checkpoints, x0, y, names), strict=True):
+        np.testing.assert_allclose(got, rows, rtol=1e-5, atol=1e-6 * np.abs(rows).max())
+
+
+def test_loss_fn_changing_targets_in_place_and_failing_in_the_check_is_refused_and_undone() -> None:
+    """r288: 0-based labels shifted in place (labels -= 1) fail inside the first-rows check (target -1): the
+    error names the in-place change, from torch's IndexError, and the labels are put back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(12, 6), torch.zeros(12, dtype=torch.long)
+    y0 = y.clone()
+
+    def shifting(out, labels):
+        labels -= 1
+        return LOSS(out, labels)
+
+    with pytest.raises(ValueError, match=r"loss_fn changes the batch's targets in place") as raised:
+        export_gradients(model, _checkpoints(model), (x, y), shifting, progress=False)
+    assert isinstance(raised.value.__cause__, IndexError)
+    assert torch.equal(y, y0)
+
+
+def test_batchnorm2d_without_running_statistics_is_named_too() -> None:
+    """r288: every BatchNorm kind is named (a CNN's BatchNorm2d on 1x1 maps), not BatchNorm1d alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)
+    )
+    x, y = torch.randn(8, 1, 3, 3), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError) as raised, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the check's warning that the forward mixes the examples
+        export_gradients(model, _checkpoints(model), (x, y), LOSS, progress=False)
+    message = str(raised.value)
+    assert "'1' (BatchNorm without running statistics)" in message and "track_running_stats=True" in message
+
+
+def test_loss_fn_changing_targets_with_nans_in_place_to_the_same_values_passes() -> None:
+    """r288: an in-place change leaving targets as they were passes with NaN among them (a missing value kept
+    by clamp_): NaN is equal to NaN there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    checkpoints = _checkpoints(model)
+    x, y = torch.randn(12, 6), torch.randn(12, 3)
+    y[0, 1] = y[5, 2] = float("nan")
+
+    def clamping(out, target):
+        target.clamp_(-10.0, 10.0)
+        return ((out - target.nan_to_num()) ** 2).sum(1)
+
+    got = export_gradients(model, checkpoints, (x, y), clamping, progress=False)
+    want = export_gradients(
+        model, checkpoints, (x, y), lambda out, t: ((out - t.nan_to_num()) ** 2).sum(1), progress=False
+    )
+    for a, b in zip(got.matrices, want.matrices, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_loss_fn_changing_targets_past_the_checked_rows_and_failing_is_refused_and_undone() -> None:
+    """r288: a loss_fn that changes rows past the first-rows check's in place and then fails on them (a marker
+    99 rewritten as -1, out of bounds) names the in-place change, from torch's error, with the labels put back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    y[5] = 99
+    y0 = y.clone()
+
+    def remarking(out, labels):
+        labels[labels == 99] = -1
+        return LOSS(out, labels)
+
+    with pytest.raises(ValueError, match=r"loss_fn changes the batch's targets in place") as raised:
+        export_gradients(model, _checkpoints(model), (x, y), remarking, progress=False)
+    assert raised.value.__cause__ is not None
+    assert torch.equal(y, y0)
