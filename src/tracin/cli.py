@@ -129,12 +129,12 @@ def _open_store(path: str, option: str, allow_partial: bool):
                 f"was never finalized; call GradientStore.create(<the same arguments>).finalize(){merge}, or rerun "
                 "the export"
             )
-        partial = (
+        advice = (
             f"or pass --allow-partial to use the {store.n_rows} rows written so far for every {_each(info)}"
             if store.n_rows
             else f"no row is written for every {_each(info)} yet, so --allow-partial has none to use"
         )
-        raise CommandError(f"{option}: gradient store {path} is unfinished ({written}); finish the export ({partial})")
+        raise CommandError(f"{option}: gradient store {path} is unfinished ({written}); finish the export ({advice})")
     if store.n_rows == 0:
         _show_held(held, store, info)
         state = (
@@ -1142,13 +1142,11 @@ def _path_text(path: Path) -> str:
     """`path` for a message line: store._format.printable's escapes (as `tracin info` shows a store's
     path), so that a name that is not valid text (bytes undecodable in the file system's encoding,
     lone surrogates in Python) prints under a strict stdout encoding instead of failing the command."""
-
     return printable(str(path))
 
 
 def _one_line(e: BaseException) -> str:
     """The message of `e` on one line, other control characters escaped (it may quote a store's strings)."""
-
     return printable(" ".join(str(e).split())) or type(e).__name__
 
 
