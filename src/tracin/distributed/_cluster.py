@@ -199,10 +199,15 @@ def _end_processes(processes: list[multiprocessing.process.BaseProcess]) -> None
                 p.join(CLOSE_TIMEOUT_S)
 
 
+HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"  # distributed.worker's log of an OSError
+
+
 class QuietTaskErrors(WorkerPlugin):
     """Drops the worker's 'Compute Failed' log of a task's error (which the caller gets, with its
-    remote traceback), and its log of a running task that its close cancelled (the caller closed the
-    cluster, as on Ctrl-C), and nothing else of the worker's logs."""
+    remote traceback), its log of a running task that its close cancelled (the caller closed the
+    cluster, as on Ctrl-C), and its traceback of a heartbeat that found the scheduler gone (which lives
+    in the caller's process: gone as the caller closes the cluster, before the worker is told to close),
+    and nothing else of the worker's logs."""
 
     name = "tracin-quiet-task-errors"
 
@@ -212,7 +217,8 @@ class QuietTaskErrors(WorkerPlugin):
 
 
 def _no_task_error(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Compute Failed")
+    message = str(record.msg)
+    return not (message.startswith("Compute Failed") or message.startswith(HEARTBEAT_FAILED))
 
 
 def _no_cancelled_task(record: logging.LogRecord) -> bool:
