@@ -187,7 +187,9 @@ def _close_quietly(cluster: Any, closing: concurrent.futures.Future | None = Non
 
 def _end_processes(processes: list[multiprocessing.process.BaseProcess]) -> None:
     """Terminates `processes` (SIGTERM), then kills those still alive after CLOSE_TIMEOUT_S seconds
-    (SIGKILL), and reaps them, whatever interrupts this meanwhile."""
+    (SIGKILL), and reaps them, whatever interrupts this meanwhile. Their nanny's watcher thread, joining
+    them too, may find them reaped here: Dask's warning of that is dropped from then on (_not_reaped_here)."""
+    logging.getLogger("distributed.process").addFilter(_not_reaped_here)  # added once: the same function
     for p in processes:
         with contextlib.suppress(BaseException):
             p.terminate()
@@ -197,6 +199,12 @@ def _end_processes(processes: list[multiprocessing.process.BaseProcess]) -> None
             if p.is_alive():
                 p.kill()
                 p.join(CLOSE_TIMEOUT_S)
+
+
+def _not_reaped_here(record: logging.LogRecord) -> bool:
+    """False for Dask's warning that a worker process's exit status was already read (by _end_processes,
+    which a nanny's watcher thread raced to reap it); the process still ended: nothing to act on."""
+    return "exit status was already read" not in str(record.msg)
 
 
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"  # distributed.worker's log of an OSError
