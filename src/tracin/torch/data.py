@@ -26,6 +26,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,9 +136,22 @@ def _copied(tree: Tree, copies: dict[int, torch.Tensor] | None = None) -> Tree:
     return tree
 
 
-def watch_targets(targets: Tree) -> list[tuple[str, torch.Tensor, int, torch.Tensor]]:
+@contextmanager
+def targets_unchanged(targets: Tree) -> Iterator[None]:
+    """Refuses (_refuse_changed_targets) a loss_fn that changed the batch's `targets` in place inside the
+    block, also when the block ends in an error (raised from it)."""
+    watched = _watch_targets(targets)
+    try:
+        yield
+    except Exception as e:
+        _refuse_changed_targets(watched, e)
+        raise
+    _refuse_changed_targets(watched, None)
+
+
+def _watch_targets(targets: Tree) -> list[tuple[str, torch.Tensor, int, torch.Tensor]]:
     """(path, tensor, its version counter, a copy) of each strided tensor of a batch's targets, for
-    refuse_changed_targets; inference tensors, which count no versions, left out."""
+    _refuse_changed_targets; inference tensors, which count no versions, left out."""
     return [
         (path, t, t._version, t.clone())
         for path, t in _named_leaves(targets, "targets")
@@ -145,9 +159,11 @@ def watch_targets(targets: Tree) -> list[tuple[str, torch.Tensor, int, torch.Ten
     ]
 
 
-def refuse_changed_targets(watched: list[tuple[str, torch.Tensor, int, torch.Tensor]], cause: Exception | None) -> None:
+def _refuse_changed_targets(
+    watched: list[tuple[str, torch.Tensor, int, torch.Tensor]], cause: Exception | None
+) -> None:
     """A ValueError (from `cause`, the error the checks ended in, if any) naming the targets that changed since
-    watch_targets, loss_fn having changed them in place: each pass tracin makes over a batch would see them
+    _watch_targets, loss_fn having changed them in place: each pass tracin makes over a batch would see them
     changed again. They are first restored from the copies (the caller's data is left as it was); an in-place
     change leaving them as they were (a clamp of valid labels) passes."""
     changed = [(path, t, saved) for path, t, version, saved in watched if t._version != version and not _same(t, saved)]

@@ -47,10 +47,9 @@ from .data import (
     host_arrays,
     inputs_mismatch,
     integer_mismatch,
-    refuse_changed_targets,
     slice_rows,
+    targets_unchanged,
     tree_map,
-    watch_targets,
 )
 from .first_rows_check import active_autocast, batch_statistics_note
 from .host_copy import HostCopier
@@ -444,19 +443,14 @@ class _TorchExport:
         """The loss checks on the batch's first rows; on the whole batch only to word an error for it
         (a forward pass of the whole batch costs a good part of the batched gradients). An error says how
         the data was read when that may not be what was meant (Batches.note). A loss_fn changing the
-        targets in place is refused (refuse_changed_targets): every later pass would see them changed again."""
+        targets in place is refused (targets_unchanged): every later pass would see them changed again."""
         with _noting(self._batches.note):
             self._check(state, batch)
 
     def _check(self, state: dict[str, torch.Tensor], batch: _Batch) -> None:
         inputs, targets = self._on_device(batch)
-        watched = watch_targets(targets)
-        try:
+        with targets_unchanged(targets):
             self._check_on(state, batch.count, inputs, targets)
-        except Exception as e:
-            refuse_changed_targets(watched, e)
-            raise
-        refuse_changed_targets(watched, None)
 
     def _check_on(self, state: dict[str, torch.Tensor], count: int, inputs: Tree, targets: Tree) -> None:
         rows = min(_CHECKED_ROWS, count)
@@ -493,14 +487,8 @@ class _TorchExport:
         in-place change of rows past the first-rows check's, labels[labels == -100] = 0 or y.nan_to_num_():
         the passes over the batch would see other targets, and the next checkpoint other data)."""
         inputs, targets = self._on_device(batch)
-        watched = watch_targets(targets)
-        try:
-            rows = self.compute_rows(state, inputs, targets, **({} if out is None else {"out": out}))
-        except Exception as e:
-            refuse_changed_targets(watched, e)
-            raise
-        refuse_changed_targets(watched, None)
-        return rows
+        with targets_unchanged(targets):
+            return self.compute_rows(state, inputs, targets, **({} if out is None else {"out": out}))
 
     def compute_into(self, state: dict[str, torch.Tensor], batch: _Batch, out: np.ndarray) -> None:
         """On the CPU straight into `out`; on another device computed there, then copied into `out`
