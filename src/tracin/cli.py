@@ -176,7 +176,7 @@ def _show_held(held: list[warnings.WarningMessage], store: Any, info: dict[str, 
     usable rows, which _open_store's errors state in their own words (its counts)."""
     from .store._store import rows_past_usable_warning
 
-    stated = rows_past_usable_warning(store.path, store.n_rows, info["rows_past_usable"])
+    stated = rows_past_usable_warning(store.path, store.n_rows, info["rows_past_usable"], info["layers_per_checkpoint"])
     for shown in held:
         if str(shown.message) != stated:
             warnings.warn_explicit(shown.message, shown.category, shown.filename, shown.lineno)

@@ -81,7 +81,10 @@ def test_an_optimizer_state_in_the_learning_rates_place_is_named_as_the_learning
     assert len(str(e.value)) < 200
 
 
-@pytest.mark.parametrize("one_pair", [({"w": 1}, 0.1), ("ckpt.pt", np.float32(0.1), {"m": 1}), ["a", 2]])
+@pytest.mark.parametrize(
+    "one_pair",
+    [({"w": 1}, 0.1), ("ckpt.pt", np.float32(0.1), {"m": 1}), ["a", 2], ({"w": 1}, np.array(0.1))],
+)
 def test_one_pair_given_for_the_list_of_pairs_is_named_as_such(one_pair):
     """review274 F2: export(loss, (params, lr), data) blamed checkpoints[0], the params, for not being a
     pair; the message says the value looks like one pair and asks for a list of them."""
@@ -89,3 +92,10 @@ def test_one_pair_given_for_the_list_of_pairs_is_named_as_such(one_pair):
         parse_checkpoints(one_pair, "params")
     assert "checkpoints[0]" not in str(caught.value)
     assert len(parse_checkpoints([one_pair], "params")) == 1
+
+
+def test_one_pair_with_a_0d_tensor_rate_is_named_as_such_too():
+    """review294 F4: learning_rate() takes a 0-d tensor, the one-pair check did not see one."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"looks like one pair itself"):
+        parse_checkpoints(({"w": 1}, torch.tensor(0.1)), "params")

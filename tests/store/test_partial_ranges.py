@@ -85,6 +85,25 @@ def test_ranges_written_partly_on_two_checkpoints_give_the_prefix_written_on_bot
     assert store.info()["rows_from_row_0"] == [12, 4] and store.info()["rows_written"] == [0, 0]
 
 
+def test_a_factored_store_counts_rows_past_the_usable_ones_per_factor_pair(tmp_path):
+    """review294 F3: the warning said "per checkpoint" with two counts for a store of one checkpoint of two
+    layers."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "f"
+    meta = {"framework": "numpy", "mode": "factored", "fingerprints": {"checkpoints": ["a" * 32]}}  # one checkpoint
+    spec = dict(n_rows=12, dims=[(4, 3), (2, 5)], weights=[0.1, 0.1], factored=True, metadata=meta)
+    tracin.GradientStore.create(path, **spec).close()
+    for (start, stop), upto in (((0, 6), (6, 2)), ((6, 12), (12, 12))):
+        with tracin.GradientStore.create(path, rows=(start, stop), **spec) as w:
+            for slot, (end, (a, b)) in enumerate(zip(upto, spec["dims"], strict=True)):
+                w.write(slot, start, tuple(rng.standard_normal((end - start, d)).astype(np.float32) for d in (a, b)))
+    said = r"past the 2 usable from row 0 \(per factor pair \(2 layers per checkpoint\): 10, 6 more\)"
+    with pytest.warns(UserWarning, match=said) as caught:
+        store = tracin.GradientStore.open(path, allow_partial=True)
+    assert "not yet written for every factor pair" in str(caught[0].message)
+    assert store.n_rows == 2 and store.info()["rows_past_usable"] == [10, 6]
+
+
 def test_the_prefix_ends_at_the_first_gap(tmp_path, rows):
     path = tmp_path / "s"
     _create(path)

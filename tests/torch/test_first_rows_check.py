@@ -341,6 +341,38 @@ def test_a_failure_on_two_rows_too_and_device_failures_are_raised_as_they_are():
             np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
 
 
+class _NoBackward(torch.autograd.Function):
+    """Doubles its input; its backward fails whatever the batch size."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("no backward for this op")
+
+
+class _FailingBackward(nn.Module):
+    """A Linear(3, 2) followed by _NoBackward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return _NoBackward.apply(self.fc(x))
+
+
+def test_a_backward_failing_on_two_rows_too_is_raised_as_it_is():
+    """review294 F2: a backward failing on one row was blamed on the batch of one row after a rerun of the
+    forward alone on two rows; the rerun takes the backward too, and the bare error comes through."""
+    model = _FailingBackward()
+    x, y = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="^no backward for this op$"):
+        export_gradients(model, [(model.state_dict(), 1.0)], (x, y), CE, mode="full", progress=False)
+
+
 # review71 note: the float64 second look copies the whole state; on CPU its room is checked too
 def test_cpu_available_memory_is_linuxs_memavailable_else_the_free_pages_else_unknown(monkeypatch):
     from tracin.torch import first_rows_check as check

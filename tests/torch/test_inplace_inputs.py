@@ -155,6 +155,40 @@ def test_batchnorm_without_running_statistics_is_named_in_last_layer_mode_too() 
     assert "'1' (BatchNorm without running statistics)" in message and "track_running_stats=True" in message
 
 
+class _ShapeError(ValueError):
+    """A user's error type whose constructor takes two arguments."""
+
+    def __init__(self, got: int, expected: int) -> None:
+        super().__init__(f"got {got} features, expected {expected}")
+
+
+class _Checked(nn.Module):
+    """BatchNorm without running statistics, then a Linear; raises _ShapeError on a wrong width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.shape[-1] != 4:
+            raise _ShapeError(x.shape[-1], 4)
+        return self.fc(self.bn(x))
+
+
+def test_last_layer_mode_leaves_the_batchnorm_note_off_failures_of_any_batch_size() -> None:
+    """review294 F1: a wrong input width (fails on every batch size) was blamed on the BatchNorm, and a
+    user's error type whose constructor takes other arguments became a TypeError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with pytest.raises(RuntimeError) as raised:
+        export_gradients(model, _checkpoints(model), (x, y), LOSS, mode="last_layer", progress=False)
+    assert "BatchNorm" not in str(raised.value) and "mat1 and mat2" in str(raised.value)
+    checked = _Checked()
+    with pytest.raises(_ShapeError, match="^got 5 features, expected 4$"):
+        export_gradients(checked, _checkpoints(checked), (x, y), LOSS, mode="last_layer", progress=False)
+
+
 def test_loss_fn_changing_targets_past_the_checked_rows_is_refused_and_undone() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))

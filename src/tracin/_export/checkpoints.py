@@ -69,8 +69,7 @@ def parse_checkpoints(
         raise ValueError(f"checkpoints is empty; give at least one ({source}, learning_rate) pair")
     if (
         len(checkpoints) in (2, 3)
-        and isinstance(checkpoints[1], numbers.Real)
-        and not isinstance(checkpoints[1], bool)
+        and _is_rate(checkpoints[1])
         and not (isinstance(checkpoints[0], (tuple, list)) and len(checkpoints[0]) in (2, 3))
     ):
         raise TypeError(
@@ -113,3 +112,10 @@ def _describe(entry: Any) -> str:
     if isinstance(entry, (tuple, list)):
         return f"a {type(entry).__name__} of length {len(entry)}"
     return type(entry).__name__
+
+
+def _is_rate(x: Any) -> bool:
+    """Whether `x` is a number learning_rate() takes (a 0-d array or tensor of one too), whatever its value."""
+    if getattr(x, "shape", None) == () and callable(getattr(x, "item", None)):
+        x = x.item()
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

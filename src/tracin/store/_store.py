@@ -266,7 +266,11 @@ class GradientStore(GradientSet):
         if allow_partial and not m.complete:
             stop, from_row_0, past_usable = _partial_rows(root, m)
             if any(past_usable):
-                warnings.warn(rows_past_usable_warning(root, stop, past_usable), UserWarning, stacklevel=2)
+                warnings.warn(
+                    rows_past_usable_warning(root, stop, past_usable, _layers_per_checkpoint(m)),
+                    UserWarning,
+                    stacklevel=2,
+                )
         return cls(root, m, files, 0, stop, allow_partial, chunk_bytes, seen, ids_file, from_row_0, past_usable)
 
     # -- GradientSet ----------------------------------------------------------------------------
@@ -569,12 +573,18 @@ def _recreated(root: Path, seen: bytes, store_id: str | None) -> str | None:
     return None if now_id == store_id else f"store id {store_id} then, {now_id} now"
 
 
-def rows_past_usable_warning(root: Path, usable: int, past: list[int]) -> str:
-    """The UserWarning GradientStore.open(allow_partial=True) gives for the rows `past` (per checkpoint)
-    that range writers record past the `usable` rows of the store at `root`."""
+def rows_past_usable_warning(root: Path, usable: int, past: list[int], layers: int = 1) -> str:
+    """The UserWarning GradientStore.open(allow_partial=True) gives for the rows `past` (per slot: checkpoint,
+    or factor pair of a factored store of `layers` > 1 layers per checkpoint) that range writers record past
+    the `usable` rows of the store at `root`."""
+    per, each = (
+        ("checkpoint", "checkpoint")
+        if layers == 1
+        else (f"factor pair ({layers} layers per checkpoint)", "factor pair")
+    )
     return (
         f"gradient store {root}: range writers record rows past the {usable} usable from row 0 (per "
-        f"checkpoint: {_first(past)} more), after rows not yet written for every checkpoint: they "
+        f"{per}: {_first(past)} more), after rows not yet written for every {each}: they "
         "become usable once the rows before them are written (let the export finish, or rerun it to "
         "resume); merging alone does not make them usable"
     )

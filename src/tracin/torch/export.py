@@ -551,19 +551,25 @@ def _last_layer_name(model: nn.Module, layers: list[str] | None, batches: Batche
             )
             if why is not None:
                 raise TypeError(why) from e
-            _raise_with_batch_statistics_note(e, model)
+            _raise_with_batch_statistics_note(e, model, inputs)
             raise
         except ValueError as e:
-            _raise_with_batch_statistics_note(e, model)
+            _raise_with_batch_statistics_note(e, model, inputs)
             raise
 
 
-def _raise_with_batch_statistics_note(e: Exception, model: nn.Module) -> None:
-    """`e`, raised running the model on one row, raised again noting its BatchNorm modules without running
-    statistics (they fail on one row), if it has any; else returns."""
+def _raise_with_batch_statistics_note(e: Exception, model: nn.Module, inputs: Tree) -> None:
+    """`e`, raised running the model on one row (`inputs`), raised again noting its BatchNorm modules without
+    running statistics (they fail on one row), if it has any and the model runs on that row twice (a batch
+    of two: the failure is about one row); else returns."""
     note = batch_statistics_note(model)
-    if note is not None:
-        raise type(e)(f"{e} (tracin looks for the last nn.Linear on the first row alone; {note})") from e
+    if note is None or type(e) not in (RuntimeError, ValueError):
+        return
+    try:
+        last_linear(model, lambda: call_model(model, tree_map(lambda t: torch.cat([t, t]), inputs)))
+    except Exception:
+        return  # fails on two rows too: not the one row's BatchNorm
+    raise type(e)(f"{e} (tracin looks for the last nn.Linear on the first row alone; {note})") from e
 
 
 _NOTED = (TypeError, ValueError, RuntimeError, IndexError)  # errors a model or loss_fn fed the wrong tensors raises

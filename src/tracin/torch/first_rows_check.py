@@ -173,7 +173,7 @@ def example_gradients(
                     parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
                 except RuntimeError as e:
                     refuse_checkpointing(e)
-                    explained = one_row_error(e, model, state, loss_fn, x, y)
+                    explained = one_row_error(e, model, state, loss_fn, x, y, backward=names)
                     if explained is None:
                         raise
                     raise explained from e
@@ -182,7 +182,13 @@ def example_gradients(
 
 
 def one_row_error(
-    e: Exception, model: nn.Module, state: Mapping[str, torch.Tensor], loss_fn: LossFn, inputs: Tree, targets: Tree
+    e: Exception,
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    loss_fn: LossFn,
+    inputs: Tree,
+    targets: Tree,
+    backward: Sequence[str] = (),
 ) -> Exception | None:
     """For `e`, raised by the model and loss on one example (`inputs`, `targets`: a batch of one row), an
     error of the same type (a ValueError where that type cannot be built from a message) adding that
@@ -190,13 +196,17 @@ def one_row_error(
     naming the model's output that loses dimensions at one row (.squeeze() without a dim: 0-d where the
     loss expects (1,)) when there is one, and the model's BatchNorm modules without running statistics
     (they normalize over the batch in eval mode too). None (raise `e` as it is) when they fail on two rows too, for
-    the device's failures and out of memory. Reruns the passes: for an error about to be raised only."""
+    the device's failures and out of memory. Reruns the passes: for an error about to be raised only;
+    `backward`: for an error of the backward pass, the parameters whose gradients it took (rerun too)."""
     if device_failure(e) or isinstance(e, MemoryError):
         return None
     twice = [tree_map(lambda t: torch.cat([t, t]), tree) for tree in (inputs, targets)]
     try:
         with torch.enable_grad():
-            losses_of(model, state, loss_fn, *twice)
+            leaves = {n: state[n].detach().requires_grad_(True) for n in backward}
+            loss = losses_of(model, {**state, **leaves}, loss_fn, *twice).sum()
+            if leaves and loss.grad_fn is not None:
+                torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     except Exception:
         return None  # not about one row
     dropped = _dimensions_dropped(_output_shapes(model, state, inputs), _output_shapes(model, state, twice[0]))
