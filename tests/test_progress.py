@@ -99,6 +99,26 @@ def test_each_pass_of_a_bar_times_its_own_rows(made, capsys):
     assert "1.00ex/s" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
 
 
+def test_a_late_bar_over_passes_times_the_pass_it_reaches_from_when_that_pass_began(made, monkeypatch, terminal):
+    """review294 F6: an automatic bar made late replays the count so far, and the pass boundary it crossed
+    set the pass's clock to the moment the bar appeared (a rate 3x too high here); the pass now starts
+    where the even-rate estimate from the work's start puts it. Fake clock: passes of 10 rows, 0.13 s a row."""
+    clock = [1000.0]
+    monkeypatch.setattr(_progress, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=lambda: clock[0]))
+    monkeypatch.setattr("tqdm.std.time", lambda: clock[0])  # the clock tqdm bars take
+    bar = _progress.progress_bar(10, None, "export", passes=3, unit_scale=False)
+    for _ in range(19):  # the bar appears at row 16 (2.08 s), in pass 2, which began at row 10 (1.30 s)
+        clock[0] += 0.13
+        bar.update(1)
+    (tqdm_bar,) = made
+    assert tqdm_bar.start_t == pytest.approx(1001.30)
+    assert tqdm_bar.n == 9 and tqdm_bar.format_dict["elapsed"] == pytest.approx(9 * 0.13)
+    clock[0] += 0.26
+    bar.update(2)  # two rows: pass 2 ends with the first, so pass 3 began one row's time ago
+    assert tqdm_bar.n == 1 and tqdm_bar.start_t == pytest.approx(clock[0] - 0.13)
+    bar.close()
+
+
 def test_closing_an_automatic_bar_that_never_showed_is_harmless(made):
     bar = _progress.progress_bar(None, None, "quick")
     bar.update(1)

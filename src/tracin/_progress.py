@@ -124,19 +124,25 @@ class _Passes:
         self._bar, self._total, self._passes = bar, total, passes
         self._desc = desc
         self._pass, self._done = 0, 0  # current pass, units done in it
+        self._last = bar.start_t  # when the units counted so far were done (the work's start, for a late bar)
 
     def update(self, n: int = 1) -> None:
-        while n > 0:
-            step = min(n, self._total - self._done)
+        now = self._bar._time()
+        since, self._last = self._last, now
+        left = n
+        while left > 0:
+            step = min(left, self._total - self._done)
             self._bar.update(step)
             self._done += step
-            n -= step
+            left -= step
             if self._done == self._total and self._pass + 1 < self._passes:
                 self._pass, self._done = self._pass + 1, 0
                 # Not tqdm's reset(), which redraws at once: a bar still inside its delay stays hidden.
                 self._bar.n = self._bar.last_print_n = 0
-                # Each pass's clock too: else elapsed and the closing rate (n / elapsed) span all passes.
-                self._bar.start_t = self._bar.last_print_t = self._bar._time()
+                # Each pass's clock too: else elapsed and the closing rate (n / elapsed) span all passes. A
+                # count crossing the boundary part-way (a late bar's replay of the work so far, since its
+                # start) is taken as done at an even rate: the pass began that share of the count before now.
+                self._bar.start_t = self._bar.last_print_t = now - (now - since) * left / n
                 self._bar.set_description_str(_pass_desc(self._desc, self._pass, self._passes), refresh=False)
             elif step == 0:
                 break  # more than every pass holds: nothing left to count
