@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import warnings
@@ -82,7 +83,9 @@ def export_gradients(
         changes, e.g. functools.partial(loss, temperature=4.0). The cache holds loss_fn weakly.
     checkpoints: [(params, learning_rate)], params any pytree (nested dicts, Flax linen variables, NNX
         state, an Equinox module or its eqx.partition'ed arrays), or the path of an orbax checkpoint
-        directory / Flax msgpack file. Every checkpoint must have the first one's structure. An entry
+        directory / Flax msgpack file. Every checkpoint must have the first one's structure. Over several
+        checkpoints, a Flax TrainState's Python-int step is read as an array (their steps differ), so a loss
+        branching on it in Python fails (an error notes this): branch with jnp.where or jax.lax.cond. An entry
         may be (params, learning_rate, optax optimizer state) for a preconditioner (with
         preconditioner=None the state is unused: a UserWarning says so). A learning rate must not be
         negative (ValueError); a zero one is taken with a UserWarning (it adds nothing to any score).
@@ -241,9 +244,48 @@ def export_gradients(
     if kronecker:  # taken per token by the adapter, the preconditioner folded into it
         warn_widening(projection, projection.dim, framework.layout.dim)
         options = Options(mode, layers, dtype, store, progress)
-        return export(framework, entries, options, framework.compute_rows.recorded())
+        with _noting_array_step(framework):
+            return export(framework, entries, options, framework.compute_rows.recorded())
     options = Options(mode, layers, dtype, store, progress, preconditioner, adam if preconditioner else None)
-    return export(framework, entries, options, row_transforms(projection, framework.segments))
+    with _noting_array_step(framework):
+        return export(framework, entries, options, row_transforms(projection, framework.segments))
+
+
+_ARRAY_STEP_NOTE = (
+    "tracin reads the TrainStates' Python-int step as an array over several checkpoints, as their steps differ "
+    "(jax.jit holds a non-array leaf static, the same at every call), so a loss branching on it in Python "
+    "(if state.step > k) fails there, while one checkpoint keeps the int: branch with jnp.where or jax.lax.cond"
+)
+
+
+@contextlib.contextmanager
+def _noting_array_step(framework: _JaxExport) -> Iterator[None]:
+    """A jax.errors.ConcretizationTypeError (TracerBoolConversionError: Python's `if` on a traced value), or an
+    error it caused (check_per_example's ValueError), raised while the checkpoint loaded last had its
+    TrainState's int step read as an array, raised again adding _ARRAY_STEP_NOTE: of its type where that
+    type is built from a message, a ValueError otherwise."""
+    try:
+        yield
+    except Exception as e:
+        if not framework.step_read_as_array or not _caused_by_concretization(e):
+            raise
+        message = f"{e}\n({_ARRAY_STEP_NOTE})"
+        try:
+            noted = type(e)(message)
+        except Exception:  # noqa: BLE001 - a type taking other arguments (ConcretizationTypeError's tracer)
+            noted = None
+        raise (noted if noted is not None and str(noted) == message else ValueError(message)) from e
+
+
+def _caused_by_concretization(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from or while handling, is a ConcretizationTypeError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, jax.errors.ConcretizationTypeError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class _JaxExport:
@@ -267,10 +309,9 @@ class _JaxExport:
     ):
         self.loss_fn, self.plan = loss_fn, plan
         self.n_rows, self.one_shot = plan.n_rows, plan.one_shot
-        # several checkpoints: a TrainState's Python-int step (one per checkpoint) is read as an array, as a
-        # jitted step holds it; one checkpoint keeps it as it is (a loss may branch on it in Python)
-        self._restore = (lambda *a: step_as_array(restore(*a))) if several else restore
-        self._first = self._restore(first, "checkpoints[0]")
+        self._several = several
+        self._first, self._first_step_read = self._restore(first, "checkpoints[0]")
+        self.step_read_as_array = self._first_step_read  # that of the checkpoint in use (loaded last)
         self.last_layer = None
         self.kronecker: Any = None  # the KroneckerRows computing the rows, if kronecker=True
         self.fingerprints = {"loss": callable_identity(loss_fn)}
@@ -306,6 +347,16 @@ class _JaxExport:
                 )  # float64 beyond float32: an error
                 self._slot_dims, self.segments = [self.layout.dim], self.layout.widths
             self.params = self.layout.describe()
+
+    def _restore(self, source: Any, name: str) -> tuple[Any, bool]:
+        """(params of checkpoint `source`, whether its TrainState's Python-int step was read as an array).
+        Several checkpoints: that step (one per checkpoint) is read as an array, as a jitted step holds it;
+        one checkpoint keeps it as it is (a loss may branch on it in Python)."""
+        params = restore(source, name)
+        if not self._several:
+            return params, False
+        read = step_as_array(params)
+        return read, read is not params
 
     @property
     def slot_dims(self) -> list:
@@ -356,7 +407,10 @@ class _JaxExport:
         self._index = self.watch.checkpoint = index
         if isinstance(self.compute_rows, LastLayer):
             self.compute_rows.checkpoint = index  # named by its layer_input check
-        params = self._first if index == 0 else self._restore(source, f"checkpoints[{index}]")
+        if index == 0:
+            params, self.step_read_as_array = self._first, self._first_step_read
+        else:
+            params, self.step_read_as_array = self._restore(source, f"checkpoints[{index}]")
         self._first = None  # checkpoint 0 is loaded once
         self.layout.check_same(layout_of(params, None), f"checkpoints[{index}]")
         if self.kronecker is not None:
