@@ -181,6 +181,34 @@ def test_a_reduced_loss_is_refused_even_with_batches_of_one(trained):
         )
 
 
+def test_a_loss_squeezing_away_the_batch_of_the_last_one_row_batch_is_named_as_such(trained):
+    """review293 F1: a .squeeze() without a dim runs on batches of two rows or more and drops the batch
+    dimension on the data's own last batch of one row; the error said only "mean- or sum-reduced"."""
+    model, checkpoints, (x, y), _ = trained
+    squeezing = lambda o, t: nn.functional.cross_entropy(o, t, reduction="none").squeeze()  # noqa: E731
+    export_gradients(model, checkpoints, (x[:16], y[:16]), squeezing, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"got shape \(\)\. On a batch of one row.*\.squeeze\(\) without a dim") as e:
+        export_gradients(model, checkpoints, (x[:17], y[:17]), squeezing, batch_size=8, progress=False)
+    assert "reduction='none'" in str(e.value)
+
+
+def test_an_error_of_the_first_rows_check_names_the_rows_it_ran_and_the_batch_shapes(trained):
+    """review293 F2: torch's "Expected target size [2, 11], got [2, 10]" counted the check's two rows, not
+    the batch's; the error now says which rows ran and the batch's shapes."""
+    model, checkpoints, (x, y), _ = trained
+
+    def shifted(out, t):  # targets one column short: fails on every batch
+        return nn.functional.cross_entropy(
+            out[:, :, None].expand(-1, -1, 3), t[:, None].expand(-1, 2), reduction="none"
+        )
+
+    with pytest.raises(RuntimeError) as e:
+        export_gradients(model, checkpoints, (x, y), shifted, batch_size=8, progress=False)
+    said = str(e.value)
+    assert said.startswith("Expected target size [2, 3], got [2, 2]")
+    assert f"rows 0..1 of the first batch of 8; the batch's inputs {tuple(x[:8].shape)}, targets (8,)" in said
+
+
 def test_every_data_form_gives_the_same_rows(trained):
     model, checkpoints, (x, y), _ = trained
     expected = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=7, progress=False)
@@ -565,8 +593,12 @@ def test_float64_data_a_model_takes_runs_and_other_errors_pass_unchanged():
     want = export_gradients(model, [(model.state_dict(), 0.1)], (x.float(), y), LOSS, progress=False).matrices[0]
     np.testing.assert_array_equal(got, want)  # the data went in as it was: the model's own cast, no other
     failing = _CastsItsInputs(fail=True)
-    with pytest.raises(RuntimeError, match=r"^mat1 and mat2 shapes cannot be multiplied \(2x5 and 4x3\)$"):
+    with pytest.raises(RuntimeError, match=r"^mat1 and mat2 shapes cannot be multiplied \(2x5 and 4x3\)") as caught:
         export_gradients(failing, [(failing.state_dict(), 0.1)], (x, y), LOSS, progress=False)
+    assert str(caught.value).endswith(
+        "(tracin's check ran the model and loss_fn on rows 0..1 of the first batch "
+        "of 6; the batch's inputs (6, 4), targets (6,))"
+    )  # no dtype advice
 
 
 # review71 F1: only torch's words about a pair of floating dtypes are explained as the data's dtype
@@ -600,7 +632,9 @@ def test_errors_not_about_a_floating_dtype_pair_pass_unchanged_with_float64_data
         export_gradients(model, [(model.state_dict(), 0.1)], (ids, y), LOSS, progress=False)
     assert type(caught.value) is RuntimeError  # torch's own error, no advice to give the ids in float32
     casting = _CastsThenFails()
-    with pytest.raises(RuntimeError, match=r"^unsupported pooling type 'max3'$") as caught:
+    with pytest.raises(
+        RuntimeError, match=r"^unsupported pooling type 'max3' \(tracin's check ran .*\)$"
+    ) as caught:
         export_gradients(casting, [(casting.state_dict(), 0.1)], (torch.randn(6, 4).double(), y), LOSS, progress=False)
     assert type(caught.value) is RuntimeError
 

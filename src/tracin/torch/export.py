@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from .._export.projection import check_projection, refuse_empty_parameters, warn
 from .._export.transforms import row_transforms
 from .._progress import check_progress
 from .._validate import positive_int
+from .capture import device_failure
 from .checkpoints import (
     FreshBuffers,
     frozen_parameters,
@@ -473,9 +474,11 @@ class _TorchExport:
             why = dtype_mismatch(state.values(), inputs, targets, e) or integer_mismatch(
                 state.values(), inputs, targets, e
             )
-            if why is None:
+            if why is not None:
+                raise TypeError(why) from e
+            if type(e) is not RuntimeError or device_failure(e):
                 raise
-            raise TypeError(why) from e
+            raise RuntimeError(f"{e} ({_first_rows_note(rows, count, inputs, targets)})") from e
         if isinstance(self.compute_rows, KroneckerRows):
             self.compute_rows.check(state, inputs, targets)
 
@@ -570,6 +573,26 @@ def _raise_with_batch_statistics_note(e: Exception, model: nn.Module, inputs: Tr
     except Exception:
         return  # fails on two rows too: not the one row's BatchNorm
     raise type(e)(f"{e} (tracin looks for the last nn.Linear on the first row alone; {note})") from e
+
+
+def _first_rows_note(rows: int, count: int, inputs: Tree, targets: Tree) -> str:
+    """Where an error of the first-rows check came from: its `rows` of the batch of `count`, and the
+    batch's input and target shapes (the error's own shapes count `rows`, not the batch's rows)."""
+    return (
+        f"tracin's check ran the model and loss_fn on rows 0..{rows - 1} of the first batch of {count}; "
+        f"the batch's inputs {_shapes(inputs)}, targets {_shapes(targets)}"
+    )
+
+
+def _shapes(tree: Tree) -> str:
+    """The shapes of the tensors in `tree`, as the tree's structure: (8, 12) or {'input_ids': (8, 12)}."""
+    if isinstance(tree, torch.Tensor):
+        return str(tuple(tree.shape))
+    if isinstance(tree, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_shapes(v)}" for k, v in tree.items()) + "}"
+    if isinstance(tree, (tuple, list)):
+        return "(" + ", ".join(_shapes(v) for v in tree) + ("," if len(tree) == 1 else "") + ")"
+    return type(tree).__name__
 
 
 _NOTED = (TypeError, ValueError, RuntimeError, IndexError)  # errors a model or loss_fn fed the wrong tensors raises

@@ -110,7 +110,15 @@ def check_losses(losses: object, rows: int) -> None:
         raise TypeError(f"loss_fn must return a tensor of per-example losses, got {type(losses).__name__}")
     if losses.shape != (rows,):
         hint = ""
-        if losses.dim() == 0:
+        if losses.dim() == 0 and rows == 1:
+            hint = (
+                " On a batch of one row, a 0-d loss is most often a batch dimension dropped by .squeeze() "
+                "without a dim (in loss_fn or the model's output): squeeze a named dim (.squeeze(-1)) or "
+                "reshape(-1); the same loss runs on batches of two rows or more, so a dataset whose last batch "
+                "holds one row, or a single query, meets it. Or a mean- or sum-reduced loss: return one loss "
+                "per example (reduction='none')."
+            )
+        elif losses.dim() == 0:
             hint = (
                 " It looks mean- or sum-reduced: a reduced loss mixes the examples of a batch, so "
                 "per-example gradients cannot be taken from it. Return one loss per example "
