@@ -1319,3 +1319,47 @@ def test_a_kronecker_segment_row_holding_nan_or_either_infinity_is_named(value):
     proj = tracin.Projection(4, per_layer=True, kronecker=True)
     with pytest.raises(ValueError, match=r"^matrix: row 1 is not finite \(NaN or Inf\)"):
         proj.apply(x, segments=[LayerMatrix(3, 4)])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_factors_are_each_segments_own_streams_for_wide_and_repeated_layers(kind):
+    """Every factor is its own stream's matrix (P_rows, P_cols of a square layer and the same shapes in
+    two segments differ, also once cached), over every block of identity rows (sides beyond 256)."""
+    proj = tracin.Projection(64, seed=5, kind=kind, per_layer=True, kronecker=True)
+    square, wide = LayerMatrix(7, 6, bias=True), LayerMatrix(300, 270)
+    for index, layer, dim in [(0, square, 9), (1, square, 9), (0, square, 9), (2, wide, 16)]:
+        k_rows, k_cols = proj.kronecker_dims(dim, layer)
+        f_rows, f_cols = proj.layer_factors(index, layer, dim)
+        stream = KRONECKER + 2 * index
+        want_rows = reference_matrix(kind, 5, k_rows, layer.rows, stream=stream)
+        want_cols = reference_matrix(kind, 5, k_cols, layer.cols + int(layer.bias), stream=stream + 1)
+        np.testing.assert_allclose(f_rows, want_rows, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(f_cols, want_cols, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(*proj.layer_factors(0, square, 9))  # 3 x 3 factors of a 7 x 7 layer
+
+
+def test_apply_store_names_an_overflowing_row_of_a_later_chunk_by_its_store_row(tmp_path, rng):
+    """A finite row whose projection is beyond float32, in the third chunk of 5 rows of checkpoint 1: the
+    error names its row in the store (13), not its row in the chunk (3)."""
+    proj = tracin.Projection(8, seed=3, kind="gaussian")
+    p = reference_matrix("gaussian", 3, 8, 20)
+    rows = [rng.standard_normal((17, 20)).astype(np.float32) for _ in range(2)]
+    rows[1][13] = np.where(_aligned_row(p, 1.0) < 0, np.float32(-1e38), np.float32(1e38))
+    source = _source_store(tmp_path / "src", rows, "float32", 5)
+    with pytest.raises(tracin.projection.NonFiniteRowError, match="checkpoint 1: the projection of row 13 ") as caught:
+        proj.apply_store(source, tmp_path / "out")
+    assert caught.value.row == 13
+
+
+def test_kronecker_rows_checked_block_by_block_are_named_by_their_row(rng, monkeypatch):
+    """Blocks of one row (_BLOCK_BYTES tiny): a NaN in row 3 is named as row 3 of the matrix."""
+    from tracin import projection as module
+
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 1)
+    layer = LayerMatrix(4, 5)
+    x = rng.standard_normal((6, layer.width)).astype(np.float32)
+    x[3, 7] = np.nan
+    proj = tracin.Projection(6, seed=1, per_layer=True, kronecker=True)
+    with pytest.raises(tracin.projection.NonFiniteRowError, match="matrix: row 3 is not finite") as caught:
+        proj.apply(x, segments=[layer])
+    assert caught.value.row == 3

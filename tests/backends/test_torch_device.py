@@ -1435,3 +1435,101 @@ def test_host_buffers_stay_on_the_host_under_a_default_device(rng):
     np.testing.assert_array_equal(top.indices, stable_top_k(exact, 3, -1))
     np.testing.assert_allclose(total, exact.sum(0), rtol=1e-5, atol=1e-5 * np.abs(exact).sum(0).max())
     np.testing.assert_allclose(own, (train.astype(np.float64) ** 2).sum(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["test", "train"])
+def test_minus_infinity_alone_in_a_row_is_named_as_non_finite(rng, small_tiles, where):
+    """-inf is caught as NaN and +inf are (a check of row maxima alone would pass it): the row is named,
+    not scored as an overflow or returned as -inf scores."""
+    sets = {
+        "test": [rng.standard_normal((4, 5)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)],
+        "train": [rng.standard_normal((40, 5)).astype(np.float32), rng.standard_normal((40, 3)).astype(np.float32)],
+    }
+    row = 2 if where == "test" else 27
+    sets[where][1][row, 1] = -np.inf
+    test, train = sets["test"], sets["train"]
+    calls = [
+        lambda: tracin.scores(test, train, device="torch:cpu"),
+        lambda: tracin.top_k(test, train, k=3, device="torch:cpu"),
+        lambda: tracin.aggregate(test, train, device="torch:cpu"),
+        lambda: tracin.scores(test, train, normalize=True, device="torch:cpu"),
+    ]
+    if where == "train":
+        calls.append(lambda: tracin.self_influence(train, device="torch:cpu"))
+    for call in calls:
+        with pytest.raises(
+            ValueError, match=rf"{where} checkpoint 1 contains NaN or Inf values, first in rows \[{row}\]"
+        ):
+            call()
+
+
+def test_self_influence_beyond_float32_from_finite_rows_is_an_error_naming_the_rows():
+    rows = np.ones((5, 4), dtype=np.float32)
+    rows[[1, 3]] = 3e19  # w |g|^2 = 3.6e39 in float64: beyond float32
+    for factored in (False, True):
+        grads = (
+            tracin.FactoredGradients([rows], [np.ones((5, 2), np.float32)]) if factored else tracin.Gradients([rows])
+        )
+        with pytest.raises(ValueError, match=r"self-influence overflowed float32 for train rows \[1, 3\]"):
+            tracin.self_influence(grads, device="torch:cpu")
+
+
+def test_wide_test_blocks_hold_a_quarter_of_the_score_budget(monkeypatch):
+    """Blocks wider than DEVICE_SUM_DEPTH: test rows per score tile cut to a quarter of the budget (the
+    float64 sums and slice results of _gemm); narrower ones keep the whole budget."""
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 400)
+    monkeypatch.setattr(_tunables, "DEVICE_SUM_DEPTH", 8)
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 720)  # tiles of 20 rows of 9 columns, 22 of 8
+    for width, step in ((9, 400 // 4 // 20), (8, 400 // 22)):
+        train = KernelSide(False, [np.ones((30, width), np.float32)], [0])
+        test = KernelSide(False, [np.ones((50, width), np.float32)], [0])
+        blocks = torch_device._Call(test, train, torch.device("cpu"), weights=[1.0]).test_blocks()
+        assert blocks[0] == (0, step) and blocks[-1][1] == 50, (width, blocks)
+
+
+def test_many_slices_of_the_sum_depth_are_added_in_float64(monkeypatch):
+    """2048 slices of 16 columns of same-sign products 1 + eps/256: their float32 GEMM results added in a
+    float32 chain miss the contract's bound (about 1e-4 of the score); added in float64 they keep it."""
+    monkeypatch.setattr(_tunables, "DEVICE_SUM_DEPTH", 16)
+    d = 2**15
+    test = np.ones((2, d), np.float32)
+    train = np.stack([np.full(d, 1 + eps / 256, np.float32) for eps in np.linspace(0.005, 0.12, 12)])
+    exact, bound = exact_scores([test], [train], [1.0]), score_bound([test], [train], [1.0])
+    assert np.all(np.abs(tracin.scores(test, train, device="torch:cpu") - exact) <= bound)
+
+
+def test_cosine_scores_under_a_tiny_weight_against_small_norm_rows_keep_the_bound(rng):
+    """A weight of 2^-80 on unit test rows (largest weighted value about 2^-82: lifted to 2^-32 for cosine
+    scores, as the C++ kernel lifts them) against train rows of norm 2^-63 (below 1, above _TINY: not
+    brought near 1): unlifted, the GEMM's products would fall below float32's normal range (zero)."""
+    w = [2.0**-80]
+    test = rng.standard_normal((3, 1024)).astype(np.float32)
+    train = (rng.standard_normal((6, 1024)) * 2.0**-63 / 32).astype(np.float32)
+    t64, x64 = normalized([test.astype(np.float64)], 1), normalized([train.astype(np.float64)], 1)
+    exact, bound = exact_scores(t64, x64, w), score_bound(t64, x64, w)
+    t, x = tracin.Gradients([test], w), tracin.Gradients([train], w)
+    for device in ("cpu", "torch:cpu"):
+        assert np.all(np.abs(tracin.scores(t, x, device=device, normalize=True) - exact) <= bound), device
+
+
+def test_non_finite_rows_are_named_up_to_five_as_by_the_cpu_kernel(rng):
+    train = rng.standard_normal((30, 4)).astype(np.float32)
+    train[[2, 5, 8, 11, 14, 17], 1] = np.nan
+    test = rng.standard_normal((3, 4)).astype(np.float32)
+    for device in ("cpu", "torch:cpu"):
+        with pytest.raises(ValueError, match=r"first in rows \[2, 5, 8, 11, 14\]"):
+            tracin.scores(test, train, device=device)
+
+
+def test_an_overflow_in_the_second_half_of_the_kernels_first_pass_is_named(rng):
+    """Narrow rows: the kernel's first pass holds 512 test rows, so of the overflowing pairs (test 10,
+    train 5) and (test 300, train 0) it names the smaller train row's (300, 0), as torch:cpu must (passes
+    of 256 rows would name (10, 5))."""
+    test, train = rng.standard_normal((320, 4)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+    test[10, :2], train[5, :2], test[300, :2], train[0, :2] = [0, 1e20], [0, 1e20], [1e20, 0], [1e20, 0]
+    named = []
+    for device in ("cpu", "torch:cpu"):
+        with pytest.raises(ValueError, match="overflowed float32 although every input is finite") as error:
+            tracin.scores(test, train, device=device, progress=False)
+        named.append(_overflow_pair(str(error.value)))
+    assert named == [(300, 0), (300, 0)]

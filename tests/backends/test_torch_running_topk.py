@@ -306,3 +306,25 @@ def test_no_host_merge_on_the_device_but_one_per_piece_for_the_cpu_kernel(rng, t
     assert len(calls) == 9 * 2  # one test chunk (the kernel's passes are its own), 9 later pieces, 2 sides
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a.indices, b.indices)
+
+
+def test_a_pass_left_unfinished_does_not_carry_into_the_next_one_at_row_0(rng, small_tiles):
+    """A first pass stopped before its last piece (an error in the loop) leaves its selection in the
+    cache; the next pass, starting at row 0, drops it: its result is that of its own rows alone."""
+    backend = backends.get("torch:cpu")
+    test, train = tied(rng, 9, [3]), tied(rng, 40, [3])
+    side = lambda rows: KernelSide._make(tracin.Gradients([rows], [1.0]).kernel_side())  # noqa: E731
+    cache = ChunkCache()
+    cache.use((0, 9))
+    for first in (0, 6):  # better (10x) rows than the next pass's, never finished
+        piece = 10 * train[0][first : first + 6]
+        assert (
+            backend.top_k_running(
+                side(test[0]), side(piece), [1.0], 5, "both", first=first, last=False, num_threads=1, cache=cache
+            )
+            is None
+        )
+    out = backend.top_k_running(
+        side(test[0]), side(train[0]), [1.0], 5, "both", first=0, last=True, num_threads=1, cache=cache
+    )
+    assert_same_bits(out, backend.top_k(side(test[0]), side(train[0]), [1.0], 5, "both", num_threads=1))

@@ -410,3 +410,33 @@ def test_a_score_beyond_float32_is_found_by_the_groups_extremes_in_a_group_or_th
     test[1], train[row] = 1e20, sign * 1e20  # finite rows, a score of +-4e40
     with pytest.raises(ValueError, match="overflowed float32 although every input is finite"):
         tracin.top_k(test, train, k=1, side=side, device="torch:cpu")
+
+
+def test_keys_order_scores_one_ulp_apart_on_both_sides_of_zero():
+    """Adjacent float32 values (one unit in the last place apart) keep their order in the keys for
+    negative scores as for positive ones, for either side (opponents negate the scores)."""
+    up = np.nextafter(np.float32(1.0), np.float32(2.0))
+    values = torch.tensor([[-up, -1.0, 1.0, up]], dtype=torch.float32)
+    indices = torch.tensor([[0, 1, 2, 3]])
+    for side, expected in (("proponents", [3, 2, 1, 0]), ("opponents", [0, 1, 2, 3])):
+        _, order = _torch_topk.best(values, indices, 4, side)
+        assert order[0].tolist() == expected, side
+
+
+@pytest.mark.parametrize(("k", "r"), [(1, 522), (3, 1100)])
+@pytest.mark.parametrize("side", ["proponents", "opponents"])
+def test_grouped_candidates_with_a_tail_keep_the_columns_of_every_chosen_group(k, r, side):
+    """Tiles of whole groups plus a tail (522 = 8 x 64 + 10; 1100 = 16 x 64 + 76): every candidate is the
+    score of its column, whichever chosen group or the tail holds it, and the k best of each row (tie-free
+    random scores) are selected."""
+    scores = torch.from_numpy(np.random.default_rng(5).standard_normal((60, r)).astype(np.float32))
+    assert _torch_topk._group_size(k, r) == 64
+    running = _torch_topk.RunningTopK(k, side, 60, torch.device("cpu"))
+    found = running.candidates(scores, 100)
+    assert found.values.shape == (60, k + 1)  # each candidate, the (k + 1)-th too, is its column's score
+    np.testing.assert_array_equal(scores.gather(1, found.indices - 100).numpy(), found.values.numpy())
+    running.merge(found)
+    got = running.result()
+    order = np.argsort((-1 if side == "proponents" else 1) * scores.numpy(), axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(got.indices, order + 100)
+    np.testing.assert_array_equal(got.values, np.take_along_axis(scores.numpy(), order, 1))

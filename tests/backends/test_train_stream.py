@@ -203,3 +203,15 @@ def test_non_finite_rows_in_a_later_piece_name_their_rows(rng, tmp_path):
             tracin.top_k(test, x, k=3, device=device)
         messages.append(str(e.value))
     assert messages[0] == messages[1]
+
+
+def test_a_following_piece_wider_than_the_staging_slots_is_not_staged_ahead(rng):
+    """A piece of 3 rows (slots of 3 rows) followed by one of 8, tiles of 10 rows: the next piece's first
+    tile does not fit the slots, so it is not uploaded ahead; its own call makes larger slots."""
+    small, big = (KernelSide(False, [rng.standard_normal((n, 4)).astype(np.float32)], [0]) for n in (3, 8))
+    stream = _torch_rows.TrainStream(torch.device("cpu"))
+    for side, following in ((small, big), (big, None)):
+        tiles = list(stream.tiles(side, 10, following))
+        assert [(i0, i1) for i0, i1, _ in tiles] == [(0, side.blocks[0].shape[0])]
+        np.testing.assert_array_equal(tiles[0][2][0].numpy(), side.blocks[0])
+    assert stream.staging.rows == 8
