@@ -801,3 +801,44 @@ def test_a_non_finite_value_is_named_by_its_row_for_each_dtype(rng, dtype, value
     train[2, 0] = value
     with pytest.raises(ValueError, match=r"train checkpoint 0 contains NaN or Inf values, first in rows \[2\]"):
         _core.scores(tracin.Gradients([test[:0]]).kernel_side(), tracin.Gradients([train]).kernel_side(), [1.0])
+
+
+def test_project_refuses_an_out_of_the_wrong_width_layout_or_dtype(rng):
+    """_core.project checks `out` itself: (rows, dim) float32, contiguous rows, writable."""
+    x = rng.standard_normal((3, 10)).astype(np.float32)
+    side = (False, [x], [0])
+    want = np.zeros((3, 6), np.float32)
+    _core.project(0, 5, 0, 6, 8, side, 0, want)
+    reference = x.astype(np.float64) @ tracin.Projection(6, 5, "rademacher").apply(np.eye(10, dtype=np.float32))
+    np.testing.assert_allclose(want, reference, rtol=1e-5, atol=1e-5)
+    bad = {
+        "wider": np.zeros((3, 7), np.float32),
+        "narrower": np.zeros((3, 5), np.float32),
+        "strided columns": np.zeros((3, 12), np.float32)[:, ::2],
+        "float64": np.zeros((3, 6)),
+        "read-only": np.zeros((3, 6), np.float32),
+    }
+    bad["read-only"].flags.writeable = False
+    for name, out in bad.items():
+        with pytest.raises((ValueError, BufferError), match=r"out must be a writable float32 \(rows, dim\) array|read"):
+            _core.project(0, 5, 0, 6, 8, side, 0, out)
+        assert not np.any(np.nan_to_num(np.asarray(out, np.float64))), name
+
+
+def test_project_refuses_a_block_with_strided_columns_or_another_format(rng):
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    out = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="must have contiguous rows"):
+        _core.project(0, 1, 0, 4, 8, (False, [x[:, ::2]], [0]), 0, out)
+    with pytest.raises(ValueError, match=r"float32 \('f'\)"):
+        _core.project(0, 1, 0, 4, 8, (False, [x.view(np.uint16)[:, :20]], [0]), 0, out)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_top_k_names_a_non_finite_train_row_whatever_k(rng, k):
+    """k = 0 selects nothing, yet NaN or Inf inputs are refused as for any k."""
+    test = rng.standard_normal((2, 5)).astype(np.float32)
+    train = rng.standard_normal((3, 5)).astype(np.float32)
+    train[1, 2] = np.nan
+    with pytest.raises(ValueError, match="(?i)train"):
+        _core.top_k((False, [test], [0]), (False, [train], [0]), [1.0], k, 0)

@@ -167,6 +167,9 @@ void TestErrors() {
   Check(code({ProjectionKind::kRademacher, 0, 0, 4, 8}, {{x.data(), 3, 4, 3, DType::kFloat32}}) ==
             StatusCode::kInvalidArgument,
         "row stride");
+  Check(tracin::Project({ProjectionKind::kRademacher, 0, 0, 4, 8}, {v}, 0, out.data(), 3).code ==
+            StatusCode::kInvalidArgument,
+        "out row stride smaller than dim");
   x[5] = std::nanf("");
   for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse})
     Check(code({kind, 0, 0, 4, 2}, {v}) == StatusCode::kNonFinite, std::string("NaN: ") + KindName(kind));
@@ -227,6 +230,69 @@ void TestOverflowRescue() {
   }
   Check(rescued >= 3 && refused >= 1, "the cases cover rescued rows (" + std::to_string(rescued) +
                                           ") and refused ones (" + std::to_string(refused) + ")");
+}
+
+// A spec's nonzeros above dim is capped at dim (the header's contract): the same bits as nonzeros = dim,
+// whose scale is 1 / sqrt(dim), not 1 / sqrt(nonzeros).
+void TestSparseNonzerosCappedAtDim() {
+  std::vector<float> x(5 * 9);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 11) - 4.5f;
+  const MatrixView v{x.data(), 5, 9, 9, DType::kFloat32};
+  for (std::int64_t dim : {1, 3, 7})
+    Check(SameBits(Project({ProjectionKind::kSparse, 2, 0, dim, 8}, {v}),
+                   Project({ProjectionKind::kSparse, 2, 0, dim, static_cast<int>(dim)}, {v})),
+          "sparse nonzeros 8 on dim " + std::to_string(dim) + " is nonzeros = dim");
+}
+
+// The rescue's shift comes from the largest value of the whole row: here it lies past the first
+// 4096 columns (the rescue reads a row in chunks of 4096), the columns before it hold 1.0.
+void TestOverflowRescueFindsTheLargestValueInALaterChunk() {
+  const std::int64_t head = 4096, big_cols = 64, d = head + big_cols, dim = 256;
+  for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian}) {
+    const ProjectionSpec spec{kind, 4, 0, dim, 8};
+    const std::string name = KindName(kind);
+    // P's columns [head, d): the projections of the unit vectors at column offset `head`.
+    std::vector<float> eye(static_cast<std::size_t>(big_cols * big_cols), 0.0f);
+    for (std::int64_t k = 0; k < big_cols; ++k) eye[static_cast<std::size_t>(k * big_cols + k)] = 1.0f;
+    const std::vector<float> pt = Project(spec, {{eye.data(), big_cols, big_cols, big_cols, DType::kFloat32}}, head);
+    std::vector<float> x(static_cast<std::size_t>(d), 1.0f);
+    for (std::int64_t k = 0; k < big_cols; ++k)  // aligned with the signs of output 0: its sum passes FLT_MAX
+      x[static_cast<std::size_t>(head + k)] = pt[static_cast<std::size_t>(k * dim)] < 0 ? -3e37f : 3e37f;
+    std::vector<float> out(static_cast<std::size_t>(dim));
+    const tracin::Status s = tracin::Project(spec, {{x.data(), 1, d, d, DType::kFloat32}}, 0, out.data(), dim);
+    Check(s.ok(), name + ": a finite projection whose largest values lie past column 4096 is returned: " + s.message);
+    if (!s.ok()) continue;
+    for (std::int64_t i = 0; i < dim; ++i) {
+      double want = 0, size = 0;  // the head's 4096 ones add at most 4096 * 6 / 16: far below the tolerance
+      for (std::int64_t k = 0; k < big_cols; ++k) {
+        const double term = static_cast<double>(x[static_cast<std::size_t>(head + k)]) *
+                            pt[static_cast<std::size_t>(k * dim + i)];
+        want += term;
+        size += std::fabs(term);
+      }
+      Check(std::fabs(out[static_cast<std::size_t>(i)] - want) <= 1e-6 * size + 1e5,
+            name + ": output " + std::to_string(i) + " matches the float64 product");
+    }
+    Check(std::fabs(static_cast<double>(out[0])) > static_cast<double>(FLT_MAX) / 16,
+          name + ": output 0's unscaled sum passed FLT_MAX");
+  }
+}
+
+// Rescued rows are summed again in batches of 16M outputs: with dim = 2^22, a batch holds 4 rows,
+// and the fifth rescued row goes in a second batch, written back to its own row.
+void TestOverflowRescueInSeveralBatches() {
+  const std::int64_t dim = std::int64_t{1} << 22, rows = 5, d = 2;
+  const ProjectionSpec spec{ProjectionKind::kRademacher, 6, 0, dim, 8};
+  std::vector<float> x(static_cast<std::size_t>(rows * d));
+  for (std::int64_t r = 0; r < rows; ++r)  // both columns 3e38 - r 1e37: a pair of agreeing signs overflows
+    x[static_cast<std::size_t>(r * d)] = x[static_cast<std::size_t>(r * d + 1)] =
+        3e38f - 1e37f * static_cast<float>(r);
+  const std::vector<float> all = Project(spec, {{x.data(), rows, d, d, DType::kFloat32}});
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::vector<float> alone = Project(spec, {{x.data() + r * d, 1, d, d, DType::kFloat32}});
+    Check(std::memcmp(all.data() + r * dim, alone.data(), sizeof(float) * static_cast<std::size_t>(dim)) == 0,
+          "rescued row " + std::to_string(r) + " of a second batch has the bits of that row alone");
+  }
 }
 
 void TestCancellation() {
@@ -295,6 +361,9 @@ int main() {
     TestKind(kind);
   TestErrors();
   TestOverflowRescue();
+  TestOverflowRescueFindsTheLargestValueInALaterChunk();
+  TestOverflowRescueInSeveralBatches();
+  TestSparseNonzerosCappedAtDim();
   TestCancellation();
   TestCancellationInsideATask();
   TestHugeThreadCount();
