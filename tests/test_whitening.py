@@ -2145,3 +2145,48 @@ def test_whitening_threads_set_blas_to_that_many_threads():
         assert counts() == {1}
     with blas_threads(2):
         assert counts() == {2}
+
+
+def test_non_finite_rows_over_row_blocks_are_named_five_as_the_kernel_names_them(rng, monkeypatch):
+    """Bad rows in two row blocks (three each, blocks of 4 rows): fit names the first five, as the kernel does
+    (r291 M3: each block added up to five, so six rows were named and every later block read again)."""
+    monkeypatch.setattr(_moments, "BLOCK_ROWS", 4)
+    bad = anisotropic(rng, 16, 6)
+    for row in (0, 1, 2, 4, 5, 6, 9):
+        bad[row, row % 6] = np.nan
+    kernel = _plain_error(lambda: tracin.self_influence(tracin.Gradients([bad])))
+    assert kernel == "train checkpoint 0 contains NaN or Inf values, first in rows [0, 1, 2, 4, 5]"
+    for precision in ("float32", "float64"):
+        assert _plain_error(lambda p=precision: Whitening.fit(tracin.Gradients([bad]), precision=p)) == kernel
+
+
+def test_the_top_eigenvalue_check_above_the_exact_side_also_takes_the_largest_diagonal_entry(monkeypatch):
+    """Above EXACT_SIDE a diagonal entry of X is a lower bound on its largest eigenvalue as good as Lanczos's: an
+    entry above (1 + EXCESS) / lambda is found even where Lanczos falls short (here made to find nothing; r291 M5:
+    Lanczos alone)."""
+    monkeypatch.setattr(_inverse, "lanczos_top", lambda x, steps: 0.0)
+    x = np.eye(_inverse.EXACT_SIDE + 44) * 0.5
+    x[7, 7] = 1.05
+    assert _inverse._top_above(x, 1.0 + _inverse.EXCESS) == 1.05
+    x[7, 7] = 1.0
+    assert _inverse._top_above(x, 1.0 + _inverse.EXCESS) is None
+
+
+def test_a_full_rank_fit_far_below_the_warning_is_silent_where_cond_alone_would_warn():
+    """Full-rank R (eigenvalue spread 1e-6, 256 dims) at damping 1e-5: cond is about 6e5 (12 x cond x 2^-24 far over
+    1e-2), but test rows like the fit's whiten to a range of sqrt(1e6): silent, and the scores are within 1e-3
+    (r291 M9: cond_seen without its square root warned here)."""
+    rng = np.random.default_rng(0)
+    n, d = 2000, 256
+    scales = np.geomspace(1, 1e-3, d)
+    train = (rng.standard_normal((n, d)) * scales).astype(np.float32)
+    test = (rng.standard_normal((6, d)) * scales).astype(np.float32)
+    fitted = _silently(lambda: Whitening.fit([train], damping=1e-5, precision="float64"))
+    g = to_float64(train)
+    r = g.T @ g / n
+    lam = 1e-5 * np.trace(r) / d
+    eig = np.linalg.eigvalsh(r)
+    assert 12 * (eig[-1] + lam) / (eig[0] + lam) * 2.0**-24 > 0.1
+    exact = to_float64(test) @ np.linalg.solve(r + lam * np.eye(d), g.T)
+    err = np.abs(to_float64(tracin.scores(fitted.apply([test]), [train])) - exact).max() / np.abs(exact).max()
+    assert err <= 1e-3, err

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+
+import pytest
 
 from tracin._export.pretrained_folder import weight_files, without_weights
 
@@ -38,3 +42,14 @@ def test_a_folder_with_weights_gives_them_in_first_use_order_after_their_index(t
     os.remove(tmp_path / "model.safetensors.index.json")
     found = weight_files(tmp_path, "checkpoints[0]")
     assert (found.files, found.index, found.safetensors) == (["pytorch_model.bin"], None, False)
+
+
+def test_an_index_listing_the_folder_itself_or_its_parent_as_a_shard_is_refused_as_not_a_file_name(tmp_path):
+    """'.' and '..' name folders, not shards: the same ValueError as '../x' (r291 M40: '.' passed the name check
+    and was a FileNotFoundError, 'no shard listed by its index at <folder>/.', as if a shard were missing)."""
+    for bad in (".", ".."):
+        index = {"weight_map": {"a": "s-1.safetensors", "b": bad}}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+        (tmp_path / "s-1.safetensors").write_bytes(b"x")
+        with pytest.raises(ValueError, match=rf"lists the shard '{re.escape(bad)}', which is not a file name"):
+            weight_files(tmp_path, "checkpoints[0]")

@@ -284,3 +284,17 @@ def test_export_finalizing_pass_is_announced_and_shows_its_reading_bar(client, t
     td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "t", client=client, progress=False)
     assert {bar.enabled for bar in _Recorded.bars} == {False}
     assert "reads the data once more" not in capsys.readouterr().err
+
+
+def test_rows_written_counts_per_column_when_the_recorded_checkpoints_do_not_divide_the_columns(tmp_path):
+    """A store whose metadata lists 3 checkpoint digests over 2 columns (a user's own metadata, say): each column
+    counts as a checkpoint, as without the record (r291 M38: 2 // 3 = 0 columns per checkpoint, a
+    ZeroDivisionError in the progress bar's count)."""
+    path = tmp_path / "s"
+    writer = tracin.GradientStore.create(
+        path, 10, [3, 2], None, metadata={"fingerprints": {"checkpoints": ["a", "b", "c"]}}
+    )
+    writer.write(0, 0, np.ones((4, 3), np.float32))
+    writer.close()
+    rows = _export.RowsWritten(path, read_manifest(path))
+    assert (rows.total, rows.count()) == (20, 4)

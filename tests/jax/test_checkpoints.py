@@ -1086,3 +1086,18 @@ def test_plain_dicts_with_an_int_step_keep_it_for_a_loss_reading_it_in_python(ml
     for matrix, weights in zip(g.matrices, mlp.weights[:2], strict=True):
         ref = mlp.reference_rows(mlp.reference_grads(weights, x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
         np.testing.assert_allclose(np.asarray(matrix, np.float64), 2.0 * ref, rtol=1e-4, atol=1e-6)
+
+
+def test_a_checkpoint_manager_root_of_many_steps_names_four_item_folders_and_the_count(tmp_path):
+    """A CheckpointManager root of 7 steps: the hint names the first four item folders (steps in numeric order)
+    and how many there are, not all of them (r291 M49: every folder was listed)."""
+    from tracin.jax.checkpoints import restore
+
+    root = tmp_path / "run"
+    for step in (1, 2, 3, 10, 20, 30, 100):
+        (root / str(step) / "default").mkdir(parents=True)
+        (root / str(step) / "default" / "_METADATA").write_text("{}")
+    with pytest.raises(
+        ValueError, match=r"\): '1/default', '2/default', '3/default', '10/default', \.\.\. \(7 in all\)"
+    ):
+        restore(root, "checkpoints[0]")

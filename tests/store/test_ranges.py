@@ -494,3 +494,18 @@ def test_a_range_writer_refuses_a_block_running_past_its_range_into_the_next(tmp
         with pytest.raises(ValueError, match=r"rows \[190, 210\) are outside this writer's rows \[50, 200\)"):
             r.write(0, 190, rows(0)[190:210])
         assert r.missing(0) == [[50, 200]]
+
+
+def test_a_refused_resume_of_a_range_leaves_its_files_as_they_were(tmp_path):
+    """Resuming a range whose rows another range's leftover files overlap is refused, and the files of the range
+    resumed (its lock file included: this claim did not create it) stay (r291 M26: its lock file was removed)."""
+    path = tmp_path / "s"
+    _create(path)
+    with tracin.GradientStore.create(path, **SPEC, rows=(0, 300)) as w:
+        w.write(0, 0, np.ones((BLOCK, DIMS[0]), np.float32))
+    (path / "rows-200-400.lock").touch()  # a range writer killed before its first block
+    before = sorted(os.listdir(path))
+    assert "rows-0-300.lock" in before
+    with pytest.raises(ValueError, match=r"rows \[0, 300\) overlap rows \[200, 400\) of another range writer"):
+        tracin.GradientStore.create(path, **SPEC, rows=(0, 300))
+    assert sorted(os.listdir(path)) == before

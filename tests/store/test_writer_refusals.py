@@ -206,3 +206,31 @@ def test_a_refused_range_writer_leaves_the_live_writers_temporary_alone(tmp_path
     assert tmp.read_bytes() == b"the live writer's progress, between its write and its rename"
     w.write(0, 0, rows(0)[:40])  # its write replaces the temporary
     w.close()
+
+
+def test_a_left_record_of_the_whole_store_is_removed_by_a_range_writer_so_refusals_name_the_live_ones(tmp_path):
+    """A killed writer of the whole store left writer.info (a live-looking record of another host): the range
+    writer that takes the directory lock next removes it, so a refused writer names that range writer, not the
+    dead one (r291 M21: kept, it named the dead writer as the holder)."""
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, **SPEC).close()
+    (path / INFO).write_text(json.dumps({"pid": 4242, "host": "node-gone", "since": "2020-01-01T00:00:00Z"}))
+    before = datetime.now(timezone.utc)
+    w = tracin.GradientStore.create(path, **SPEC, rows=(0, 300))
+    assert not (path / INFO).exists()
+    with pytest.raises(RuntimeError, match="being written by another writer") as e:
+        tracin.GradientStore.create(path, **SPEC)
+    assert "node-gone" not in str(e.value)
+    _assert_names_this_process(e.value, before)
+    w.close()
+
+
+def test_a_long_host_name_in_a_record_is_cut_to_100_characters(tmp_path):
+    """A record is anyone's to write: its host is named cut to 100 characters (r291 M48: all 4 KiB of it)."""
+    path = tmp_path / "s"
+    w = tracin.GradientStore.create(path, **SPEC)
+    (path / INFO).write_text(json.dumps({"pid": 4242, "host": "h" * 3000, "since": "2026-01-01T00:00:00Z"}))
+    with pytest.raises(RuntimeError, match="being written by another writer") as e:
+        tracin.GradientStore.create(path, **SPEC)
+    assert f"held by pid 4242 on host {'h' * 100} since 2026-01-01T00:00:00Z" in str(e.value)
+    w.close()
