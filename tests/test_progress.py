@@ -119,6 +119,21 @@ def test_a_late_bar_over_passes_times_the_pass_it_reaches_from_when_that_pass_be
     bar.close()
 
 
+def test_a_late_bar_times_its_pass_from_when_it_began_after_a_pass_counted_at_once(made, monkeypatch, terminal):
+    """A resumed export counts a checkpoint written before at once (update(total) at the start), so an even
+    rate over the work so far is wrong: the pass the late bar shows began at that update, not part-way."""
+    clock = [1000.0]
+    monkeypatch.setattr(_progress, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=lambda: clock[0]))
+    monkeypatch.setattr("tqdm.std.time", lambda: clock[0])
+    bar = _progress.progress_bar(10, None, "export", passes=3, unit_scale=False)
+    bar.update(10)  # checkpoint 1 written before: counted at once
+    for _ in range(8):  # checkpoint 2: a row every 0.25 s, the bar appears at 2 s
+        clock[0] += 0.25
+        bar.update(1)
+    (tqdm_bar,) = made
+    assert tqdm_bar.n == 8 and tqdm_bar.start_t == pytest.approx(1000.0)
+
+
 def test_closing_an_automatic_bar_that_never_showed_is_harmless(made):
     bar = _progress.progress_bar(None, None, "quick")
     bar.update(1)

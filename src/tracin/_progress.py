@@ -81,7 +81,9 @@ def progress_bar(
     tqdm is needed only when enabled is True.
     """
     if enabled is None and shows_automatically():
-        return _Delayed(functools.partial(_bar, total, desc, unit, passes, unit_scale, time.time()))
+        start = time.time()
+        paced = total if passes > 1 and total else None
+        return _Delayed(functools.partial(_bar, total, desc, unit, passes, unit_scale, start), start, paced, passes)
     return _bar(total, desc, unit, passes, unit_scale) if enabled else _Silent()
 
 
@@ -150,6 +152,10 @@ class _Passes:
     def set_postfix_str(self, s: str) -> None:
         self._bar.set_postfix_str(s)
 
+    def pass_began(self, t: float) -> None:
+        """Times the current pass from `t` (time.time()): when it began, before the bar was made."""
+        self._bar.start_t = self._bar.last_print_t = t
+
     def close(self) -> None:
         self._bar.close()
 
@@ -158,21 +164,32 @@ class _Delayed:
     """A bar made by `make()` at the first update() once AUTO_DELAY_S seconds have passed since this
     one was made, given the count and postfix so far; until then (and for quick work, ever) nothing."""
 
-    def __init__(self, make: Callable[[], Any]):
+    def __init__(self, make: Callable[[], Any], start: float, total: int | None = None, passes: int = 1):
         self._make, self._start = make, time.monotonic()
         self._bar: Any = None
         self._count, self._postfix = 0, None
+        # passes of `total` units: when the last one counted began (time.time()), the update before it
+        self._total, self._passes, self._last, self._pass_began = total, passes, start, None
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
             return
+        now = time.time()
+        if self._total and n > 0:
+            reached = (self._count + n) // self._total
+            if reached > self._count // self._total and reached < self._passes:
+                # the pass began inside this update's count, taken as done at an even rate since the last one
+                self._pass_began = now - (now - self._last) * ((self._count + n) % self._total) / n
+            self._last = now
         self._count += n
         if time.monotonic() - self._start >= AUTO_DELAY_S:
             self._bar = self._make()
             if self._postfix is not None:
                 self._bar.set_postfix_str(self._postfix)
             self._bar.update(self._count)
+            if self._pass_began is not None:
+                self._bar.pass_began(self._pass_began)
 
     def set_postfix_str(self, s: str) -> None:
         if self._bar is None:

@@ -252,9 +252,10 @@ def export_gradients(
 
 
 _ARRAY_STEP_NOTE = (
-    "tracin reads the TrainStates' Python-int step as an array over several checkpoints, as their steps differ "
-    "(jax.jit holds a non-array leaf static, the same at every call), so a loss branching on it in Python "
-    "(if state.step > k) fails there, while one checkpoint keeps the int: branch with jnp.where or jax.lax.cond"
+    "if loss_fn branches in Python on a TrainState's step (if state.step > k): tracin reads the TrainStates' "
+    "Python-int step as an array over several checkpoints (jax.jit holds a non-array leaf static, the same at "
+    "every call, while the steps of checkpoints differ), so that branch fails there, while one checkpoint keeps "
+    "the int: branch with jnp.where or jax.lax.cond"
 )
 
 
