@@ -278,6 +278,25 @@ def test_score_csv_carries_ids(stores, tmp_path):
     assert b"\r" not in out.read_bytes()
 
 
+def test_csv_ids_ending_in_a_carriage_return_stay_in_their_row(tmp_path, rng):
+    """review298 F4: ids split from a CRLF file end in \r; csv before Python 3.13 left such a cell unquoted with
+    lineterminator \n, so csv readers saw a line break in the row (rows of 2 and 3 cells)."""
+    ids = "img-0\r\nimg-1\r\nimg-2\r\n".split("\n")[:3]
+    mats = [rng.standard_normal((3, 4)).astype(np.float32)]
+    train = _write_store(tmp_path / "train", mats, [1.0], ids=ids)
+    ranking, top = tmp_path / "rank.csv", tmp_path / "top.csv"
+    assert main(["self-influence", str(train), "-o", str(ranking)]) == 0
+    assert main(["score", "--test", str(train), "--train", str(train), "-k", "2", "-o", str(top)]) == 0
+    for out, width, id_columns in ((ranking, 4, (2,)), (top, 7, (1, 5))):
+        rows = list(csv.reader(open(out, newline="")))
+        assert len(rows) == 1 + 3 * (1 if out == ranking else 2)
+        assert all(len(row) == width for row in rows), rows
+        assert all(row[c] in ids for row in rows[1:] for c in id_columns)
+    exact = (mats[0].astype(np.float64) ** 2).sum(1)
+    rows = list(csv.DictReader(open(ranking, newline="")))
+    assert [r["train_id"] for r in rows] == [ids[i] for i in np.argsort(-exact)]
+
+
 def test_self_influence_ranking(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     out = tmp_path / "rank.csv"
@@ -534,7 +553,7 @@ def test_a_failed_stdout_write_names_stdout_and_a_closed_pipe_or_ctrl_c_keep_the
         monkeypatch.undo()
         assert _error_line(capsys.readouterr().err, command[0]) == f"tracin {command[0]}: error: {said}"
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_write_csv", interrupted)
@@ -2256,6 +2275,38 @@ def test_self_influence_whitening_matches_the_float64_whitened_self_influence(st
     assert [np.float32(r["self_influence"]) for r in rows] == np.sort(python)[::-1].tolist()
 
 
+def test_a_whitening_fitted_on_another_store_is_warned_about_naming_the_option(stores, tmp_path, rng, capsys):
+    """review298 F1: a whitening whose spec records another store (fitted_on: the demo's test store, say) than
+    --train / path whitened silently with that store's R; now a one-line warning names both store ids."""
+    paths, blocks, weights = stores
+    other = _write_store(
+        tmp_path / "other", [rng.standard_normal(m.shape).astype(np.float32) for m in blocks["train"]], weights
+    )
+    elsewhere, _ = _saved_whitening(tmp_path / "elsewhere.npz", tracin.GradientStore.open(other))
+    here, _ = _saved_whitening(tmp_path / "here.npz", tracin.GradientStore.open(paths["train"]))
+    ids = {
+        name: tracin.GradientStore.open(path).store_id for name, path in (("other", other), ("train", paths["train"]))
+    }
+    runs = (
+        ("score", _score(paths, "-o", str(tmp_path / "top.npz"), "--whitening"), "--train"),
+        (
+            "self-influence",
+            ["self-influence", str(paths["train"]), "-o", str(tmp_path / "r.csv"), "--whitening"],
+            "path",
+        ),
+    )
+    for command, argv, option in runs:
+        assert main([*argv, str(elsewhere)]) == 0
+        warned = [
+            line for line in capsys.readouterr().err.splitlines() if line.startswith(f"tracin {command}: warning: ")
+        ]
+        assert len(warned) == 1, warned
+        assert f"fitted on another gradient store (id {ids['other']}) than {option} " in warned[0]
+        assert f"(id {ids['train']})" in warned[0]
+        assert main([*argv, str(here)]) == 0
+        assert "warning" not in capsys.readouterr().err
+
+
 def test_output_that_is_the_whitening_file_is_refused_and_the_whitening_kept(stores, tmp_path, capsys):
     """review138 F1: -o naming the --whitening file (or a link to it) replaced the saved whitening with the
     results and exited 0; it is refused before any work and the file still loads as the same whitening."""
@@ -2421,8 +2472,8 @@ def test_a_whitening_fitted_on_other_gradients_is_refused_naming_the_options(sto
             test,
             plain,
             whitening("one", mats=blocks["train"][:1], w=weights[:1]),
-            "--whitening applied to --test: test has 2 checkpoints but the whitening has 1; give --test rows "
-            "exported as --train's were and --whitening a whitening fitted on --train's gradients "
+            "--whitening applied to --test: test has 2 checkpoints but the whitening has 1 checkpoint; give --test "
+            "rows exported as --train's were and --whitening a whitening fitted on --train's gradients "
             "(tracin.Whitening.fit, then save)",
         ),
         (  # --test is the odd one out: the whitening is fitted on --train's gradients (review248 F2)

@@ -417,7 +417,7 @@ def test_refuses_sets_of_another_shape(full, rng):
     w = Whitening.fit(tracin.Gradients(train))
     with pytest.raises(ValueError, match=r"test dims \[24, 8\] differ"):
         w.apply(tracin.Gradients([test[0], test[1][:, :8]]))
-    with pytest.raises(ValueError, match="test has 1 checkpoints but the whitening has 2"):
+    with pytest.raises(ValueError, match="test has 1 checkpoint but the whitening has 2 checkpoints"):
         w.apply(tracin.Gradients([test[0]]))
     with pytest.raises(ValueError, match="test gradients are factored but the whitening is for full"):
         w.apply(tracin.FactoredGradients([test[0]], [test[1]]))

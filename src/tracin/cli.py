@@ -352,18 +352,23 @@ def _progress(args: argparse.Namespace) -> bool | None:
     return None if not args.no_progress and shows_automatically() else False
 
 
-def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, progress: bool | None) -> None:
+def _write_csv(
+    f: IO[str], header: list[str], rows: Iterator[list], total: int, progress: bool | None, ids: tuple = ()
+) -> None:
     """`header`, then the `total` `rows`, written CSV_CHUNK at a time under a progress bar. On a
     terminal, control characters and bidi controls in string cells (ids from a store) are written escaped
     (\\x1b), so that a store from elsewhere cannot drive the terminal; files and pipes get them as
-    they are, CSV-quoted."""
+    they are, CSV-quoted: every cell quoted where an id of `ids` (the id lists the rows show) holds a \\r
+    (ids split from a CRLF file), which csv before Python 3.13 leaves unquoted with lineterminator \\n."""
     from itertools import islice
 
     from ._progress import progress_bar
 
     if _is_terminal(f):
         rows = ([printable(x) if isinstance(x, str) else x for x in row] for row in rows)
-    w = csv.writer(f, lineterminator="\n")  # Unix line ends: shell tools (awk, cut) see no trailing \r
+    carriage = any(isinstance(i, str) and "\r" in i for group in ids if group for i in group)
+    quoting = csv.QUOTE_ALL if carriage else csv.QUOTE_MINIMAL
+    w = csv.writer(f, lineterminator="\n", quoting=quoting)  # Unix line ends: awk, cut see no trailing \r
     w.writerow(header)
     bar = progress_bar(total, progress, "tracin writing CSV", unit="row")
     try:
@@ -489,6 +494,7 @@ def cmd_score(args: argparse.Namespace) -> None:
                     "--whitening out"
                 )
         whitening = _load_whitening(args.whitening)
+        _warn_fitted_elsewhere(whitening, train, "--train")
     # a whitened test side's whitening: --whitening, or the one a whitened --test store records
     owner = "--test's whitening" if whitening is None else "--whitening"
     try:
@@ -560,7 +566,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     pairs = sum(r.indices.size for r in sides.values())
 
     def write_csv(f: IO[str]) -> None:
-        _write_csv(f, PAIRS_HEADER, _pair_rows(sides, test_ids, train_ids), pairs, _progress(args))
+        rows = _pair_rows(sides, test_ids, train_ids)
+        _write_csv(f, PAIRS_HEADER, rows, pairs, _progress(args), ids=(test_ids, train_ids))
 
     if out is None:
         with _stdout(WRITE_A_FILE) as f:
@@ -678,6 +685,20 @@ def _load_whitening(path: str) -> Any:
         raise CommandError(f"--whitening: {_one_line(e)}") from e
 
 
+def _warn_fitted_elsewhere(whitening: Any, store: Any, option: str) -> None:
+    """A warning where --whitening records the id of another store than `option`'s as the one it was fitted on
+    (its spec.fitted_on; None: fitted in memory, nothing to compare): the scores are whitened by another set's R."""
+    fitted_on = whitening.spec.fitted_on
+    if fitted_on is not None and store.store_id is not None and fitted_on != store.store_id:
+        warnings.warn(
+            f"--whitening was fitted on another gradient store (id {fitted_on}) than {option} {store.path} "
+            f"(id {store.store_id}); its scores are whitened by that store's second moment: fit the whitening "
+            f"on {option}'s gradients unless that was meant (a subset or a copy re-exported)",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def _whitened(whitening: Any, rows: Any, option: str, args: argparse.Namespace) -> Any:
     """Whitening.apply(rows) (the store of `option`): its whitened rows in memory, float32; a refusal of the
     rows (another layout, dims or gradient space than the whitening was fitted on, a NaN row) names both options."""
@@ -783,6 +804,8 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     store = _open_store(args.path, "path", args.allow_partial)
     _check_self_influence_store(store, args.path)
     whitening = None if args.whitening is None else _load_whitening(args.whitening)
+    if whitening is not None:
+        _warn_fitted_elsewhere(whitening, store, "path")
     with _cluster(args) as client:
         if whitening is not None:
             scores = _whitened_self_influence(whitening, store, args)
@@ -803,7 +826,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
 
     def write(f: IO[str]) -> None:
         rows = ([rank, i, ids[i] if ids else i, f"{scores[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
-        _write_csv(f, RANKING_HEADER, rows, len(order), _progress(args))
+        _write_csv(f, RANKING_HEADER, rows, len(order), _progress(args), ids=(ids,))
 
     if out is None:
         with _stdout(WRITE_A_FILE) as f:

@@ -526,7 +526,7 @@ def _overflowed(beyond: list[tuple[int, np.ndarray]], per_checkpoint: bool) -> N
 def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whitening") -> GradientSet:
     """`s` if it has the kind, checkpoints, dims and gradient space of `fitted` (named `against` in
     messages); ValueError otherwise."""
-    from ..scoring import _check_same_gradient_space
+    from ..scoring import _check_same_gradient_space, _slots_text
 
     if s.factored != fitted.factored:
         kinds = ("full", "factored")
@@ -534,7 +534,7 @@ def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whiten
             f"{name} gradients are {kinds[s.factored]} but {against} is for {kinds[fitted.factored]} gradients"
         )
     if s.n_checkpoints != fitted.n_checkpoints:
-        raise ValueError(f"{name} has {s.n_checkpoints} checkpoints but {against} has {fitted.n_checkpoints}")
+        raise ValueError(f"{name} has {_slots_text(s)} but {against} has {_slots_text(fitted)}")
     if tuple(s.dims) != tuple(fitted.dims):
         raise ValueError(f"{name} dims {list(s.dims)} differ from {against}'s dims {list(fitted.dims)}")
     fitted_on = against if against == "train" else f"the gradients {against} was fitted on"
