@@ -97,8 +97,14 @@ def test_a_list_of_one_d_rows_is_told_to_stack_them(rng):
             tracin.Gradients(value)
     with pytest.raises(ValueError, match="^train: matrices: " + advice):
         tracin.scores(rng.standard_normal((2, 4), dtype=np.float32), rows)
+    # review300 F3: width-1 gradients, one array per checkpoint, are the other reading: made into columns
+    with pytest.raises(
+        ValueError, match=r"\(np\.stack\(rows\)\); if each is one checkpoint's width-1 .*g\[:, None\]\)$"
+    ):
+        tracin.Gradients(rows)
+    np.testing.assert_array_equal(tracin.Gradients([rows[0][:, None]]).matrices[0][:, 0], rows[0])
     torch = pytest.importorskip("torch")
-    with pytest.raises(ValueError, match=r"3 1-D rows: .*\(torch\.stack\(rows\)\)$"):
+    with pytest.raises(ValueError, match=r"3 1-D rows: .*\(torch\.stack\(rows\)\); if each .*\(g\[:, None\]\)$"):
         tracin.Gradients([torch.from_numpy(r) for r in rows])
     with pytest.raises(ValueError, match="^right: a list is read as one"):
         tracin.FactoredGradients(np.ones((3, 2), np.float32), rows)

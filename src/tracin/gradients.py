@@ -69,9 +69,15 @@ def _as_list(x: Any, name: str) -> list[Any]:
             stack = "np.asarray(rows, dtype=np.float32)"
             if hasattr(x[0], "ndim"):
                 stack = "torch.stack(rows)" if is_torch_tensor(x[0]) else "np.stack(rows)"
+            column = ""
+            if hasattr(x[0], "ndim"):  # arrays: as likely width-1 columns, one per checkpoint, as rows
+                column = (
+                    "; if each is one checkpoint's width-1 gradients, one value per example (a binary logistic "
+                    "regression's d loss / d logit), pass each as a column (g[:, None])"
+                )
             raise ValueError(
                 f"{name}: a {type(x).__name__} is read as one (rows, dims) array per checkpoint; got a "
-                f"{type(x).__name__} of {len(x)} 1-D rows: stack them into one array first ({stack})"
+                f"{type(x).__name__} of {len(x)} 1-D rows: stack them into one array first ({stack}){column}"
             )
         return list(x)
     return [x]

@@ -247,6 +247,17 @@ def test_create_rejects_bad_arguments(tmp_path, args, kwargs, error, message):
         tracin.GradientStore.create(tmp_path / "s", *args, **kwargs)
 
 
+def test_create_takes_numpy_spellings_of_dtype_and_dims(tmp_path):
+    """review300 F4: dtype=np.float16 or an array's dtype, and dims as an array, were refused ("dtype must be
+    ... 'float16', got dtype('float16')"); np.int64 is still refused by its name."""
+    for i, dtype in enumerate((np.float16, np.dtype("float16"), np.zeros(1, np.float16).dtype)):
+        w = tracin.GradientStore.create(tmp_path / f"s{i}", 3, np.array([2, 4]), dtype=dtype)
+        assert list(w.dims) == [2, 4] and w.dtype == "float16"
+        w.close()
+    with pytest.raises(ValueError, match="dtype must be 'float32', 'float16' or 'bfloat16', got 'int64'"):
+        tracin.GradientStore.create(tmp_path / "i", 3, [2], dtype=np.int64)
+
+
 def test_metadata_with_numpy_values_round_trips_as_json(tmp_path):
     meta = {"projection": {"dim": np.int64(8), "seed": 0}, "lr": np.array([0.1, 0.2])}
     w = tracin.GradientStore.create(tmp_path / "s", 1, [1], metadata=meta)

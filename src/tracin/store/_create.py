@@ -370,9 +370,13 @@ def _drop_marker(root: Path) -> None:
 def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored: Any, metadata: Any) -> Manifest:
     n_rows = positive_int(n_rows, "n_rows")
     factored = flag(factored, "factored")
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        dtype = np.dtype(dtype).name  # np.float16, arr.dtype, ml_dtypes.bfloat16 as their names
     if dtype not in DISK_DTYPES:
         raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
     per = "(p_c, q_c) pair" if factored else "positive integer d_c"
+    if isinstance(dims, np.ndarray):  # one entry per checkpoint, as a list
+        dims = dims.tolist()
     if not isinstance(dims, Sequence) or isinstance(dims, str) or not dims:
         raise ValueError(f"dims must be a non-empty list with one {per} per checkpoint, got {dims!r}")
     parsed = []

@@ -147,11 +147,12 @@ def non_finite_error(s: GradientSet, name: str) -> ValueError:
 
 
 def as_float32(block: np.ndarray, code: int) -> np.ndarray:
-    """A C-contiguous float32 array of a kernel block (float32 kept as is, float16 / bfloat16 bits
-    converted)."""
+    """A C-contiguous, aligned float32 array of a kernel block (float32 kept as is unless byte-misaligned,
+    float16 / bfloat16 bits converted): NumPy's matmul hands misaligned arrays to its own loop, not BLAS,
+    whose other summation order would change R's bits for the same rows."""
     if code == DTYPE_CODES["bfloat16"]:
         return bfloat16_bits_to_float32(np.asarray(block))
-    return np.ascontiguousarray(block, dtype=np.float32)
+    return np.require(block, dtype=np.float32, requirements=["C", "A"])
 
 
 def check_precision(precision: Any) -> str:
