@@ -235,3 +235,43 @@ def test_two_row_or_two_column_views_are_scored_by_value(view, rng):
     np.testing.assert_array_equal(g.matrices[0], rows)
     assert_close_to_exact(tracin.scores(tracin.Gradients(other), g), [other], [np.ascontiguousarray(rows)], [1.0])
     np.testing.assert_allclose(tracin.self_influence(g), (rows.astype(np.float64) ** 2).sum(1), rtol=1e-5)
+
+
+def test_rows_whose_stride_is_no_multiple_of_the_item_size_are_scored_by_value(rng):
+    """A field of a structured array: rows 13 bytes apart, 4-byte floats (r297 M7: taken for rows in
+    runs, handed to the kernel uncopied, which refused them as not contiguous)."""
+    records = np.zeros(6, dtype=[("g", "<f4", (3,)), ("tag", "u1")])
+    records["g"] = rng.standard_normal((6, 3))
+    rows = records["g"]
+    assert rows.strides == (13, 4)
+    other = rng.standard_normal((4, 3), dtype=np.float32)
+    assert_close_to_exact(tracin.scores(other, rows), [other], [np.ascontiguousarray(rows)], [1.0])
+
+
+@pytest.mark.parametrize(
+    ("leaf", "words"),
+    [(1, "an int"), (1.5, "a float"), ("x", "a str"), (np.float32(1), "a NumPy float32 scalar")],
+)
+def test_a_scalar_leaf_is_named_with_its_article(leaf, words):
+    """The data errors of torch and JAX name a leaf without a batch dimension as 'an int', 'a float' (r297 M9)."""
+    from tracin._arrays import scalar_leaf_kind
+
+    assert scalar_leaf_kind(leaf) == words
+
+
+@pytest.mark.parametrize(
+    "view",
+    [lambda t: t[:1].expand(3, 6), lambda t: t[:, ::2], lambda t: t.as_strided((3, 4), (2, 1))],
+    ids=["broadcast_rows", "strided_columns", "overlapping_rows"],
+)
+def test_a_device_tensor_whose_rows_are_not_runs_is_copied_on_its_device(view):
+    """as_matrix(device_arrays=True) keeps a device tensor on its device, copied when rows overlap or are
+    column-strided (r297 M8: rows one memory or overlapping went on uncopied); "meta" stands for the GPU."""
+    torch = pytest.importorskip("torch")
+    from tracin._arrays import as_matrix
+
+    rows = view(torch.empty(3, 6, device="meta"))
+    got, dtype = as_matrix(rows, "x", device_arrays=True)
+    assert got.device.type == "meta" and dtype == "float32" and got.shape == rows.shape
+    assert got.stride(1) == 1 and got.stride(0) >= got.shape[1]
+    assert as_matrix(torch.empty(3, 6, device="meta")[:, :4], "x", device_arrays=True)[0].stride() == (6, 1)

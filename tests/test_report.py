@@ -946,3 +946,26 @@ def test_diagnostics_axis_labels_and_tick_labels_lie_inside_the_figure(count, na
         if count == 3:  # room enough: one line
             assert "\n" not in label.get_text()
     assert not outside, outside
+
+
+@pytest.mark.parametrize(("n", "top"), [(25, 3), (9, 1), (1, 1), (100, 10)])
+def test_diagnostics_default_top_is_a_tenth_of_the_rows_rounded_up(n, top):
+    """top=None ranks the ceiling of 10% of the rows, at least 1 (r297 M40: rounded down, 25 rows ranked 2)."""
+    rng = np.random.default_rng(n)
+    diag = checkpoint_diagnostics(tracin.Gradients([rng.standard_normal((n, 3)).astype(np.float32)] * 2))
+    assert diag.top == top
+
+
+def test_diagnostics_overlap_ranks_the_running_sum_of_the_checkpoints_not_each_alone():
+    """overlap[c] compares the top rows of checkpoints 0..c summed with those of all (r297 M41: of checkpoint c
+    alone, which the data of the shares test cannot tell apart); float64 NumPy reference."""
+    rng = np.random.default_rng(7)
+    mats = [rng.standard_normal((30, 4)).astype(np.float32) for _ in range(4)]
+    w = [1.0, 0.7, 0.5, 0.3]
+    diag = checkpoint_diagnostics(tracin.Gradients(mats, w), top=6)
+    terms = np.stack([wc * (m.astype(np.float64) ** 2).sum(1) for wc, m in zip(w, mats, strict=True)], 1)
+    best = set(np.argsort(-terms.sum(1), kind="stable")[:6])
+    running = [len(set(np.argsort(-terms[:, : c + 1].sum(1), kind="stable")[:6]) & best) / 6 for c in range(4)]
+    alone = [len(set(np.argsort(-terms[:, c], kind="stable")[:6]) & best) / 6 for c in range(4)]
+    assert running != alone  # the data tell the two apart
+    np.testing.assert_array_equal(diag.overlap, running)

@@ -322,3 +322,51 @@ def test_the_new_contents_reach_the_disk_before_the_rename_and_the_rename_after(
         f.write("a,b\n")
     assert events == [("fsync", 4), ("replace",), ("fsync", "folder")]
     assert (tmp_path / "out.csv").read_text() == "a,b\n"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="set-group-ID and sticky bits are POSIX")
+def test_an_existing_file_keeps_its_set_group_id_and_sticky_bits(tmp_path):
+    """The replacement gets every permission bit of the file it replaces, not just rwx (r297 M10)."""
+    path = tmp_path / "tool.sh"
+    path.write_text("old\n")
+    os.chmod(path, 0o3750)
+    if stat.S_IMODE(path.stat().st_mode) != 0o3750:
+        pytest.skip("this file system does not keep set-group-ID and sticky bits on files")
+    with whole_file(path) as f:
+        f.write("new\n")
+    assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o3750
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="giving a link another owner needs root")
+def test_a_link_of_another_user_in_a_sticky_folder_others_cannot_write_is_followed(tmp_path):
+    """fs.protected_symlinks refuses links in sticky folders that are world-writable only: in a sticky
+    folder only its owner writes (0o1755), another user's link is followed as the kernel follows it (r297 M13)."""
+    folder = tmp_path / "sticky"
+    folder.mkdir()
+    target = tmp_path / "target.csv"
+    target.write_text("old\n")
+    (folder / "link.csv").symlink_to(target)
+    os.lchown(folder / "link.csv", 4242, 4242)
+    folder.chmod(0o1755)
+    with whole_file(folder / "link.csv") as f:
+        f.write("new\n")
+    assert target.read_text() == "new\n" and (folder / "link.csv").is_symlink()
+
+
+def test_links_up_to_the_limit_are_followed_and_one_more_is_refused(tmp_path):
+    """A chain of MAX_LINKS (40) links is written through; one of 41 is refused by name, as the kernel
+    refuses it (r297 M14: 41 followed, then the kernel's own ELOOP without the path's words)."""
+    target = tmp_path / "target.csv"
+    target.write_text("old\n")
+    previous = target
+    for i in range(_whole_file.MAX_LINKS + 1):
+        link = tmp_path / f"link{i}.csv"
+        link.symlink_to(previous.name)
+        previous = link
+    with whole_file(tmp_path / f"link{_whole_file.MAX_LINKS - 1}.csv") as f:
+        f.write("new\n")
+    assert target.read_text() == "new\n"
+    last = tmp_path / f"link{_whole_file.MAX_LINKS}.csv"
+    with pytest.raises(OSError, match=f"cannot write {last}: more than 40 symbolic links"):
+        with whole_file(last):
+            pytest.fail("no file to write")

@@ -245,3 +245,21 @@ def test_a_float16_export_into_a_store_warns_once_in_its_own_words(tmp_path):
     assert issubclass(low[0].category, RuntimeWarning) and low[0].filename == __file__
     stored = tracin.store.GradientStore.open(store)  # the rows are kept (a warning, not a refusal)
     assert stored.n_rows == 8
+
+
+def test_a_full_disk_during_a_write_in_a_batch_says_once_that_a_rerun_resumes(tmp_path, monkeypatch):
+    """The write's and the batch's handlers both see the OSError: the advice is added once (r297 M38: twice)."""
+    import errno
+
+    sink = StoreSink(tmp_path / "g", 4, [1], "float32", False, [1.0], {})
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "g" / "data.npy"))
+
+    monkeypatch.setattr(sink._writer, "write", full)
+    with pytest.raises(OSError) as err:
+        with sink.batch():
+            sink.write(0, 0, np.ones((4, 1), np.float32))
+    sink.close()
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "g" / "data.npy")
+    assert str(err.value).count("rerun the same export call, which resumes where it stopped") == 1

@@ -1393,3 +1393,15 @@ def test_the_training_bar_counts_whole_epochs(tmp_path, capsys):
     shown = capsys.readouterr().err.replace("\r", "\n")
     assert re.search(r"train: .*\b3/3 \[", shown), shown
     assert not re.search(r"\d\.\d+/3\b", shown)
+
+
+def test_the_reports_detection_sentence_reads_the_first_fraction_inspected(tmp_path):
+    """The sentence under the table gives each method's share found at the smallest fraction inspected (10%), from
+    result.found (r297 M54: the largest, 30%, was used and no test read the sentence's numbers)."""
+    config = DemoConfig(output=tmp_path, training=TrainingConfig(epochs=2, checkpoints=2))
+    shares = {TRACIN: 0.41, TRACIN_ALL: 0.32, LOSS: 0.23, RANDOM: 0.1, PERFECT: 0.5}
+    found = {name: {0.1: share, 0.2: share + 0.1, 0.3: share + 0.2} for name, share in shares.items()}
+    text = " ".join(write_report(tmp_path / "r.md", _summary(280, 0.25, found), config).read_text().split())
+    assert "inspecting 10% of the training set can find at most 50.0% of them" in text
+    assert "TracIn self-influence with the recipe found 41.0% (over all 2 checkpoints 32.0%)" in text
+    assert "ranking by the final model's loss 23.0%, and inspecting at random finds 10.0% on average" in text

@@ -258,3 +258,50 @@ def test_store_rows_past_the_stores_rows_are_refused_not_cut_short(tmp_path):
     assert rows.rows(2, 6).open().n_rows == 4
     with pytest.raises(ValueError, match=r"has 6 usable rows here, but rows \[4, 8\) were asked for"):
         replace(rows, start=4, stop=8).open()
+
+
+@pytest.mark.parametrize(
+    ("num_threads", "error", "words"),
+    [
+        (-1, ValueError, "num_threads must be a positive integer"),
+        (4097, ValueError, "no larger than 4096"),
+        (2.0, TypeError, "num_threads must be a positive integer"),
+    ],
+)
+def test_bad_num_threads_are_refused_before_any_cluster_is_used(tied, monkeypatch, num_threads, error, words):
+    """tracin's own check and bound (r297 M57: without it, -1 and 4097 reached the workers' tasks)."""
+    import tracin.distributed._api as api
+
+    def no_cluster(client):
+        raise AssertionError("a cluster was asked for")
+
+    monkeypatch.setattr(api, "client_for", no_cluster)
+    for call in (
+        lambda: td.top_k(tied["test"], tied["store"], 3, num_threads=num_threads),
+        lambda: td.self_influence(tied["store"], num_threads=num_threads),
+    ):
+        with pytest.raises(error, match=words):
+            call()
+
+
+def test_more_shards_than_test_chunks_warn_only_when_the_store_could_be_cut_finer(tmp_path):
+    """aggregate's shards start on the test store's row chunks: shards=5 over 2 chunks of 7 rows warns how to
+    cut finer; over a store of 2 rows in 2 chunks of 1 row, or shards=2, it does not (r297 M56: warned there too)."""
+    import warnings
+
+    from tracin.distributed._api import _warn_chunks
+
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal((14, 4)).astype(np.float32)]
+    coarse = tracin.GradientStore.create(tmp_path / "coarse", 14, [4], [1.0])
+    coarse.write(0, 0, rows[0])
+    coarse.finalize()
+    two = tracin.GradientStore.create(tmp_path / "two", 2, [4], [1.0])
+    two.write(0, 0, rows[0][:2])
+    two.finalize()
+    with pytest.warns(UserWarning, match=r"shards=5, but the test store .* has 2 row chunk\(s\) \(up to 7 rows each\)"):
+        _warn_chunks(tracin.GradientStore.open(tmp_path / "coarse", chunk_bytes=7 * 16), 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_chunks(tracin.GradientStore.open(tmp_path / "coarse", chunk_bytes=7 * 16), 2)
+        _warn_chunks(tracin.GradientStore.open(tmp_path / "two", chunk_bytes=16), 5)

@@ -1436,3 +1436,38 @@ def test_an_optimizer_state_beside_the_model_in_one_general_checkpoint_file_is_f
     torch.save({"model": weights, "epoch": 3}, path)
     with pytest.raises(ValueError, match=r"nor a dict holding one under 'optimizer'.*its keys: \['epoch', 'model'\]"):
         export_gradients(model, [(path, 1e-2, path)], data, LOSS, progress=False, preconditioner="adam")
+
+
+class SharedScale(nn.Module):
+    """One buffer registered under two names (a.scale, b.scale): a tied buffer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+        scale = torch.linspace(0.5, 2.0, 4)
+        self.a.register_buffer("scale", scale)
+        self.b.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x * self.a.scale)) * self.b.scale)
+
+
+def test_a_buffer_tied_under_two_names_is_loaded_under_its_first_and_exported_exactly():
+    """state_dict() holds a tied buffer under both names; the load passes it under its first only (r297 M20: both
+    went to functional_call, which refused them as 'multiple values for keys ... which are tied'), and a
+    checkpoint whose two copies differ is refused naming them."""
+    model = SharedScale()
+    x, y = classification_data(6, seed=3, features=4, classes=3)
+    state = model.state_dict()
+    assert {"a.scale", "b.scale"} <= set(state) and tied_aliases(model) == {"b.scale"}
+    got = export_gradients(model, [(state, 1.0)], (x, y), LOSS, progress=False).matrices[0]
+    wide = copy.deepcopy(model).double()
+    want = []
+    for i in range(len(y)):
+        loss = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
+        want.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(wide.parameters()))]).numpy())
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.stack(want), rtol=1e-5, atol=1e-7)
+    state = {**state, "b.scale": state["b.scale"] * 3}
+    with pytest.raises(ValueError, match=r"b\.scale is tied to a\.scale in the model .* differs from it"):
+        export_gradients(model, [(state, 1.0)], (x, y), LOSS, progress=False)

@@ -758,6 +758,28 @@ def test_a_weight_reused_outside_its_layer_after_the_checked_rows_is_refused_on_
     export_gradients(model, [(state, 1.0)], (x, y), LOSS, mode="factored", batch_size=8, progress=False)
 
 
+class _SlightLateReuse(LateReuse):
+    """LateReuse with the reuse outside a's forward scaled by 1/100."""
+
+    def forward(self, x):
+        extra = nn.functional.linear(x, self.a.weight) * (x[:, :1] > 1.5).to(x.dtype) / 100
+        return self.b(torch.tanh(self.a(x)) + extra)
+
+
+def test_a_reuse_of_a_hundredth_after_the_checked_rows_is_refused():
+    """The sum check's bar is SUM_SIGMAS (4) times the float32 tolerance (1.1e-4) of the size: a reuse putting the
+    batch's factors 6.2e-3 of its size off is refused (r297 M31: a bar 100 times higher let it through)."""
+    model = _SlightLateReuse()
+    x, y = classification_data(40, seed=4)
+    x[:, 0] = torch.where(torch.arange(40) >= 30, 3.0, 0.0)
+    with pytest.raises(
+        ValueError, match=r"the factors of 'a' \(by 6\.\de-03 of its size, tolerance 1\.1e-04\) .* batch 4"
+    ):
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], (x, y), LOSS, mode="factored", batch_size=8, progress=False
+        )
+
+
 def test_a_well_fit_regression_without_room_for_the_float64_look_is_refused_saying_so(monkeypatch):
     """Where the float64 copy would not fit, the float32 verdict stands, the refusal saying why."""
     monkeypatch.setattr(last_layer, "float64_room", lambda state: "the float64 check was skipped (simulated)")

@@ -260,3 +260,11 @@ def test_factored_mode_missing_a_frozen_bias_says_how_to_choose_it():
             progress=False,
         )
     assert select_parameters(net, ["0", "0.bias"]) == ["0.weight", "0.bias"]
+
+
+def test_a_pattern_not_matching_a_tied_second_name_does_not_warn_about_it():
+    """The tied-weight warning is for patterns that match the second name (head.weight): layers=['head.bias']
+    chooses nothing tied, and says nothing (r297 M18: every export of such a model warned)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_parameters(TiedLM(), ["head.bias"]) == ["head.bias"]
