@@ -581,6 +581,25 @@ def test_a_frozen_parameter_chosen_is_named_as_frozen(frozen_in_optimizer):
         )
 
 
+def test_a_frozen_bias_in_factored_mode_is_pointed_to_mode_full():
+    """review299 F2: "leave it out of layers=" cannot be followed where a mode takes a layer's weight and bias
+    together (factored, last_layer); the refusal points to mode='full' with layers= naming the trainable ones."""
+    model, _, (x, y) = _trained()
+    model.zero_grad(set_to_none=True)
+    model[2].bias.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    entry = [(model.state_dict(), 0.05, opt.state_dict())]
+    for mode, layers in (("factored", ["2.weight", "2.bias"]), ("last_layer", None)):  # as factored's refusal says
+        with pytest.raises(ValueError, match=r"parameter 2.bias is frozen .*export such a layer with mode='full'"):
+            export_gradients(
+                model, entry, (x, y), _loss, mode=mode, layers=layers, preconditioner="adam", progress=False
+            )
+    rows = export_gradients(model, entry, (x, y), _loss, layers=["2.weight"], preconditioner="adam", progress=False)
+    assert rows.matrices[0].shape[1] == model[2].weight.numel()
+
+
 def _layer_matrices(g: np.ndarray) -> list[np.ndarray]:
     """Per linear layer of the MLP, (n, out, in + 1) [weight | bias] gradients from (n, d) rows."""
     n, out = len(g), []

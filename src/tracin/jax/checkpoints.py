@@ -180,8 +180,10 @@ class OptimizerState:
 
     Refused: a state holding the second moment of another optimizer (optax.amsgrad, adabelief,
     novograd, rmsprop: _OTHER_SECOND_MOMENTS) or one whose injected hyperparameters are another's
-    (optax.radam). optax's adamax, nadam, radam, yogi and lamb (without inject_hyperparams) keep a
-    ScaleByAdamState too, which nothing in it tells from Adam's: their states are taken as Adam's,
+    (optax.radam, by its injected 'threshold'). optax's adamax, nadam, yogi and lamb (with or
+    without inject_hyperparams: adamax and yogi inject no eps_root, which adam / adamw do) and radam
+    without it keep a ScaleByAdamState too, which nothing in it tells from Adam's: their states are
+    taken as Adam's,
     which their steps are not (adamax: nu is a running max of |g|; yogi: nu is updated additively;
     nadam, radam: the step is not m_hat / (sqrt(v_hat) + eps); lamb: the step is scaled by a
     per-layer trust ratio, whose state is an EmptyState)."""

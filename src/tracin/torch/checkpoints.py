@@ -404,7 +404,9 @@ class OptimizerState:
             if name in self.frozen and not has_state:
                 raise ValueError(
                     f"{self.located}: parameter {name} is frozen (requires_grad=False) and the optimizer holds no "
-                    "state for it; leave it out of layers="
+                    "state for it; leave it out of layers= (mode='factored' and 'last_layer' take a layer's weight "
+                    "and bias together: export such a layer with mode='full' and layers= naming its trainable "
+                    "parameters)"
                 )
             if group is None:
                 raise ValueError(
