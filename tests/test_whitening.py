@@ -1870,6 +1870,18 @@ def test_fit_is_the_same_bits_for_byte_misaligned_rows(rng):
         np.testing.assert_array_equal(x, y)
 
 
+def test_aligned_float32_blocks_are_used_in_place(tmp_path, rng):
+    """fr301: the alignment fix (np.require) must not copy aligned float32 rows: a memory-mapped block of a
+    np.load(mmap_mode='r') file (as a store's) is used as it is; misaligned or strided ones are copied."""
+    np.save(tmp_path / "g.npy", rng.standard_normal((64, 9)).astype(np.float32))
+    block = np.load(tmp_path / "g.npy", mmap_mode="r")[8:40]
+    code = _moments.DTYPE_CODES["float32"]
+    assert np.shares_memory(_moments.as_float32(block, code), block)
+    for other in (block[:, ::2], np.frombuffer(bytearray(block.nbytes + 1), np.float32, block.size, 1)):
+        x = _moments.as_float32(other, code)
+        assert x.flags.c_contiguous and x.flags.aligned and not np.shares_memory(x, other)
+
+
 def _silently(fit):
     """fit() with warnings raised as errors: the whitening it returns, which fit without warning."""
     with warnings.catch_warnings():

@@ -256,6 +256,10 @@ def test_create_takes_numpy_spellings_of_dtype_and_dims(tmp_path):
         w.close()
     with pytest.raises(ValueError, match="dtype must be 'float32', 'float16' or 'bfloat16', got 'int64'"):
         tracin.GradientStore.create(tmp_path / "i", 3, [2], dtype=np.int64)
+    with pytest.raises(
+        ValueError, match="dtype must be 'float32', 'float16' or 'bfloat16', got <class 'numpy.floating'>"
+    ):
+        tracin.GradientStore.create(tmp_path / "f", 3, [2], dtype=np.floating)  # abstract: no dtype of its own
 
 
 def test_metadata_with_numpy_values_round_trips_as_json(tmp_path):

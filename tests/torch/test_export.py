@@ -209,6 +209,19 @@ def test_an_error_of_the_first_rows_check_names_the_rows_it_ran_and_the_batch_sh
     assert f"rows 0..1 of the first batch of 8; the batch's inputs {tuple(x[:8].shape)}, targets (8,)" in said
 
 
+def test_cpu_out_of_memory_in_the_first_rows_check_is_raised_as_torch_words_it(trained):
+    """fr301: CPU out of memory is a plain RuntimeError; the first-rows note would point at the shapes."""
+    model, checkpoints, (x, y), _ = trained
+    said = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 140737488355328 bytes."
+
+    def greedy(out, t):
+        raise RuntimeError(said)
+
+    with pytest.raises(RuntimeError) as e:
+        export_gradients(model, checkpoints, (x, y), greedy, batch_size=8, progress=False)
+    assert str(e.value) == said
+
+
 def test_every_data_form_gives_the_same_rows(trained):
     model, checkpoints, (x, y), _ = trained
     expected = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=7, progress=False)
@@ -632,9 +645,7 @@ def test_errors_not_about_a_floating_dtype_pair_pass_unchanged_with_float64_data
         export_gradients(model, [(model.state_dict(), 0.1)], (ids, y), LOSS, progress=False)
     assert type(caught.value) is RuntimeError  # torch's own error, no advice to give the ids in float32
     casting = _CastsThenFails()
-    with pytest.raises(
-        RuntimeError, match=r"^unsupported pooling type 'max3' \(tracin's check ran .*\)$"
-    ) as caught:
+    with pytest.raises(RuntimeError, match=r"^unsupported pooling type 'max3' \(tracin's check ran .*\)$") as caught:
         export_gradients(casting, [(casting.state_dict(), 0.1)], (torch.randn(6, 4).double(), y), LOSS, progress=False)
     assert type(caught.value) is RuntimeError
 

@@ -371,7 +371,10 @@ def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored:
     n_rows = positive_int(n_rows, "n_rows")
     factored = flag(factored, "factored")
     if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
-        dtype = np.dtype(dtype).name  # np.float16, arr.dtype, ml_dtypes.bfloat16 as their names
+        try:  # np.float16, arr.dtype, ml_dtypes.bfloat16 as their names; abstract np.floating has none
+            dtype = np.dtype(dtype).name
+        except TypeError:
+            pass
     if dtype not in DISK_DTYPES:
         raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
     per = "(p_c, q_c) pair" if factored else "positive integer d_c"

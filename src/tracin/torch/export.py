@@ -476,8 +476,8 @@ class _TorchExport:
             )
             if why is not None:
                 raise TypeError(why) from e
-            if type(e) is not RuntimeError or device_failure(e):
-                raise
+            if type(e) is not RuntimeError or device_failure(e) or "can't allocate memory" in str(e):
+                raise  # the device's failures and CPU out of memory (DefaultCPUAllocator) as torch words them
             raise RuntimeError(f"{e} ({_first_rows_note(rows, count, inputs, targets)})") from e
         if isinstance(self.compute_rows, KroneckerRows):
             self.compute_rows.check(state, inputs, targets)
