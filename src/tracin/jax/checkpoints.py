@@ -169,7 +169,11 @@ _SUPPORTED = (
 
 class OptimizerState:
     """An optax optimizer state (in memory) holding one ScaleByAdamState (mu, nu, count), as
-    optax.adam / adamw and chains containing them make it; mu and nu must have the params' pytree
+    optax.adam / adamw and chains containing them make it, or several over disjoint leaves (each masked
+    out, a MaskedNode, where another holds moments: an optax.partition / multi_transform decay / no-decay
+    split), merged into one per leaf when their counts and any injected b1, b2, eps, eps_root are equal
+    (_merge_partitions; preconditioner_options are one set for all leaves); several over the same leaves
+    are refused as ambiguous. mu and nu must have the params' pytree
     structure (the optimizer was initialised on the same params pytree), or that of the "params"
     collection of Flax linen variables ({"params": ..., "batch_stats": ...}, whose TrainState's
     optimizer was initialised on variables["params"]): then they are looked up under "params/".
@@ -204,6 +208,8 @@ class OptimizerState:
             made = "; ".join(f"{name} ({_OTHER_SECOND_MOMENTS.get(name, 'not optax.adam')})" for name in names)
             not_adam = f"{self.where} holds the second moment of an optimizer that is not Adam"
             raise ValueError(f"{not_adam}: {made}; {_SUPPORTED}")
+        if len(found) > 1 and not _overlap(found):
+            found = [_merge_partitions(state, nodes, found, self.where)]
         if len(found) != 1:
             kinds = sorted({type(n).__name__ for n in nodes})
             raise ValueError(
@@ -216,6 +222,7 @@ class OptimizerState:
                     if not nodes
                     else ""
                 )
+                + (f"; {_overlap(found)}" if len(found) > 1 else "")
             )
         other = [why for h in self.hyperparams for key, why in _OTHER_HYPERPARAMS.items() if key in h]
         if other:
@@ -321,6 +328,81 @@ class OptimizerState:
                         f"(inject_hyperparams), but the export uses {key}={given[key]:.6g}: pass "
                         f"preconditioner_options={{'{key}': {float(np.asarray(hyperparams[key])):.6g}, ...}}"
                     )
+
+
+def _moment_paths(adam: Any) -> set[str]:
+    """Paths of the leaves an Adam state holds moments for (MaskedNode placeholders hold none)."""
+    return {name for tree in (adam.mu, adam.nu) for name in _by_path(tree)}
+
+
+def _overlap(found: Sequence[Any]) -> str:
+    """Why several Adam states cannot be merged because two hold moments for one leaf ("" if none do)."""
+    for j, later in enumerate(found):
+        for earlier in found[:j]:
+            shared = sorted(_moment_paths(earlier) & _moment_paths(later))
+            if shared:
+                return (
+                    f"two of them hold moments for the same leaves ({shared[:3]}), so which one preconditions a "
+                    "leaf is ambiguous (several Adam states are merged only over disjoint leaves, the others "
+                    "masked out, as in optax.multi_transform / optax.partition)"
+                )
+    return ""
+
+
+def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], where: str) -> Any:
+    """One ScaleByAdamState from several that hold moments for disjoint leaves (optax.multi_transform /
+    optax.partition, or optax.masked ones with complementary masks: MaskedNode elsewhere): each leaf's mu and
+    nu are taken from the state that has them. A ValueError naming the states (their paths in `state`) when
+    their counts differ, when inject_hyperparams records different b1, b2, eps or eps_root for them
+    (preconditioner_options are one set for all leaves), or when their moments are not trees of one params
+    pytree; it names the way out: each state alone, with layers= naming its leaves."""
+    located = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_adam)[0]
+    names = [next(f"state{jax.tree_util.keystr(p)}" for p, leaf in located if leaf is adam) for adam in found]
+    leaves = sorted(_moment_paths(found[0]))
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(
+            f"{where} holds {len(found)} optax ScaleByAdamStates over disjoint leaves ({', '.join(names)}; "
+            "optax.multi_transform / optax.partition), which tracin merges only when they share their step count "
+            f"and hyperparameters: {why}; export each partition alone instead: pass its ScaleByAdamState as the "
+            f"optimizer state, e.g. {names[0]}, with layers= naming its leaves"
+            + (f", e.g. layers={leaves}" if leaves else "")
+        )
+
+    counts = [np.asarray(adam.count) for adam in found]
+    if any(not np.array_equal(count, counts[0]) for count in counts):
+        shown = ", ".join(f"{name}: {count.tolist()!r}" for name, count in zip(names, counts, strict=True))
+        raise refuse(f"their counts (Adam step counts) differ ({shown})")
+    known: list[dict[str, float]] = [{} for _ in found]
+    for node in nodes:
+        hyperparams = getattr(node, "hyperparams", None)
+        if not isinstance(hyperparams, Mapping):
+            continue
+        inside = {id(n) for n in _state_nodes(node)}
+        for i, adam in enumerate(found):
+            if id(adam) in inside:
+                keys = ("b1", "b2", "eps", "eps_root")
+                known[i].update({k: float(np.asarray(hyperparams[k])) for k in keys if k in hyperparams})
+    for key in ("b1", "b2", "eps", "eps_root"):
+        values = {name: k[key] for name, k in zip(names, known, strict=True) if key in k}
+        if len(set(values.values())) > 1:
+            shown = ", ".join(f"{name}: {value:.6g}" for name, value in values.items())
+            why = f"inject_hyperparams records different {key} ({shown}), while preconditioner_options are one set"
+            raise refuse(why)
+
+    def pick(*leaves: Any) -> Any:
+        kept = [leaf for leaf in leaves if not _is_masked_node(leaf)]
+        return kept[0] if kept else leaves[0]
+
+    try:
+        mu, nu = (
+            jax.tree_util.tree_map(pick, *(getattr(adam, part) for adam in found), is_leaf=_is_masked_node)
+            for part in ("mu", "nu")
+        )
+    except ValueError as err:
+        why = f"their moments are not trees of one params pytree ({_first_line(err)})"
+        raise refuse(why) from err
+    return found[0]._replace(mu=mu, nu=nu)
 
 
 def _step_count(count: Any, where: str) -> float:
