@@ -176,7 +176,9 @@ def export_gradients(
         dominates its row, while the factorisation scales the rows and columns of v that are all 0
         by 0, so they add nothing; both warn (RuntimeWarning, once per leaf and checkpoint, with
         counts; full rows only when an exported row has gradient there). Every checkpoint then
-        carries its optax state holding one ScaleByAdamState (see tracin._export.preconditioner and
+        carries its optax state holding one ScaleByAdamState, or several over disjoint leaves (an
+        optax.partition / multi_transform split, merged per leaf when their counts agree; see
+        tracin._export.preconditioner and
         tracin.jax.checkpoints.OptimizerState: optax.amsgrad / adabelief states are refused; optax's
         adamax, nadam, radam, yogi and lamb keep a ScaleByAdamState that cannot be told from Adam's).
     preconditioner_options: {"b1", "b2", "eps", "eps_root"} the optimizer used (default optax.adam's
