@@ -171,6 +171,19 @@ def test_partitions_with_other_injected_b2_are_refused(mlp, data):
         _export(mlp, checkpoints, x, y)
 
 
+def test_a_partition_recording_no_hyperparameters_beside_one_that_does_is_warned_about(mlp, data):
+    """fr303: b1 / b2 / eps that inject_hyperparams does not record are not in the state: beside a partition
+    that records them, the other's are taken from preconditioner_options unchecked (its rows wrong if they
+    differ), which a RuntimeWarning names; a split recording none (the common one) merges without it."""
+    x, y = data
+    opt = _split(optax.inject_hyperparams(optax.adamw)(0.05, b1=B1, b2=B2, eps=EPS), None)
+    checkpoints = _trained(mlp, x, y, opt, steps=(2,))
+    with pytest.warns(
+        RuntimeWarning, match=r"state\.inner_states\['nodecay'\]\.inner_state\[0\] \(merged .*records no"
+    ):
+        _export(mlp, checkpoints, x, y)
+
+
 def test_adam_states_over_the_same_leaves_keep_the_old_refusal(mlp, data):
     x, y = data
     adam = optax.adam(0.05, b1=B1, b2=B2, eps=EPS)

@@ -7,6 +7,7 @@ import functools
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -172,7 +173,9 @@ class OptimizerState:
     optax.adam / adamw and chains containing them make it, or several over disjoint leaves (each masked
     out, a MaskedNode, where another holds moments: an optax.partition / multi_transform decay / no-decay
     split), merged into one per leaf when their counts and any injected b1, b2, eps, eps_root are equal
-    (_merge_partitions; preconditioner_options are one set for all leaves); several over the same leaves
+    (_merge_partitions; preconditioner_options are one set for all leaves: partitions made with other b1, b2 or
+    eps that inject_hyperparams does not record cannot be told apart, and their leaves get rows made with the wrong
+    ones; a RuntimeWarning when some partitions record them and others do not); several over the same leaves
     are refused as ambiguous. mu and nu must have the params' pytree
     structure (the optimizer was initialised on the same params pytree), or that of the "params"
     collection of Flax linen variables ({"params": ..., "batch_stats": ...}, whose TrainState's
@@ -383,6 +386,15 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
             if id(adam) in inside:
                 keys = ("b1", "b2", "eps", "eps_root")
                 known[i].update({k: float(np.asarray(hyperparams[k])) for k in keys if k in hyperparams})
+    unchecked = [name for name, k in zip(names, known, strict=True) if not {"b1", "b2", "eps"} <= k.keys()]
+    if any(known) and unchecked:
+        warnings.warn(
+            f"{where}: {', '.join(unchecked)} (merged with other optax Adam states over disjoint leaves) records no "
+            "b1 / b2 / eps (no inject_hyperparams), so its leaves are taken with preconditioner_options unchecked; "
+            "if that partition used others, export its state alone with its own preconditioner_options and layers=",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     for key in ("b1", "b2", "eps", "eps_root"):
         values = {name: k[key] for name, k in zip(names, known, strict=True) if key in k}
         if len(set(values.values())) > 1:
