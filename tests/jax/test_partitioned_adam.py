@@ -53,10 +53,11 @@ def _leaf_moments(state, part: str) -> np.ndarray:
     """float64 `part` (mu or nu) in the row order, each leaf from the one Adam state that is not masked there."""
     out = []
     for a, b, _ in ORDER:
+        layers = [getattr(s, part)[a] for s in _adam_states(state)]  # a whole layer masked: one MaskedNode
         (leaf,) = [
-            getattr(s, part)[a][b]
-            for s in _adam_states(state)
-            if not isinstance(getattr(s, part)[a][b], optax.MaskedNode)
+            layer[b]
+            for layer in layers
+            if not isinstance(layer, optax.MaskedNode) and not isinstance(layer[b], optax.MaskedNode)
         ]
         out.append(np.asarray(leaf, np.float64).reshape(-1))
     return np.concatenate(out)
@@ -207,3 +208,33 @@ def test_adam_states_of_other_pytrees_are_refused(mlp, data):
     )
     with pytest.raises(ValueError, match=r"their moments are not trees of one params pytree \("):
         _export(mlp, [(params, lr, state)], x, y)
+
+
+def test_a_prefix_label_tree_masking_whole_layers_is_merged(mlp, data):
+    """r306: labels given per layer (a prefix of the params, as optax.partition allows) mask a whole layer with
+    one MaskedNode in one state, while the other holds that layer's dict of leaves: merged, not refused."""
+    x, y = data
+    opt = optax.partition(
+        {"a": optax.adam(0.05, b1=B1, b2=B2, eps=EPS), "b": optax.adam(0.05, b1=B1, b2=B2, eps=EPS)},
+        {"l1": "b", "l2": "a"},
+    )
+    checkpoints = _trained(mlp, x, y, opt)
+    g = _export(mlp, checkpoints, x, y)
+    for c, (params, _, state) in enumerate(checkpoints):
+        expected = _reference(mlp, params, state, x, y, "adam")
+        np.testing.assert_allclose(
+            np.asarray(g.matrices[c], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+        )
+
+
+def test_partitions_with_other_injected_learning_rates_are_refused(mlp, data):
+    """r306: a row is weighted by one learning rate, the checkpoint's (as tracin.torch refuses param groups of
+    other rates): partitions recording other ones are not merged."""
+    x, y = data
+    opt = _split(
+        optax.inject_hyperparams(optax.adamw)(0.05, b1=B1, b2=B2, eps=EPS),
+        optax.inject_hyperparams(optax.adam)(0.5, b1=B1, b2=B2, eps=EPS),
+    )
+    checkpoints = _trained(mlp, x, y, opt, steps=(2,))
+    with pytest.raises(ValueError, match=r"records different learning_rate \(.*0\.05.*0\.5\), a row is weighted"):
+        _export(mlp, checkpoints, x, y)

@@ -172,7 +172,7 @@ class OptimizerState:
     """An optax optimizer state (in memory) holding one ScaleByAdamState (mu, nu, count), as
     optax.adam / adamw and chains containing them make it, or several over disjoint leaves (each masked
     out, a MaskedNode, where another holds moments: an optax.partition / multi_transform decay / no-decay
-    split), merged into one per leaf when their counts and any injected b1, b2, eps, eps_root are equal
+    split), merged into one per leaf when their counts and any injected b1, b2, eps, eps_root, learning_rate agree
     (_merge_partitions; preconditioner_options are one set for all leaves: partitions made with other b1, b2 or
     eps that inject_hyperparams does not record cannot be told apart, and their leaves get rows made with the wrong
     ones; a RuntimeWarning when some partitions record them and others do not); several over the same leaves
@@ -357,8 +357,9 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
     optax.partition, or optax.masked ones with complementary masks: MaskedNode elsewhere): each leaf's mu and
     nu are taken from the state that has them. A ValueError naming the states (their paths in `state`) when
     their counts differ, when inject_hyperparams records different b1, b2, eps or eps_root for them
-    (preconditioner_options are one set for all leaves), or when their moments are not trees of one params
-    pytree; it names the way out: each state alone, with layers= naming its leaves."""
+    (preconditioner_options are one set for all leaves) or learning_rate (a row has one rate, the
+    checkpoint's), or when their moments are not trees of one params pytree; it names the way out: each state
+    alone, with layers= naming its leaves (under 'params/' for Flax linen variables)."""
     located = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_adam)[0]
     names = [next(f"state{jax.tree_util.keystr(p)}" for p, leaf in located if leaf is adam) for adam in found]
     leaves = sorted(_moment_paths(found[0]))
@@ -369,7 +370,7 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
             "optax.multi_transform / optax.partition), which tracin merges only when they share their step count "
             f"and hyperparameters: {why}; export each partition alone instead: pass its ScaleByAdamState as the "
             f"optimizer state, e.g. {names[0]}, with layers= naming its leaves"
-            + (f", e.g. layers={leaves}" if leaves else "")
+            + (f", e.g. layers={leaves} (under 'params/' for Flax linen variables)" if leaves else "")
         )
 
     counts = [np.asarray(adam.count) for adam in found]
@@ -384,7 +385,7 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
         inside = {id(n) for n in _state_nodes(node)}
         for i, adam in enumerate(found):
             if id(adam) in inside:
-                keys = ("b1", "b2", "eps", "eps_root")
+                keys = ("b1", "b2", "eps", "eps_root", "learning_rate")
                 known[i].update({k: float(np.asarray(hyperparams[k])) for k in keys if k in hyperparams})
     unchecked = [name for name, k in zip(names, known, strict=True) if not {"b1", "b2", "eps"} <= k.keys()]
     if any(known) and unchecked:
@@ -395,22 +396,31 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
             RuntimeWarning,
             stacklevel=2,
         )
-    for key in ("b1", "b2", "eps", "eps_root"):
+    for key in ("b1", "b2", "eps", "eps_root", "learning_rate"):
         values = {name: k[key] for name, k in zip(names, known, strict=True) if key in k}
-        if len(set(values.values())) > 1:
+        if not np.allclose(list(values.values()), next(iter(values.values()), 0.0), rtol=1e-6, atol=0):
             shown = ", ".join(f"{name}: {value:.6g}" for name, value in values.items())
-            why = f"inject_hyperparams records different {key} ({shown}), while preconditioner_options are one set"
-            raise refuse(why)
+            one = (
+                "a row is weighted by one rate, the checkpoint's (export each with its own and add their scores)"
+                if key == "learning_rate"
+                else "while preconditioner_options are one set"
+            )
+            raise refuse(f"inject_hyperparams records different {key} ({shown}), {one}")
 
-    def pick(*leaves: Any) -> Any:
-        kept = [leaf for leaf in leaves if not _is_masked_node(leaf)]
-        return kept[0] if kept else leaves[0]
+    def pick(*nodes: Any) -> Any:
+        """The one node not masked out; several: merged one level down (a MaskedNode may stand for a whole
+        subtree, as a prefix mask or label tree makes it, in any of the states)."""
+        kept = [node for node in nodes if not _is_masked_node(node)]
+        if len(kept) < 2:
+            return kept[0] if kept else nodes[0]
+        children, treedef = jax.tree_util.tree_flatten(kept[0], is_leaf=lambda child: child is not kept[0])
+        if treedef.num_nodes == 1:  # two arrays for one leaf (excluded by _overlap)
+            raise ValueError(f"two states hold moments for one leaf ({type(kept[0]).__name__})")
+        rest = [treedef.flatten_up_to(node) for node in kept[1:]]
+        return treedef.unflatten([pick(*group) for group in zip(children, *rest, strict=True)])
 
     try:
-        mu, nu = (
-            jax.tree_util.tree_map(pick, *(getattr(adam, part) for adam in found), is_leaf=_is_masked_node)
-            for part in ("mu", "nu")
-        )
+        mu, nu = (pick(*(getattr(adam, part) for adam in found)) for part in ("mu", "nu"))
     except ValueError as err:
         why = f"their moments are not trees of one params pytree ({_first_line(err)})"
         raise refuse(why) from err
