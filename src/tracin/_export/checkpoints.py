@@ -27,9 +27,8 @@ def learning_rate(lr: Any, where: str) -> float:
     one), not a bool or a string, and not negative (TracIn sums lr x gradient products over the
     checkpoints: a negative weight would flip that checkpoint's influence). A zero one is taken with a
     UserWarning naming it, as the checkpoint then adds nothing to any score."""
-    if getattr(lr, "shape", None) == () and callable(getattr(lr, "item", None)):
-        lr = lr.item()  # a 0-d torch / NumPy / JAX array (torch.tensor(0.1), a scheduler's value)
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+    lr = _scalar(lr)
+    if not _is_rate(lr):
         raise TypeError(f"{where} (learning rate) must be a real number, got {type(lr).__name__} {lr!r:.80}")
     if not math.isfinite(lr):
         raise ValueError(f"{where} (learning rate) must be finite, got {lr!r}")
@@ -114,8 +113,12 @@ def _describe(entry: Any) -> str:
     return type(entry).__name__
 
 
+def _scalar(x: Any) -> Any:
+    """The value of a 0-d torch / NumPy / JAX array (torch.tensor(0.1), a scheduler's value); `x` otherwise."""
+    return x.item() if getattr(x, "shape", None) == () and callable(getattr(x, "item", None)) else x
+
+
 def _is_rate(x: Any) -> bool:
     """Whether `x` is a number learning_rate() takes (a 0-d array or tensor of one too), whatever its value."""
-    if getattr(x, "shape", None) == () and callable(getattr(x, "item", None)):
-        x = x.item()
+    x = _scalar(x)
     return isinstance(x, numbers.Real) and not isinstance(x, bool)

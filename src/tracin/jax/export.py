@@ -22,6 +22,7 @@ from .._export.preconditioner import adam_settings
 from .._export.projection import check_projection, refuse_empty_parameters, warn_widening
 from .._export.transforms import row_transforms
 from .._progress import check_progress
+from .._retyped import retyped
 from ..gradients import FactoredGradients, Gradients
 from ..projection import NonFiniteRowError
 from .batches import Batch, BatchPlan
@@ -272,12 +273,7 @@ def _noting_array_step(framework: _JaxExport) -> Iterator[None]:
     except Exception as e:
         if not framework.step_read_as_array or not _caused_by_concretization(e):
             raise
-        message = f"{e}\n({_ARRAY_STEP_NOTE})"
-        try:
-            noted = type(e)(message)
-        except Exception:  # noqa: BLE001 - a type taking other arguments (ConcretizationTypeError's tracer)
-            noted = None
-        raise (noted if noted is not None and str(noted) == message else ValueError(message)) from e
+        raise retyped(e, f"{e}\n({_ARRAY_STEP_NOTE})") from e
 
 
 def _caused_by_concretization(error: BaseException | None) -> bool:

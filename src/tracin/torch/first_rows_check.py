@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils._pytree import tree_leaves
 
+from .._retyped import retyped
 from .capture import device_failure, probe_forward
 from .data import Tree, call_model, slice_rows, tree_map
 from .losses import LossFn, losses_of, model_caller, refuse_checkpointing
@@ -225,11 +226,7 @@ def one_row_error(
         f"{e}\n(tracin runs the model and loss_fn on single examples, a batch of one row, for per-example "
         f"gradients and their check; this failed there, while {cause})"
     )
-    try:
-        explained = type(e)(message)
-    except Exception:
-        return ValueError(message)
-    return explained if str(explained) == message else ValueError(message)
+    return retyped(e, message)
 
 
 def batch_statistics_note(model: nn.Module) -> str | None:
