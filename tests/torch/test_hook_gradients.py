@@ -776,3 +776,55 @@ def test_rows_that_cancel_are_judged_at_the_scale_of_the_rows_not_of_their_small
     assert _unsummed(total + 1e-9, total, rows) is None
     gap, tolerance = _unsummed(total + row, total, rows)
     assert gap == pytest.approx(torch.linalg.vector_norm(row).item() / torch.linalg.vector_norm(rows).item(), rel=1e-3)
+
+
+class _SkippedBranch(nn.Module):
+    """A covered layer the forward does not call (an expert no example of the batch was routed to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.skipped = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_the_columns_of_a_layer_that_did_not_run_are_written_as_zeros():
+    """Its parameters' rows are zero (no use, no gradient), whatever `out` held before (a buffer reused from the
+    previous batch: that batch's rows, say)."""
+    model = _SkippedBranch().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    names = [n for n, _ in model.named_parameters()]
+    hooks = HookGradients(model, names, CE)
+    columns, offset = {}, 0
+    for n, p in model.named_parameters():
+        columns[n], offset = (offset, p.numel()), offset + p.numel()
+    out = torch.full((5, offset), 7.0, dtype=torch.float64)
+    silent, unusable = hooks(model.state_dict(), {"x": x}, y, out, columns)
+    assert silent == ["skipped"] and unusable == {}
+    used = columns["skipped.weight"][0]
+    assert (out[:, used:] == 0).all()
+    want = autograd_rows(model, ["used.weight", "used.bias"], CE, {"x": x}, y)
+    np.testing.assert_allclose(out[:, :used].numpy(), want, rtol=1e-12, atol=1e-14 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("times", [0.5, 3.0])
+def test_the_sketched_sum_check_measures_a_miss_at_its_own_size(times):
+    """_unsummed_along's ||u X||_F / sqrt(K) estimates ||X||_F (K = 16 Gaussian directions): a miss X of `times` the
+    tolerance times the rows' norm (nothing summed: total None) passes at 0.5 and is measured at ~3x (not 12x, an
+    estimate without the 1 / sqrt(K), which would flag a well-fit batch's rounding as a missed use)."""
+    from tracin.torch.first_rows_check import tolerances
+    from tracin.torch.hook_gradients import SUM_DIRECTIONS, _unsummed_along
+
+    g = torch.Generator().manual_seed(0)
+    p, q = 32, 48
+    u = torch.randn(SUM_DIRECTIONS, p, generator=g)
+    rows = torch.randn(10, p * q, generator=g)
+    tol = max(sum(tolerances(torch.float32)), sum(tolerances(torch.float32, 1, widened=False)))
+    miss = torch.randn(p, q, generator=g, dtype=torch.float64)
+    miss *= times * tol * torch.linalg.vector_norm(rows.double()) / torch.linalg.vector_norm(miss)
+    found = _unsummed_along((u.double() @ miss).float(), None, u, rows, 1, torch.float32)
+    if times < 1:
+        assert found is None
+    else:
+        assert found is not None and found[1] == pytest.approx(tol) and found[0] == pytest.approx(times * tol, rel=0.2)

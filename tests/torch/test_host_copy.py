@@ -66,3 +66,23 @@ def test_an_element_wider_than_the_buffer_made_before_grows_it():
 def test_a_mismatched_destination_is_refused():
     with pytest.raises(ValueError, match=r"dest has shape \(3, 4\), source \(4, 4\)"):
         HostCopier(pinned=False).into(torch.empty(3, 4), torch.ones(4, 4))
+
+
+def test_the_staging_buffer_holds_piece_bytes_whatever_the_dtype():
+    """Pieces are piece_bytes of the source's own elements: float64 pieces of 2 in a 16-byte buffer, not 4 (32
+    bytes of pinned memory past the bound)."""
+    copier = HostCopier(pinned=False, piece_bytes=16)
+    source = torch.arange(10, dtype=torch.float64) / 3
+    np.testing.assert_array_equal(copier.copy(source).numpy(), source.numpy())
+    assert copier._staging.numel() == 16
+
+
+def test_a_small_first_block_makes_the_whole_buffer_at_once():
+    """The buffer is made piece_bytes long on first use, so that a small first block (a short last batch, one
+    row) does not make a small pinned buffer that the next larger block must replace."""
+    copier = HostCopier(pinned=False, piece_bytes=64)
+    copier.copy(torch.ones(2))
+    staging = copier._staging
+    assert staging.numel() == 64
+    np.testing.assert_array_equal(copier.copy(torch.full((16,), 3.0)).numpy(), np.full(16, 3.0, np.float32))
+    assert copier._staging is staging

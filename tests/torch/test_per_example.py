@@ -2047,3 +2047,66 @@ def test_under_cpu_bfloat16_autocast_with_one_thread_a_weight_used_outside_its_f
     assert gradients.hooks is None
     want = _float64_token_rows(model, x, y, names)
     np.testing.assert_allclose(got, want, rtol=0, atol=4 * torch.finfo(torch.bfloat16).eps * np.abs(want).max())
+
+
+def test_a_non_finite_example_past_the_first_batch_keeps_the_hooks_without_a_warning():
+    """The outputs of a batch's hooked pass against the last row alone (the spot check of a hooks-only model) take
+    equal non-finite values on both sides as agreeing: a NaN example in a later batch is exported as it is (NaN), no
+    batch is recomputed one example at a time or looked at in float64 (the last row compared, not another) and
+    nothing is said; the other rows are the float64 ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    x[7, 2] = float("nan")  # the last row of the second batch: the one run alone
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], LOSS)
+    state = model.state_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.cat([compute(state, x[k : k + 4], y[k : k + 4]) for k in (0, 4)]).numpy()
+    assert not [str(w.message) for w in caught]
+    assert compute.batch_dependent == 0 and compute.rounding_only == 0 and compute.hooks is not None
+    assert np.isnan(got[7]).any() and np.isfinite(got[:7]).all()
+    want = autograd_rows(copy.deepcopy(model).double(), x[:7].double(), y[:7])
+    np.testing.assert_allclose(got[:7], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("make", [PackedGRU, PaddedMLP], ids=["hooks-and-loop", "hooks-only"])
+def test_a_batch_of_two_rows_depending_on_each_other_is_recomputed(make):
+    """Batches of 2 rows are checked too: batch 1 (7, 7) shows nothing, batch 2 (7, 3) pads its last row to 7; its
+    rows are each example's alone, with one warning naming it (unchecked, batch 2's rows would be in-batch ones)."""
+    model, (x, lengths, y) = _padded_case(make, [7, 7, 7, 3])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = export_gradients(
+            model, [(model.state_dict(), 1.0)], ((x, lengths), y), _logits_loss, batch_size=2, progress=False
+        )
+    want = _alone_in_float64(model, x, lengths, y)
+    np.testing.assert_allclose(g.matrices[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    said = _said(caught)
+    assert len(said) == 1 and "of batch 2 " in said[0], said
+
+
+def test_a_loss_gap_is_relative_to_the_rows_own_loss_floored_at_a_thousandth_of_the_batchs_largest():
+    """_loss_gap: a loss of 0.01 in its batch and 0.0101 alone, beside a mislabeled row's 50, is 1e-4 / 0.05 = 2e-3
+    off (over float32's 1.1e-4: looked at), not 1e-4 / 5 (a floor of a tenth of the largest loss hides it); a loss
+    over the floor is measured against itself; equal NaNs agree; a zero scale is inf."""
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    assert per_example._loss_gap(t(0.01), t(0.0101), t(50.0)) == pytest.approx(1e-4 / 0.05)
+    assert per_example._loss_gap(t(2.0), t(2.2), t(50.0)) == pytest.approx(0.2 / 2.2)
+    assert per_example._loss_gap(t(float("nan")), t(float("nan")), t(50.0)) == 0.0
+    assert per_example._loss_gap(t(0.0), t(-0.0), t(0.0)) == 0.0
+    assert per_example._loss_gap(t(1e-300), t(0.0), t(0.0)) == pytest.approx(1.0)
+    assert per_example._loss_gap(t(float("nan")), t(1.0), t(50.0)) == float("inf")
+
+
+def test_the_float64_copies_of_a_checkpoint_are_let_go_at_the_next_checkpoint():
+    """The float64 copy of a checkpoint's state kept between looks (_float64_state) is dropped on the first call with
+    another checkpoint's tensors, a look or not (a batch of one row: none), not held beside the next one's."""
+    model, x, y = _cancelling()
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], _linear)
+    state = model.state_dict()
+    for k in range(0, 64, 16):
+        compute(state, x[k : k + 16], y[k : k + 16])
+    assert compute.rounding_only >= 1 and compute._float64  # looked at in float64, the copy kept
+    compute({k: v.clone() for k, v in state.items()}, x[:1], y[:1])
+    assert compute._float64 == {}

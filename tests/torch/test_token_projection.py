@@ -1401,3 +1401,73 @@ def test_under_cpu_bfloat16_autocast_embeddings_are_not_blamed_for_a_use_outside
     for c, (state, _) in enumerate(checkpoints):
         want = projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), names)
         np.testing.assert_allclose(g.matrices[c], want, rtol=0, atol=2 * eps * np.abs(want).max())
+
+
+class _RowLoopConv1D(nn.Module):
+    """A square Hugging Face Conv1D (weight (in, out), transposed against a Linear's) run on one example at a time,
+    or on the batch."""
+
+    def __init__(self, looped: bool):
+        super().__init__()
+        conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        self.looped = looped
+        self.b = conv1d(6, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.b(r[None]) for r in x]) if self.looped else self.b(x)
+        return self.fc(torch.tanh(h))
+
+
+def test_a_conv1d_run_on_one_example_at_a_time_is_projected_from_its_full_gradients_transposed():
+    """The full per-example gradients of a Conv1D are (in, out): transposed to the layer's (out, in) matrix before the
+    Kronecker projection, as the hooks' token form is (a square one fits either way): the rows of the batched run."""
+    torch.manual_seed(0)
+    batched = _RowLoopConv1D(False)
+    nn.init.normal_(batched.b.bias)
+    looped = _RowLoopConv1D(True)
+    looped.load_state_dict(batched.state_dict())
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    ck = [(copy.deepcopy(batched.state_dict()), 1.0)]
+    projection = tracin.Projection(16, per_layer=True, kronecker=True)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    kw = {"projection": projection, "batch_size": 4, "progress": False}
+    want = export_gradients(batched, ck, (x, y), loss, **kw)
+    with pytest.warns(UserWarning, match=r"'b' ran on batch-1 tensors in a batch of \d+ rows"):
+        got = export_gradients(looped, ck, (x, y), loss, **kw)
+    np.testing.assert_allclose(got.matrices[0], want.matrices[0], rtol=1e-5, atol=1e-6)
+
+
+def test_adam_scales_of_a_conv1d_weight_are_those_of_its_out_by_in_matrix():
+    """A Conv1D's v is stored (in, out): _layer_scales transposes it to the layer's (out, in [+ bias]) matrix M of
+    v_hat, then rows sqrt(sum M / row sums), columns 1 / sqrt(column sums) (float64 NumPy reference)."""
+    from tracin._export.preconditioner import AdamMoments
+    from tracin.projection import LayerMatrix
+    from tracin.torch.token_projection import _layer_scales
+
+    rng = np.random.default_rng(0)
+    v, vb = rng.uniform(0.1, 2.0, (5, 3)), rng.uniform(0.1, 2.0, 3)  # Conv1D(3, 5): weight (in 5, out 3)
+
+    def moments(a):
+        return AdamMoments(m=np.zeros(a.size), v=a.reshape(-1), step=4.0, b1=0.9, b2=0.99, eps=1e-8)
+
+    rows, cols = _layer_scales([moments(v), moments(vb)], LayerMatrix(3, 5, bias=True, transposed=True), warn=False)
+    m = np.hstack([v.T, vb[:, None]]) / (1 - 0.99**4)
+    np.testing.assert_allclose(rows, np.sqrt(m.sum() / m.sum(1)), rtol=1e-6)
+    np.testing.assert_allclose(cols, 1 / np.sqrt(m.sum(0)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1e-3, 1.0, 1e3])
+def test_the_uncancelled_size_of_a_projected_matrix_is_that_of_random_signs_at_any_scale(size):
+    """_uncancelled(P_rows, P_cols, M) = sqrt(P_rows^2 M^2 P_cols^2^T) (float64 NumPy reference), whatever M's scale
+    (it scales M by its largest |entry| on the way: the result keeps M's units); NaN entries count as 0."""
+    from tracin.torch.token_projection import _uncancelled
+
+    g = torch.Generator().manual_seed(0)
+    p_rows, p_cols = torch.randn(4, 6, generator=g), torch.randn(3, 5, generator=g)
+    m = torch.randn(6, 5, generator=g) * size
+    m[2, 3] = float("nan")
+    got = _uncancelled(p_rows, p_cols, m).double().numpy()
+    mm = np.nan_to_num(m.double().numpy())
+    want = np.sqrt(p_rows.double().numpy() ** 2 @ mm**2 @ (p_cols.double().numpy() ** 2).T)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
