@@ -322,3 +322,17 @@ def test_a_short_leaf_is_named_with_its_row_count():
         BatchPlan((x, {"label": y, "weight": w}), None)
     with pytest.raises(ValueError, match=r"^data\[1\]: .*got sizes \[5, 8\] .*5: targets\['weight'\]"):
         BatchPlan([(x, {"label": y, "weight": np.ones(8)}), (x, {"label": y, "weight": w})], None)
+
+
+def test_a_short_batch_before_a_longer_one_keeps_every_later_row_in_place():
+    """r304: batches of 4, 2 and 4 rows (a short batch not last): each batch starts where the rows before it
+    end (the export writes its rows there), not one batch size on; rows against float64 NumPy."""
+    x, y = np.arange(20.0).reshape(10, 2) / 10, np.linspace(-1.0, 1.0, 10)
+    data = [(x[:4], y[:4]), (x[4:6], y[4:6]), (x[6:], y[6:])]
+    plan = BatchPlan(data, None)
+    assert plan.n_rows == 10 and [(b.start, b.count) for b in plan] == [(0, 4), (4, 2), (6, 4)]
+    w = np.array([0.5, -1.0])
+    g = export_gradients(lambda p, i, t: (i @ p["w"] - t) ** 2, [({"w": w}, 1.0)], data, progress=False)
+    np.testing.assert_allclose(
+        np.asarray(g.matrices[0], np.float64), 2 * (x @ w - y)[:, None] * x, rtol=1e-5, atol=1e-6
+    )

@@ -418,3 +418,44 @@ def test_float_fields_of_equinox_modules_are_static_as_in_eqx_filter_grad(per_ex
     in_dict = layout_of({"m": model.lin, "t": 2.0}, None)  # the Linear is a module: its dict is Equinox's too
     assert [in_dict.paths[i] for i in in_dict.selected] == ["m/weight", "m/bias"]
     assert [p for p, _ in layout_of({"w": model.lin.weight, "t": 2.0}, None).describe()] == ["t", "w"]
+
+
+def test_one_of_several_patterns_matching_nothing_is_refused():
+    """r304: a mistyped pattern next to one that matches ("l2" and a typo) is refused, naming it, rather than
+    exporting the matched leaves alone."""
+    params = {"l1": {"kernel": jnp.ones((2, 3))}, "l2": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    with pytest.raises(ValueError, match=r"^layers: pattern 'l3/\*' matches no floating-point parameter; parameter "):
+        layout_of(params, ["l2", "l3/*"])
+    both = layout_of(params, ["l2", "l1/kernel"])
+    assert [both.paths[i] for i in both.selected] == ["l1/kernel", "l2/bias", "l2/kernel"]
+
+
+def test_an_nnx_param_subclass_is_exported_by_default(data, per_example_jax_grad):
+    """r304: a Variable type of one's own deriving from nnx.Param (a LoRA factor) is a parameter: exported by
+    default with the other Params, with no warning that it was left out."""
+
+    class Factor(nnx.Param):
+        pass
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.l1 = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+            self.scale = Factor(jnp.linspace(0.5, 1.5, 3))
+
+        def __call__(self, x):
+            return self.l1(x) * self.scale[...]
+
+    x, y = data
+    graphdef, state = nnx.split(Net())
+
+    def loss(s, inputs, targets):
+        logits = nnx.merge(graphdef, s)(inputs)
+        return -jax.nn.log_softmax(logits)[jnp.arange(targets.shape[0]), targets]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = export_gradients(loss, [(state, 1.0)], (x, y), progress=False)
+    assert [p["name"] for p in grads.metadata["params"]] == ["l1/bias/value", "l1/kernel/value", "scale/value"]
+    np.testing.assert_allclose(
+        np.asarray(grads.matrices[0]), per_example_jax_grad(loss, state, x, y), rtol=1e-5, atol=1e-6
+    )

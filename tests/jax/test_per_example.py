@@ -735,3 +735,46 @@ def test_a_float16_product_with_a_float32_bias_on_confident_examples_is_not_refu
     soft = np.exp(lg - lg.max(1, keepdims=True))
     dy = soft / soft.sum(1, keepdims=True) - np.eye(4)[y]
     np.testing.assert_allclose(np.asarray(g.left[0], np.float64), dy, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("head", ["bias", "bias-free"])
+def test_a_layer_input_wrong_on_the_last_row_of_a_padded_batch_alone_is_refused(mlp, data, head):
+    """r304: layer_input doubled on row 11 alone, the last real row of the second batch (12 rows in batches of
+    8, padded with copies of it): every real row is checked at the kernel's tap, the last one included."""
+    x, y = data
+    x, y = np.c_[x[:12], np.arange(12) == 11].astype(np.float32), y[:12]
+    params, loss = (mlp.params[0], mlp.loss_fn) if head == "bias" else _bias_free_head(mlp)
+    wrapped = lambda p, i, t: loss(p, i[:, :5], t)  # noqa: E731
+    kw = dict(mode="last_layer", layers=["l2"], batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"at checkpoint 0, row 11 of the data \(every row is checked; this batch "):
+        export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=_rows_after_4_doubled(mlp), **kw)
+
+
+def test_a_coupled_loss_is_refused_on_data_of_two_rows(mlp, data):
+    """r304: two rows (the fewest the check can compare: a batch of 2 against a batch of 1) are checked too."""
+    x, y = data
+
+    def centred(params, inputs, targets):
+        return mlp.loss_fn(params, inputs - inputs.mean(0), targets)
+
+    with pytest.raises(ValueError, match=r"loss_fn couples the examples of a batch: .* in a batch of 1 and .* of 2"):
+        export_gradients(centred, [(mlp.params[0], 1.0)], (x[:2], y[:2]), progress=False)
+
+
+def test_a_watch_of_more_non_finite_losses_than_it_lists_counts_the_rest():
+    """r304: 13 NaN / inf losses over two batches (the second padded): the first 10 rows listed, "and 3 more",
+    the padding's copies of a NaN row not counted; rows seen again (the next checkpoint) are not counted again."""
+    import warnings
+
+    from tracin.jax.batches import Batch
+    from tracin.jax.per_example import LossWatch
+
+    watch = LossWatch()
+    watch(np.r_[np.full(7, np.nan), 1.0], Batch(0, 8, None, None))
+    watch(np.r_[np.full(5, np.inf), 2.0, np.nan, np.nan], Batch(8, 7, None, None))  # row 14; the last is padding
+    with pytest.warns(RuntimeWarning, match=r"for 13 rows \(0, 1, 2, 3, 4, 5, 6, 8, 9, 10 and 3 more\) of the data "):
+        watch.flush()
+    watch(np.r_[np.full(7, np.nan), 1.0], Batch(0, 8, None, None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        watch.flush()

@@ -809,3 +809,24 @@ def test_a_kronecker_projection_no_narrower_than_the_rows_warns(x64):
         g = _export(mlp_loss, params, (inputs, labels), proj, batch_size=4)
     assert list(g.dims) == [proj.dim]
     assert [w.filename for w in caught if w.category is RuntimeWarning] == [__file__]
+
+
+def test_ids_below_minus_the_table_size_take_no_gradient_as_in_the_full_rows():
+    """r304: jnp.take(..., mode="fill") keeps an id below -vocab negative at the gather (one above wraps): it
+    reads the fill value and its row gets no gradient, in the per-token projection as in the full rows."""
+    r = np.random.default_rng(5)
+    params = {"E": r.normal(size=(6, 4)).astype(np.float32), "W": r.normal(size=(4, 3)).astype(np.float32)}
+    ids = r.integers(0, 6, (5, 7))
+    ids[:, ::3] = -10  # -10 + 6 < 0: out of range
+
+    def loss(p, inputs, targets):
+        h = jnp.take(p["E"], inputs, axis=0, mode="fill", fill_value=0).sum(1)
+        return -jax.nn.log_softmax(h @ p["W"])[jnp.arange(targets.shape[0]), targets]
+
+    labels = r.integers(0, 3, 5)
+    proj = tracin.Projection(32, 3, per_layer=True, kronecker=True)
+    g = export_gradients(loss, [(params, 1.0)], (ids, labels), projection=proj, progress=False)
+    layout = g.metadata["projection"]["segments"]
+    assert layout == [LayerMatrix(6, 4).to_dict(), LayerMatrix(4, 3).to_dict()]
+    full = export_gradients(loss, [(params, 1.0)], (ids, labels), progress=False)
+    assert_rows_close(g.matrices[0], proj.apply(full.matrices[0], segments=layout).astype(np.float64))
