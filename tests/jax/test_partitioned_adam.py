@@ -6,7 +6,10 @@ moments of other pytrees) are refused, naming the partitions and the way out."""
 
 from __future__ import annotations
 
+import warnings
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -237,4 +240,52 @@ def test_partitions_with_other_injected_learning_rates_are_refused(mlp, data):
     )
     checkpoints = _trained(mlp, x, y, opt, steps=(2,))
     with pytest.raises(ValueError, match=r"records different learning_rate \(.*0\.05.*0\.5\), a row is weighted"):
+        _export(mlp, checkpoints, x, y)
+
+
+def test_none_and_empty_leaves_of_the_params_do_not_block_the_merge():
+    """None leaves and empty containers (an Equinox model filtered with eqx.is_array, a layer holding no
+    parameters) are the same empty subtree in every partition's moments: merged, not 'two states hold moments
+    for one leaf'; the rows equal one optax.adam's over all leaves (the same b1/b2/eps, one step count)."""
+    key = jax.random.PRNGKey(3)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    params = {
+        "l1": {"kernel": jax.random.normal(k1, (3, 4)), "bias": jnp.zeros(4), "scale": None},
+        "l2": {"kernel": jax.random.normal(k2, (4, 2))},
+        "dropout": {},
+    }
+    x, y = jax.random.normal(k3, (5, 3)), jax.random.normal(k4, (5, 2))
+
+    def loss_fn(p, x, y):
+        return ((jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"] - y) ** 2).sum(-1)
+
+    def rows(opt):
+        state = opt.init(params)
+        updates, state = opt.update(jax.grad(lambda p: loss_fn(p, x, y).mean())(params), state, params)
+        trained = optax.apply_updates(params, updates)
+        out = export_gradients(loss_fn, [(trained, 0.05, state)], (x, y), preconditioner="adam", progress=False)
+        return np.asarray(out.matrices[0])
+
+    alone = rows(optax.adam(0.05))
+    for labels in (
+        {"l1": {"kernel": "a", "bias": "b", "scale": None}, "l2": {"kernel": "b"}, "dropout": {}},  # leaf by leaf
+        {"l1": {"kernel": "a", "bias": "b", "scale": None}, "l2": "a", "dropout": {}},  # one layer by prefix
+    ):
+        merged = rows(optax.partition({"a": optax.adam(0.05), "b": optax.adam(0.05)}, labels))
+        np.testing.assert_allclose(merged, alone, rtol=1e-6, atol=0)
+
+
+def test_a_learning_rate_injected_around_the_partition_alone_is_no_unchecked_warning(mlp, data):
+    """inject_hyperparams over the whole chain records only learning_rate, for every partition alike: no
+    RuntimeWarning that some partitions record b1 / b2 / eps and others do not (none does)."""
+    x, y = data
+    inner = lambda learning_rate: optax.chain(  # noqa: E731
+        optax.partition(
+            {"decay": optax.scale_by_adam(B1, B2, EPS), "nodecay": optax.scale_by_adam(B1, B2, EPS)}, LABELS
+        ),
+        optax.scale(-learning_rate),
+    )
+    checkpoints = _trained(mlp, x, y, optax.inject_hyperparams(inner)(learning_rate=0.05))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
         _export(mlp, checkpoints, x, y)

@@ -388,7 +388,7 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
                 keys = ("b1", "b2", "eps", "eps_root", "learning_rate")
                 known[i].update({k: float(np.asarray(hyperparams[k])) for k in keys if k in hyperparams})
     unchecked = [name for name, k in zip(names, known, strict=True) if not {"b1", "b2", "eps"} <= k.keys()]
-    if any(known) and unchecked:
+    if any(k.keys() & {"b1", "b2", "eps"} for k in known) and unchecked:  # not a learning_rate alone
         warnings.warn(
             f"{where}: {', '.join(unchecked)} (merged with other optax Adam states over disjoint leaves) records no "
             "b1 / b2 / eps (no inject_hyperparams), so its leaves are taken with preconditioner_options unchecked; "
@@ -414,7 +414,7 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
         if len(kept) < 2:
             return kept[0] if kept else nodes[0]
         children, treedef = jax.tree_util.tree_flatten(kept[0], is_leaf=lambda child: child is not kept[0])
-        if treedef.num_nodes == 1:  # two arrays for one leaf (excluded by _overlap)
+        if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # two arrays for one leaf (excluded by _overlap)
             raise ValueError(f"two states hold moments for one leaf ({type(kept[0]).__name__})")
         rest = [treedef.flatten_up_to(node) for node in kept[1:]]
         return treedef.unflatten([pick(*group) for group in zip(children, *rest, strict=True)])
