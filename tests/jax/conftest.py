@@ -84,7 +84,25 @@ def mlp():
         as_params=as_params,
         reference_grads=reference_grads,
         reference_rows=reference_rows,
+        trained=trained,
     )
+
+
+def trained(x: np.ndarray, y: np.ndarray, opt, steps: tuple[int, ...] = (2, 3)) -> list[tuple]:
+    """[(params, lr, optax state)] after each phase of mean-loss training with the optax `opt` from the first
+    checkpoint's params (mlp.params[0]): phase i has steps[i] updates, its checkpoint lr 0.05 then 0.02."""
+    import optax  # the "test" extra
+
+    params = as_params(mlp_weights(1))
+    state = opt.init(params)
+    mean_loss = jax.jit(jax.grad(lambda p: loss_fn(p, x, y).mean()))
+    checkpoints = []
+    for lr, n in zip((0.05, 0.02), steps, strict=False):
+        for _ in range(n):
+            updates, state = opt.update(mean_loss(params), state, params)
+            params = optax.apply_updates(params, updates)
+        checkpoints.append((params, lr, state))
+    return checkpoints
 
 
 def jax_grad_rows(loss, params, inputs, targets) -> np.ndarray:

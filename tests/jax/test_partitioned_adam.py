@@ -38,20 +38,6 @@ def _split(decay=None, nodecay=None):
     return optax.partition({"decay": decay, "nodecay": nodecay}, LABELS)
 
 
-def _trained(mlp, x, y, opt, steps=(2, 3)):
-    """[(params, lr, optax state)] after each phase of training with `opt` from mlp.params[0]."""
-    params = mlp.params[0]
-    state = opt.init(params)
-    mean_loss = jax.jit(jax.grad(lambda p: mlp.loss_fn(p, x, y).mean()))
-    checkpoints = []
-    for lr, n in zip((0.05, 0.02), steps, strict=False):  # one checkpoint per phase in steps
-        for _ in range(n):
-            updates, state = opt.update(mean_loss(params), state, params)
-            params = optax.apply_updates(params, updates)
-        checkpoints.append((params, lr, state))
-    return checkpoints
-
-
 def _leaf_moments(state, part: str) -> np.ndarray:
     """float64 `part` (mu or nu) in the row order, each leaf from the one Adam state that is not masked there."""
     out = []
@@ -106,7 +92,7 @@ def _export(mlp, checkpoints, x, y, kind="adam", **kwargs):
 @pytest.mark.parametrize("kind", ["adam", "adam_update"])
 def test_adam_states_over_disjoint_leaves_are_merged_per_leaf(mlp, data, opt, kind):
     x, y = data
-    checkpoints = _trained(mlp, x, y, opt)
+    checkpoints = mlp.trained(x, y, opt)
     assert [len(_adam_states(s)) for *_, s in checkpoints] == [2, 2]
     g = _export(mlp, checkpoints, x, y, kind)
     for c, (params, _, state) in enumerate(checkpoints):
@@ -122,7 +108,7 @@ def test_adam_states_over_disjoint_leaves_are_merged_per_leaf(mlp, data, opt, ki
 
 def test_one_partition_exported_alone_matches_the_merged_rows(mlp, data):
     x, y = data
-    checkpoints = _trained(mlp, x, y, _split())
+    checkpoints = mlp.trained(x, y, _split())
     merged = _export(mlp, checkpoints, x, y)
     kernels = ["l1/kernel", "l2/kernel"]
     alone = _export(
@@ -146,7 +132,7 @@ def _with_count(state, label: str, count: int):
 
 def test_partitions_with_other_counts_are_refused_naming_them(mlp, data):
     x, y = data
-    params, lr, state = _trained(mlp, x, y, _split(), steps=(2,))[0]
+    params, lr, state = mlp.trained(x, y, _split(), steps=(2,))[0]
     with pytest.raises(
         ValueError,
         match=r"checkpoints\[0\]\[2\] \(optimizer state\) holds 2 optax ScaleByAdamStates over disjoint leaves "
@@ -165,7 +151,7 @@ def test_partitions_with_other_injected_b2_are_refused(mlp, data):
         optax.inject_hyperparams(optax.adamw)(0.05, b1=B1, b2=B2, eps=EPS),
         optax.inject_hyperparams(optax.adam)(0.05, b1=B1, b2=0.95, eps=EPS),
     )
-    checkpoints = _trained(mlp, x, y, opt, steps=(2,))
+    checkpoints = mlp.trained(x, y, opt, steps=(2,))
     with pytest.raises(
         ValueError,
         match=r"hyperparameters: inject_hyperparams records different b2 \(state\.inner_states\['decay'\]"
@@ -181,7 +167,7 @@ def test_a_partition_recording_no_hyperparameters_beside_one_that_does_is_warned
     differ), which a RuntimeWarning names; a split recording none (the common one) merges without it."""
     x, y = data
     opt = _split(optax.inject_hyperparams(optax.adamw)(0.05, b1=B1, b2=B2, eps=EPS), None)
-    checkpoints = _trained(mlp, x, y, opt, steps=(2,))
+    checkpoints = mlp.trained(x, y, opt, steps=(2,))
     with pytest.warns(
         RuntimeWarning, match=r"state\.inner_states\['nodecay'\]\.inner_state\[0\] \(merged .*records no"
     ):
@@ -191,7 +177,7 @@ def test_a_partition_recording_no_hyperparameters_beside_one_that_does_is_warned
 def test_adam_states_over_the_same_leaves_keep_the_old_refusal(mlp, data):
     x, y = data
     adam = optax.adam(0.05, b1=B1, b2=B2, eps=EPS)
-    checkpoints = _trained(mlp, x, y, optax.chain(adam, adam), steps=(2,))
+    checkpoints = mlp.trained(x, y, optax.chain(adam, adam), steps=(2,))
     with pytest.raises(
         ValueError,
         match=r"must hold exactly one optax ScaleByAdamState \(mu, nu, count\), found 2 .*two of them hold moments "
@@ -203,7 +189,7 @@ def test_adam_states_over_the_same_leaves_keep_the_old_refusal(mlp, data):
 
 def test_adam_states_of_other_pytrees_are_refused(mlp, data):
     x, y = data
-    params, lr, _ = _trained(mlp, x, y, _split(), steps=(1,))[0]
+    params, lr, _ = mlp.trained(x, y, _split(), steps=(1,))[0]
     adam = optax.adam(0.05, b1=B1, b2=B2, eps=EPS)
     grads = jax.tree.map(np.ones_like, params)
     state = tuple(  # one Adam per layer, each initialised on {layer: ...}: disjoint paths, other pytrees
@@ -221,7 +207,7 @@ def test_a_prefix_label_tree_masking_whole_layers_is_merged(mlp, data):
         {"a": optax.adam(0.05, b1=B1, b2=B2, eps=EPS), "b": optax.adam(0.05, b1=B1, b2=B2, eps=EPS)},
         {"l1": "b", "l2": "a"},
     )
-    checkpoints = _trained(mlp, x, y, opt)
+    checkpoints = mlp.trained(x, y, opt)
     g = _export(mlp, checkpoints, x, y)
     for c, (params, _, state) in enumerate(checkpoints):
         expected = _reference(mlp, params, state, x, y, "adam")
@@ -238,7 +224,7 @@ def test_partitions_with_other_injected_learning_rates_are_refused(mlp, data):
         optax.inject_hyperparams(optax.adamw)(0.05, b1=B1, b2=B2, eps=EPS),
         optax.inject_hyperparams(optax.adam)(0.5, b1=B1, b2=B2, eps=EPS),
     )
-    checkpoints = _trained(mlp, x, y, opt, steps=(2,))
+    checkpoints = mlp.trained(x, y, opt, steps=(2,))
     with pytest.raises(ValueError, match=r"records different learning_rate \(.*0\.05.*0\.5\), a row is weighted"):
         _export(mlp, checkpoints, x, y)
 
@@ -285,7 +271,7 @@ def test_a_learning_rate_injected_around_the_partition_alone_is_no_unchecked_war
         ),
         optax.scale(-learning_rate),
     )
-    checkpoints = _trained(mlp, x, y, optax.inject_hyperparams(inner)(learning_rate=0.05))
+    checkpoints = mlp.trained(x, y, optax.inject_hyperparams(inner)(learning_rate=0.05))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         _export(mlp, checkpoints, x, y)

@@ -20,17 +20,7 @@ ORDER = [("l1", "bias", "b1"), ("l1", "kernel", "w1"), ("l2", "bias", "b2"), ("l
 
 def _trained(mlp, x, y, steps=(2, 3), opt=None):
     """[(params, lr, optax state)] after each phase of `opt` (optax.adam) training from mlp.params[0]."""
-    opt = opt or optax.adam(0.05, b1=B1, b2=B2, eps=EPS)
-    params = mlp.params[0]
-    state = opt.init(params)
-    mean_loss = jax.jit(jax.grad(lambda p: mlp.loss_fn(p, x, y).mean()))
-    checkpoints = []
-    for lr, n in zip((0.05, 0.02), steps, strict=False):  # one checkpoint per phase in steps
-        for _ in range(n):
-            updates, state = opt.update(mean_loss(params), state, params)
-            params = optax.apply_updates(params, updates)
-        checkpoints.append((params, lr, state))
-    return checkpoints
+    return mlp.trained(x, y, opt or optax.adam(0.05, b1=B1, b2=B2, eps=EPS), steps)
 
 
 def _torch_weights(params) -> dict[str, np.ndarray]:

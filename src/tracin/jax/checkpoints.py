@@ -352,6 +352,9 @@ def _overlap(found: Sequence[Any]) -> str:
     return ""
 
 
+_MERGE_KEYS = ("b1", "b2", "eps", "eps_root", "learning_rate")  # injected hyperparameters merged partitions share
+
+
 def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], where: str) -> Any:
     """One ScaleByAdamState from several that hold moments for disjoint leaves (optax.multi_transform /
     optax.partition, or optax.masked ones with complementary masks: MaskedNode elsewhere): each leaf's mu and
@@ -385,8 +388,7 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
         inside = {id(n) for n in _state_nodes(node)}
         for i, adam in enumerate(found):
             if id(adam) in inside:
-                keys = ("b1", "b2", "eps", "eps_root", "learning_rate")
-                known[i].update({k: float(np.asarray(hyperparams[k])) for k in keys if k in hyperparams})
+                known[i].update({k: float(np.asarray(hyperparams[k])) for k in _MERGE_KEYS if k in hyperparams})
     unchecked = [name for name, k in zip(names, known, strict=True) if not {"b1", "b2", "eps"} <= k.keys()]
     if any(k.keys() & {"b1", "b2", "eps"} for k in known) and unchecked:  # not a learning_rate alone
         warnings.warn(
@@ -396,7 +398,7 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
             RuntimeWarning,
             stacklevel=2,
         )
-    for key in ("b1", "b2", "eps", "eps_root", "learning_rate"):
+    for key in _MERGE_KEYS:
         values = {name: k[key] for name, k in zip(names, known, strict=True) if key in k}
         if not np.allclose(list(values.values()), next(iter(values.values()), 0.0), rtol=1e-6, atol=0):
             shown = ", ".join(f"{name}: {value:.6g}" for name, value in values.items())

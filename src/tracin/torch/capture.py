@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import Tree, batch_rows, call_model, slice_rows, tree_map
+from .data import Tree, batch_rows, call_model, doubled, slice_rows
 from .losses import LossFn, check_losses, losses_of, model_caller, refuse_checkpointing
 
 
@@ -233,7 +233,7 @@ def ids_alone_and_twice(
     modules = dict(model.named_modules())
     one = slice_rows(inputs, 0, 1)
     calls: list[dict[str, list[tuple[int, int]]]] = []
-    for probe in (one, tree_map(lambda t: torch.cat([t, t]), one)):
+    for probe in (one, doubled(one)):
         seen: dict[str, list[tuple[int, int]]] = {n: [] for n in names}
 
         def look(name: str, seen=seen):

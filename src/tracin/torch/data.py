@@ -49,6 +49,11 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
     raise TypeError(f"batches must hold tensors, or tuples/lists/dicts of tensors; got {type(tree).__name__}")
 
 
+def doubled(tree: Tree) -> Tree:
+    """`tree` with each tensor's rows taken twice (a batch of one row: the same example twice, a batch of two)."""
+    return tree_map(lambda t: torch.cat([t, t]), tree)
+
+
 def slice_rows(tree: Tree, start: int, stop: int) -> Tree:
     """Rows [start, stop) of every tensor of `tree` (views)."""
     return tree_map(lambda t: t[start:stop], tree)

@@ -43,6 +43,7 @@ from .data import (
     as_batches,
     batch_rows,
     call_model,
+    doubled,
     dtype_mismatch,
     first_row,
     host_arrays,
@@ -569,7 +570,7 @@ def _raise_with_batch_statistics_note(e: Exception, model: nn.Module, inputs: Tr
     if note is None or type(e) not in (RuntimeError, ValueError):
         return
     try:
-        last_linear(model, lambda: call_model(model, tree_map(lambda t: torch.cat([t, t]), inputs)))
+        last_linear(model, lambda: call_model(model, doubled(inputs)))
     except Exception:
         return  # fails on two rows too: not the one row's BatchNorm
     raise type(e)(f"{e} (tracin looks for the last nn.Linear on the first row alone; {note})") from e

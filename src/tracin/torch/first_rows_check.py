@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._retyped import retyped
 from .capture import device_failure, probe_forward
-from .data import Tree, call_model, slice_rows, tree_map
+from .data import Tree, call_model, doubled, slice_rows, tree_map
 from .losses import LossFn, losses_of, model_caller, refuse_checkpointing
 
 CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a layer mixing the examples)
@@ -201,7 +201,7 @@ def one_row_error(
     `backward`: for an error of the backward pass, the parameters whose gradients it took (rerun too)."""
     if device_failure(e) or isinstance(e, MemoryError):
         return None
-    twice = [tree_map(lambda t: torch.cat([t, t]), tree) for tree in (inputs, targets)]
+    twice = [doubled(tree) for tree in (inputs, targets)]
     try:
         with torch.enable_grad():
             leaves = {n: state[n].detach().requires_grad_(True) for n in backward}
