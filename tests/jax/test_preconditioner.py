@@ -147,6 +147,16 @@ ADAM_LIKE = {
     "masked (all leaves)": lambda: optax.masked(
         optax.adam(0.05, b1=B1, b2=B2, eps=EPS), lambda p: jax.tree_util.tree_map(lambda _: True, p)
     ),
+    "inject_hyperparams of adamw": lambda: optax.inject_hyperparams(optax.adamw)(
+        learning_rate=0.05, b1=B1, b2=B2, eps=EPS, weight_decay=0.1
+    ),
+    # inject_hyperparams around the step size alone records step_size / learning_rate, no b1, b2, eps
+    "a step size alone injected after scale_by_adam": lambda: optax.chain(
+        optax.scale_by_adam(B1, B2, EPS), optax.inject_hyperparams(optax.scale)(step_size=-0.05)
+    ),
+    "a learning rate alone injected around the chain": lambda: optax.inject_hyperparams(
+        lambda learning_rate: optax.chain(optax.scale_by_adam(B1, B2, EPS), optax.scale(-learning_rate))
+    )(learning_rate=0.05),
 }
 
 
@@ -200,6 +210,10 @@ NOT_ADAM = {
         lambda: optax.inject_hyperparams(optax.radam)(learning_rate=0.05),
         r"is the state of optax\.radam \(hyperparameter 'threshold'\), whose steps are not Adam's",
     ),
+    "scale_by_yogi under inject_hyperparams": (
+        lambda: optax.chain(optax.inject_hyperparams(optax.scale_by_yogi)(), optax.scale(-0.05)),
+        r"is the state of optax\.scale_by_yogi \(hyperparameter 'initial_accumulator_value'\), whose steps are not",
+    ),
     "lion (no second moment)": (
         lambda: optax.lion(0.05),
         r"must hold exactly one optax ScaleByAdamState \(mu, nu, count\), found 0 \(its states: EmptyState, "
@@ -218,6 +232,115 @@ def test_states_of_other_optimizers_are_refused_naming_them(mlp, data, kind):
     with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] \(optimizer state\) .*" + message) as caught:
         export_gradients(mlp.loss_fn, checkpoints, (x, y), preconditioner="adam", progress=False)
     assert "preconditioner='adam' takes the ScaleByAdamState of optax.adam / adamw" in str(caught.value)
+
+
+INJECTED_WITHOUT_EPS_ROOT = {
+    "adamax": (
+        lambda: optax.inject_hyperparams(optax.adamax)(learning_rate=0.05),
+        "learning_rate",
+        "state.inner_state[0]",
+    ),
+    "adamaxw": (
+        lambda: optax.inject_hyperparams(optax.adamaxw)(learning_rate=0.05),
+        "learning_rate, weight_decay",
+        "state.inner_state[0]",
+    ),
+    "yogi": (lambda: optax.inject_hyperparams(optax.yogi)(learning_rate=0.05), "learning_rate", "state.inner_state[0]"),
+    "scale_by_adamax in a chain": (
+        lambda: optax.chain(optax.clip(1.0), optax.inject_hyperparams(optax.scale_by_adamax)(), optax.scale(-0.05)),
+        "",
+        "state[1].inner_state",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", INJECTED_WITHOUT_EPS_ROOT)
+def test_injected_states_without_eps_root_are_refused_as_adamax_or_yogi(mlp, data, kind):
+    """optax.adamax / adamaxw / yogi keep a ScaleByAdamState whose nu is not Adam's (a running max of |g|, an
+    additive update); under inject_hyperparams they record b1, b2, eps but no eps_root, which optax.adam / adamw
+    record: refused naming the state, what it looks like and the ways out, which work (plain rows from the
+    checkpoints without their states)."""
+    x, y = data
+    make, more, path = INJECTED_WITHOUT_EPS_ROOT[kind]
+    checkpoints = _trained(mlp, x, y, opt=make())
+    recorded = "b1, b2, eps" + (f", {more}" if more else "")
+    with pytest.raises(ValueError) as caught:
+        export_gradients(mlp.loss_fn, checkpoints, (x, y), preconditioner="adam", progress=False)
+    message = str(caught.value)
+    assert message.startswith(
+        "checkpoints[0][2] (optimizer state) looks like the state of optax.adamax / adamaxw / yogi: "
+        f"inject_hyperparams recorded {recorded} but no eps_root, as those do, while optax.adam / adamw record "
+        "eps_root too; their ScaleByAdamState holds a second moment that is not Adam's"
+    ), message
+    assert "use the states of a model trained with optax.adam / adamw" in message
+    assert "preconditioner=None with the checkpoints without their states, [c[:2] for c in checkpoints]" in message
+    assert f"pass its ScaleByAdamState alone, {path}, with preconditioner_options" in message
+    g = export_gradients(mlp.loss_fn, [c[:2] for c in checkpoints], (x, y), progress=False)
+    for c, (params, _, state) in enumerate(checkpoints):
+        expected = _reference(mlp, params, state, x, y, None)
+        np.testing.assert_allclose(np.asarray(g.matrices[c], np.float64), expected, rtol=2e-5, atol=2e-6)
+
+
+def test_an_injected_adamax_state_inside_a_flax_train_state_is_refused(mlp, data):
+    from flax.training import train_state
+
+    x, y = data
+    opt = optax.inject_hyperparams(optax.adamax)(learning_rate=0.05)
+    wrapped = [
+        (params, lr, train_state.TrainState(step=0, apply_fn=None, params=params, tx=opt, opt_state=state))
+        for params, lr, state in _trained(mlp, x, y, steps=(2,), opt=opt)
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"^checkpoints\[0\]\[2\] \(optimizer state\) looks like the state of optax\.adamax / adamaxw / yogi: "
+        r".*pass its ScaleByAdamState alone, state\.opt_state\.inner_state\[0\], with",
+    ):
+        export_gradients(mlp.loss_fn, wrapped, (x, y), preconditioner="adam", progress=False)
+
+
+def test_adam_injected_by_a_function_without_eps_root_is_refused_and_its_adam_state_alone_is_taken(mlp, data):
+    """A function of one's own around optax.adam taking no eps_root records what adamax does: refused too (the
+    state cannot tell them apart); its ScaleByAdamState alone, as the message says, gives Adam's rows."""
+    x, y = data
+
+    def own_adam(learning_rate, b1, b2, eps):
+        return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+    checkpoints = _trained(mlp, x, y, opt=optax.inject_hyperparams(own_adam)(0.05, B1, B2, EPS))
+    with pytest.raises(ValueError, match=r"looks like the state of optax\.adamax / adamaxw / yogi"):
+        export_gradients(mlp.loss_fn, checkpoints, (x, y), preconditioner="adam", progress=False)
+    _assert_adam_rows(mlp, x, y, checkpoints, [(p, lr, state.inner_state[0]) for p, lr, state in checkpoints])
+
+
+def test_a_partition_injected_as_adamax_is_refused_naming_it(mlp, data):
+    """Of an optax.partition split whose partitions are otherwise mergeable (one count, the same b1, b2, eps,
+    learning rate), the one injected as adamax (no eps_root) is refused, naming its path."""
+    x, y = data
+    labels = {"l1": {"kernel": "decay", "bias": "nodecay"}, "l2": {"kernel": "decay", "bias": "nodecay"}}
+    opt = optax.partition(
+        {
+            "decay": optax.inject_hyperparams(optax.adamw)(0.05, b1=B1, b2=B2, eps=EPS),
+            "nodecay": optax.inject_hyperparams(optax.adamax)(0.05, b1=B1, b2=B2, eps=EPS),
+        },
+        labels,
+    )
+    checkpoints = _trained(mlp, x, y, steps=(2,), opt=opt)
+    name = r"state\.inner_states\['nodecay'\]\.inner_state\.inner_state\[0\]"
+    with pytest.raises(
+        ValueError,
+        match=rf"^checkpoints\[0\]\[2\] \(optimizer state\), partition {name} \(of 2 Adam states\), looks like the "
+        rf"state of optax\.adamax / adamaxw / yogi: inject_hyperparams recorded b1, b2, eps, learning_rate but no "
+        rf"eps_root.* pass its ScaleByAdamState alone, {name}, with preconditioner_options giving its b1, b2, eps "
+        r"and layers= naming its leaves\)$",
+    ):
+        export_gradients(
+            mlp.loss_fn,
+            checkpoints,
+            (x, y),
+            preconditioner="adam",
+            preconditioner_options={"b1": B1, "b2": B2, "eps": EPS},
+            progress=False,
+        )
 
 
 def test_injected_settings_that_differ_from_the_given_ones_are_refused(mlp, data):

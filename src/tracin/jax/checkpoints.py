@@ -161,11 +161,50 @@ _OTHER_SECOND_MOMENTS = {
     "ScaleBySM3State": "optax.sm3",
 }
 # inject_hyperparams arguments of optax optimizers whose state is a ScaleByAdamState but whose step is not Adam's
-_OTHER_HYPERPARAMS = {"threshold": "optax.radam (hyperparameter 'threshold')"}
+_OTHER_HYPERPARAMS = {
+    "threshold": "optax.radam (hyperparameter 'threshold')",
+    "initial_accumulator_value": "optax.scale_by_yogi (hyperparameter 'initial_accumulator_value')",
+}
 _SUPPORTED = (
     "preconditioner='adam' takes the ScaleByAdamState of optax.adam / adamw (alone, in a chain, masked or "
     "under inject_hyperparams)"
 )
+
+
+def _state_paths(state: Any, found: Sequence[Any]) -> list[str]:
+    """The path in `state` of each Adam state in `found`, as "state.inner_states['decay'].inner_state[0]"."""
+    located = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_adam)[0]
+    return [next(f"state{jax.tree_util.keystr(p)}" for p, leaf in located if leaf is adam) for adam in found]
+
+
+def _refuse_without_eps_root(state: Any, nodes: Sequence[Any], found: Sequence[Any], where: str) -> None:
+    """ValueError when an inject_hyperparams state (among `nodes`) around one of the Adam states `found`
+    records b1, b2 and eps but no eps_root, as optax.adamax / adamaxw / yogi do (whose ScaleByAdamState's nu
+    is not Adam's; optax.adam / adamw / nadam / lamb / radam inject eps_root too). The error names `where`,
+    the partition when there are several Adam states, and the ways out."""
+    names = _state_paths(state, found)
+    for node in nodes:
+        hyperparams = getattr(node, "hyperparams", None)
+        if not isinstance(hyperparams, Mapping) or "eps_root" in hyperparams:
+            continue
+        if not {"b1", "b2", "eps"} <= hyperparams.keys():
+            continue
+        inside = {id(n) for n in _state_nodes(node)}
+        for adam, name in zip(found, names, strict=True):
+            if id(adam) not in inside:
+                continue
+            what = where if len(found) == 1 else f"{where}, partition {name} (of {len(found)} Adam states),"
+            raise ValueError(
+                f"{what} looks like the state of optax.adamax / adamaxw / yogi: inject_hyperparams recorded "
+                f"{', '.join(sorted(map(str, hyperparams)))} but no eps_root, as those do, while optax.adam / adamw "
+                "record eps_root too; their ScaleByAdamState holds a second moment that is not "
+                "Adam's (adamax: a running max of |g|; yogi: updated additively), so Adam rows made from it would "
+                "be wrong: use the states of a model trained with optax.adam / adamw, or export plain-gradient "
+                "TracIn (SGD, as in the TracIn paper): preconditioner=None with the checkpoints without their "
+                "states, [c[:2] for c in checkpoints] (for optax.adam under a function of your own that injects no "
+                f"eps_root: pass its ScaleByAdamState alone, {name}, with preconditioner_options giving its b1, b2, "
+                f"eps{'' if len(found) == 1 else ' and layers= naming its leaves'})"
+            )
 
 
 class OptimizerState:
@@ -186,11 +225,13 @@ class OptimizerState:
     against the state's own when it was made with optax.inject_hyperparams.
 
     Refused: a state holding the second moment of another optimizer (optax.amsgrad, adabelief,
-    novograd, rmsprop: _OTHER_SECOND_MOMENTS) or one whose injected hyperparameters are another's
-    (optax.radam, by its injected 'threshold'). optax's adamax, nadam, yogi and lamb (with or
-    without inject_hyperparams: adamax and yogi inject no eps_root, which adam / adamw do) and radam
-    without it keep a ScaleByAdamState too, which nothing in it tells from Adam's: their states are
-    taken as Adam's,
+    novograd, rmsprop: _OTHER_SECOND_MOMENTS), one whose injected hyperparameters are another's
+    (optax.radam by its 'threshold', optax.scale_by_yogi by its 'initial_accumulator_value'), and one
+    whose inject_hyperparams state around its ScaleByAdamState records b1, b2 and eps but no eps_root:
+    optax.adamax / adamaxw / yogi inject no eps_root, while optax.adam / adamw (and nadam, lamb, radam)
+    do (_refuse_without_eps_root; one such partition of several is refused too). optax's nadam and
+    lamb (with or without inject_hyperparams) and adamax, adamaxw, yogi and radam without it keep a
+    ScaleByAdamState that nothing in it tells from Adam's: their states are taken as Adam's,
     which their steps are not (adamax: nu is a running max of |g|; yogi: nu is updated additively;
     nadam, radam: the step is not m_hat / (sqrt(v_hat) + eps); lamb: the step is scaled by a
     per-layer trust ratio, whose state is an EmptyState)."""
@@ -211,6 +252,7 @@ class OptimizerState:
             made = "; ".join(f"{name} ({_OTHER_SECOND_MOMENTS.get(name, 'not optax.adam')})" for name in names)
             not_adam = f"{self.where} holds the second moment of an optimizer that is not Adam"
             raise ValueError(f"{not_adam}: {made}; {_SUPPORTED}")
+        _refuse_without_eps_root(state, nodes, found, self.where)
         if len(found) > 1 and not _overlap(found):
             found = [_merge_partitions(state, nodes, found, self.where)]
         if len(found) != 1:
@@ -363,8 +405,7 @@ def _merge_partitions(state: Any, nodes: Sequence[Any], found: Sequence[Any], wh
     (preconditioner_options are one set for all leaves) or learning_rate (a row has one rate, the
     checkpoint's), or when their moments are not trees of one params pytree; it names the way out: each state
     alone, with layers= naming its leaves (under 'params/' for Flax linen variables)."""
-    located = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_adam)[0]
-    names = [next(f"state{jax.tree_util.keystr(p)}" for p, leaf in located if leaf is adam) for adam in found]
+    names = _state_paths(state, found)
     leaves = sorted(_moment_paths(found[0]))
 
     def refuse(why: str) -> ValueError:
