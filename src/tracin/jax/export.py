@@ -180,8 +180,9 @@ def export_gradients(
         carries its optax state holding one ScaleByAdamState, or several over disjoint leaves (an
         optax.partition / multi_transform split, merged per leaf when their counts agree; see
         tracin._export.preconditioner and
-        tracin.jax.checkpoints.OptimizerState: optax.amsgrad / adabelief states are refused; optax's
-        adamax, nadam, radam, yogi and lamb keep a ScaleByAdamState that cannot be told from Adam's).
+        tracin.jax.checkpoints.OptimizerState: optax.amsgrad / adabelief states are refused, and so
+        are adamax / adamaxw / yogi / radam states made with inject_hyperparams; optax's nadam and lamb,
+        and adamax, yogi and radam without it, keep a ScaleByAdamState that cannot be told from Adam's).
     preconditioner_options: {"b1", "b2", "eps", "eps_root"} the optimizer used (default optax.adam's
         0.9, 0.999, 1e-8, 0; eps_root as optax adds it under the square root: g / (sqrt(v_hat +
         eps_root) + eps), left out of the rank-one factorisation as eps is); recorded in
