@@ -766,3 +766,38 @@ def test_a_parameter_the_training_never_reached_is_told_so():
         export_gradients(
             model, [(model.state_dict(), 0.05, opt.state_dict())], (x, y), _loss, preconditioner="adam", progress=False
         )
+
+
+def test_a_state_keyed_by_parameter_names_is_matched_by_them():
+    """torch.distributed.checkpoint.state_dict.get_optimizer_state_dict (DCP, FSDP2) keys the state and each
+    group's params by the parameters' names, with no param_names. Was: matched by position, so an optimizer
+    over [2.*, 0.*] (equal shapes) gave 0.weight the moments of 2.weight silently (rows up to 5.7x off), and a
+    decay / no-decay split was refused as unnamed."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    p = dict(model.named_parameters())
+    for groups in (
+        [{"params": [p[n] for n in ("2.weight", "2.bias", "0.weight", "0.bias", "4.weight", "4.bias")]}],
+        [{"params": [p[n] for n in p if n.endswith("weight")]}, {"params": [p[n] for n in p if n.endswith("bias")]}],
+    ):
+        opt = torch.optim.Adam(groups, lr=0.05, betas=(0.85, 0.99), eps=1e-6)
+        for scale in (1.0, 3.0, 9.0):  # the two equal-shaped layers' moments differ
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x * scale), y).backward()
+            opt.step()
+        state = copy.deepcopy(model.state_dict())
+        opt_state = copy.deepcopy(get_optimizer_state_dict(model, opt))
+        assert all(isinstance(k, str) for k in opt_state["state"])
+        got = export_gradients(model, [(state, 0.05, opt_state)], (x, y), _loss, preconditioner="adam", progress=False)
+        entries = [opt_state["state"][n] for n in p]
+        v = np.concatenate(
+            [e["exp_avg_sq"].double().numpy().reshape(-1) / (1 - 0.99 ** float(e["step"])) for e in entries]
+        )
+        expected = _reference_grads(model, state, x, y) / (np.sqrt(v) + 1e-6)
+        np.testing.assert_allclose(
+            np.asarray(got.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+        )

@@ -319,7 +319,9 @@ class OptimizerState:
 
     Parameters are identified by the "param_names" of the param_groups when the optimizer recorded
     them (torch >= 2.6 with named parameters: `AdamW(model.named_parameters())`, or groups of
-    named parameters), else by position, which is only taken from a single param group: the
+    named parameters), or by its params where they are the names themselves (a state keyed by
+    parameter name: torch.distributed.checkpoint.state_dict.get_optimizer_state_dict, as DCP and FSDP2
+    save it), else by position, which is only taken from a single param group: the
     optimizer must have been built over the model's parameters in `model.named_parameters()` order
     (`Adam(model.parameters())`), all of them or the trainable ones. Every position's exp_avg and
     exp_avg_sq are checked to have the shape of the model's parameter there (a ValueError names the
@@ -496,9 +498,10 @@ class OptimizerState:
         to have its parameter's shape (_check_positions)."""
         groups = state["param_groups"]
         keys = [(k, g) for g in groups for k in g["params"]]
-        if all("param_names" in g for g in groups):
+        recorded = [_recorded_names(g) for g in groups]
+        if all(r is not None for r in recorded):
             known = set(self.all_names)
-            names = [_strip(n, known) for g in groups for n in g["param_names"]]
+            names = [_strip(n, known) for r in recorded for n in r]
             return dict(zip(names, keys, strict=True)), False
         if len(groups) > 1:
             split = self._trainer_split(state, [k for k, _ in keys])
@@ -685,7 +688,7 @@ def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool) ->
     LightningModule), that prefix and how to remove it; "" for parameters matched by position."""
     if by_position:
         return ""
-    names = [str(n) for g in groups for n in g.get("param_names", ())]
+    names = [str(n) for g in groups for n in _recorded_names(g) or ()]
     prefixes = sorted({n[: -len(name)] for n in names if n.endswith("." + name)})
     text = f" (it names its {len(names)} parameters {_few([repr(n) for n in names])})"
     if len(prefixes) == 1:
@@ -702,6 +705,19 @@ def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool) ->
             "which do not tell which is this model's parameter"
         )
     return text
+
+
+def _recorded_names(group: Mapping) -> list[str] | None:
+    """The parameter names a param group records: its param_names (torch >= 2.6, an optimizer over named
+    parameters), or its params when they are names themselves (torch.distributed.checkpoint.state_dict's
+    get_optimizer_state_dict, FSDP's optim_state_dict: the state keyed by each parameter's name); None
+    when it records none (torch's own ids)."""
+    if "param_names" in group:
+        return list(group["param_names"])
+    params = group["params"]
+    if params and all(isinstance(k, str) and not k.isdigit() for k in params):
+        return list(params)
+    return None
 
 
 def _strip(name: str, known: set[str]) -> str:
