@@ -736,3 +736,33 @@ def test_a_train_state_optimizer_on_variables_params_preconditions_linen_variabl
             export_gradients(
                 loss_fn, [checkpoint], (x, y), layers=["batch_stats"], preconditioner="adam", progress=False
             )
+
+
+@pytest.mark.parametrize("injected_adam", [False, True])
+def test_an_injected_adagrad_beside_adam_is_not_read_as_its_hyperparameters(mlp, data, injected_adam):
+    """fr313: an optax.partition of an injected optax.adagrad (its initial_accumulator_value and eps=1e-7) on
+    l2 and Adam on l1 is neither refused as optax.scale_by_yogi nor checked against adagrad's eps: layers=["l1"]
+    follows Adam with its own eps (before, refused as scale_by_yogi, and earlier asked for eps=1e-07)."""
+    x, y = data
+    adam = (optax.inject_hyperparams(optax.adam) if injected_adam else optax.adam)(0.05, b1=B1, b2=B2, eps=EPS)
+    labels = {"l1": {"bias": "adam", "kernel": "adam"}, "l2": {"bias": "adagrad", "kernel": "adagrad"}}
+    adagrad = optax.inject_hyperparams(optax.adagrad)(learning_rate=0.05)
+    opt = optax.partition({"adam": adam, "adagrad": adagrad}, labels)
+    checkpoints = _trained(mlp, x, y, steps=(2,), opt=opt)
+    g = export_gradients(
+        mlp.loss_fn,
+        checkpoints,
+        (x, y),
+        layers=["l1"],
+        preconditioner="adam",
+        preconditioner_options={"b1": B1, "b2": B2, "eps": EPS},
+        progress=False,
+    )
+    params, _, state = checkpoints[0]
+    adam_state = _adam_state(state)
+    grads = mlp.reference_rows(mlp.reference_grads(_torch_weights(params), x, y), ["b1", "w1"], transpose={"w1"})
+    v = np.concatenate([np.asarray(adam_state.nu["l1"][k], np.float64).reshape(-1) for k in ("bias", "kernel")])
+    expected = grads / (np.sqrt(v / (1 - B2 ** float(adam_state.count))) + EPS)
+    np.testing.assert_allclose(
+        np.asarray(g.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+    )

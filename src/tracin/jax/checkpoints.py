@@ -177,21 +177,30 @@ def _state_paths(state: Any, found: Sequence[Any]) -> list[str]:
     return [next(f"state{jax.tree_util.keystr(p)}" for p, leaf in located if leaf is adam) for adam in found]
 
 
+def _around(nodes: Sequence[Any], found: Sequence[Any]) -> list[Any]:
+    """The inject_hyperparams states (a `hyperparams` Mapping) among `nodes` that hold one of the Adam states
+    `found` inside them."""
+    adams = {id(adam) for adam in found}
+    return [
+        node
+        for node in nodes
+        if isinstance(getattr(node, "hyperparams", None), Mapping)
+        and any(id(inner) in adams for inner in _state_nodes(node))
+    ]
+
+
 def _refuse_without_eps_root(state: Any, nodes: Sequence[Any], found: Sequence[Any], where: str) -> None:
     """ValueError when an inject_hyperparams state (among `nodes`) around one of the Adam states `found`
     records b1, b2 and eps but no eps_root, as optax.adamax / adamaxw / yogi do (whose ScaleByAdamState's nu
     is not Adam's; optax.adam / adamw / nadam / lamb / radam inject eps_root too). The error names `where`,
     the partition when there are several Adam states, and the ways out."""
     names = _state_paths(state, found)
-    for node in nodes:
-        hyperparams = getattr(node, "hyperparams", None)
-        if not isinstance(hyperparams, Mapping) or "eps_root" in hyperparams:
+    for node in _around(nodes, found):
+        hyperparams = node.hyperparams
+        if "eps_root" in hyperparams or not {"b1", "b2", "eps"} <= hyperparams.keys():
             continue
-        if not {"b1", "b2", "eps"} <= hyperparams.keys():
-            continue
-        inside = {id(n) for n in _state_nodes(node)}
         for adam, name in zip(found, names, strict=True):
-            if id(adam) not in inside:
+            if not _around([node], [adam]):
                 continue
             what = where if len(found) == 1 else f"{where}, partition {name} (of {len(found)} Adam states),"
             raise ValueError(
@@ -222,7 +231,8 @@ class OptimizerState:
     Moments at paths the params lack are refused (check_leaves), and a chosen leaf without moments
     (masked out by optax.masked, or another linen collection) is a ValueError naming it. b1, b2, eps
     and eps_root are not in the state: they are given (`adam`; eps_root 0 when absent), and checked
-    against the state's own when it was made with optax.inject_hyperparams.
+    against the state's own when it was made with optax.inject_hyperparams (the inject_hyperparams states
+    around a ScaleByAdamState; an injected optimizer beside it, say optax.adagrad on other leaves, is not read).
 
     Refused: a state holding the second moment of another optimizer (optax.amsgrad, adabelief,
     novograd, rmsprop: _OTHER_SECOND_MOMENTS), one whose injected hyperparameters are another's
@@ -246,7 +256,9 @@ class OptimizerState:
         nodes = _state_nodes(state)
         found = [n for n in nodes if _is_adam(n)]
         others = [n for n in nodes if "nu" in n._fields and not _is_adam(n)]
-        self.hyperparams = [n.hyperparams for n in nodes if isinstance(getattr(n, "hyperparams", None), Mapping)]
+        # only inject_hyperparams states around a ScaleByAdamState: an injected optax.adagrad beside it (its
+        # initial_accumulator_value, its eps) says nothing of Adam's
+        self.hyperparams = [n.hyperparams for n in _around(nodes, found)]
         if others:
             names = sorted({type(n).__name__ for n in others})
             made = "; ".join(f"{name} ({_OTHER_SECOND_MOMENTS.get(name, 'not optax.adam')})" for name in names)
