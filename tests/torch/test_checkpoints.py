@@ -1438,6 +1438,43 @@ def test_an_optimizer_state_beside_the_model_in_one_general_checkpoint_file_is_f
         export_gradients(model, [(path, 1e-2, path)], data, LOSS, progress=False, preconditioner="adam")
 
 
+def test_a_lightning_checkpoints_one_optimizer_state_is_taken_and_several_are_told_apart(setup, tmp_path):
+    """A Lightning .ckpt ({"state_dict": ..., "optimizer_states": [state], ...}) given as the optimizer state
+    was refused, listing its keys without advice: its one optimizer state is taken (file or dict), as a
+    general checkpoint's "optimizer" is; of several, the message says to pass one."""
+    model, _, data = setup
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        LOSS(model(data[0]), data[1]).sum().backward()
+        optimizer.step()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())
+    ckpt = {"epoch": 0, "global_step": 2, "state_dict": {"model." + k: v for k, v in weights.items()}}
+    path = tmp_path / "epoch=0-step=2.ckpt"
+    torch.save({**ckpt, "optimizer_states": [state], "lr_schedulers": []}, path)
+
+    def rows(source) -> np.ndarray:
+        got = export_gradients(model, [(weights, 1e-2, source)], data, LOSS, progress=False, preconditioner="adam")
+        return np.asarray(got.matrices[0])
+
+    apart = rows(state)
+    np.testing.assert_array_equal(rows(path), apart)
+    np.testing.assert_array_equal(rows(torch.load(path, weights_only=True)), apart)
+    for listed, said in (
+        (
+            [state, copy.deepcopy(state)],
+            r"lists 2 optimizer states: pass the Adam one, ckpt\['optimizer_states'\]\[i\]",
+        ),
+        ([], r"is empty: the checkpoint holds no optimizer state$"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"its keys: .*'optimizer_states'.*\. Its 'optimizer_states' \(a Lightning checkpoint's\) " + said,
+        ):
+            rows({**ckpt, "optimizer_states": listed})
+
+
 class SharedScale(nn.Module):
     """One buffer registered under two names (a.scale, b.scale): a tied buffer."""
 

@@ -801,3 +801,139 @@ def test_a_state_keyed_by_parameter_names_is_matched_by_them():
         np.testing.assert_allclose(
             np.asarray(got.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
         )
+
+
+def _stepped(opt: torch.optim.Optimizer, model: nn.Module, x, y, scales=(1.0, 3.0, 9.0)) -> dict:
+    """Steps `opt` once per scale of the inputs (moments that differ between layers); the model's weights."""
+    for scale in scales:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x * scale), y).backward()
+        opt.step()
+    return copy.deepcopy(model.state_dict())
+
+
+def _square_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 4 -> 4 -> 4 -> 3 tanh MLP whose layers 0 and 2 have equal shapes, and its data."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+
+
+def test_a_state_of_other_moments_names_them_and_an_empty_one_asks_for_a_step():
+    """An Adamax state (exp_avg, exp_inf, step 3) was told that 'an Adam / AdamW optimizer that has taken
+    at least one step is needed'; so was bitsandbytes' 8-bit Adam (quantized state1 / state2)."""
+    model, x, y = _square_mlp()
+    opt = torch.optim.Adamax(model.parameters(), lr=0.01)
+    state = _stepped(opt, model, x, y)
+    with pytest.raises(
+        ValueError,
+        match=r"the state of parameter 0\.weight holds exp_avg, exp_inf, step, not Adam's exp_avg and exp_avg_sq: "
+        r"torch\.optim\.Adamax's .*32-bit torch\.optim\.Adam / AdamW .* preconditioner=None$",
+    ):
+        export_gradients(model, [(state, 0.01, opt.state_dict())], (x, y), _loss, preconditioner="adam", progress=False)
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    _stepped(adam, model, x, y, scales=(1.0,))
+    eight_bit = copy.deepcopy(adam.state_dict())  # bitsandbytes' Adam8bit layout, in Adam's param groups
+    for key, entry in eight_bit["state"].items():
+        shape = entry["exp_avg"].shape
+        eight_bit["state"][key] = {
+            "step": 1,
+            "state1": torch.zeros(shape, dtype=torch.uint8),
+            "state2": torch.zeros(shape, dtype=torch.uint8),
+            "qmap1": torch.linspace(-1, 1, 256),
+            "absmax1": torch.ones(1),
+        }
+    with pytest.raises(ValueError, match=r"holds absmax1, qmap1, state1, state2, step, .*quantized 8-bit moments"):
+        export_gradients(model, [(state, 0.01, eight_bit)], (x, y), _loss, preconditioner="adam", progress=False)
+    never = torch.optim.Adam(model.parameters(), lr=0.01).state_dict()  # no step taken: no entries
+    emptied = copy.deepcopy(adam.state_dict())
+    emptied["state"] = {k: {} for k in emptied["state"]}
+    for unstepped in (never, emptied):
+        with pytest.raises(ValueError, match=r"no Adam state .* that has taken at least one step is needed$"):
+            export_gradients(model, [(state, 0.01, unstepped)], (x, y), _loss, preconditioner="adam", progress=False)
+
+
+@pytest.mark.parametrize("keyed", ["ids", "names"])
+def test_an_empty_param_group_is_not_counted(keyed):
+    """AdamW([{decay...}, {"params": [], "weight_decay": 0}]) over a model without biases (a decay split
+    whose no-decay group is empty) was refused as several unnamed groups; it has one order, checked by
+    position (or matched by name for a state keyed by names)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 3, bias=False))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    opt = torch.optim.AdamW(
+        [{"params": list(model.parameters()), "weight_decay": 0.01}, {"params": [], "weight_decay": 0.0}],
+        lr=0.05,
+        betas=(0.85, 0.99),
+        eps=1e-6,
+    )
+    state = _stepped(opt, model, x, y)
+    opt_state = copy.deepcopy(opt.state_dict() if keyed == "ids" else get_optimizer_state_dict(model, opt))
+    assert [len(g["params"]) for g in opt_state["param_groups"]] == [2, 0]
+    got = export_gradients(model, [(state, 0.05, opt_state)], (x, y), _loss, preconditioner="adam", progress=False)
+    entries = list(opt_state["state"].values())  # in the model's order, both ways
+    v = np.concatenate([e["exp_avg_sq"].double().numpy().reshape(-1) / (1 - 0.99 ** float(e["step"])) for e in entries])
+    expected = _reference_grads(model, state, x, y) / (np.sqrt(v) + 1e-6)
+    np.testing.assert_allclose(
+        np.asarray(got.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+    )
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_params_mixing_names_with_ids_are_refused(split):
+    """A state whose params are partly names (as get_optimizer_state_dict keys them) and partly torch's
+    ids: one group was matched by position whatever its names said (layers 0 and 2 of one shape swapped
+    passed silently); two groups were refused as having no parameter names."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, x, y = _square_mlp()
+    p = dict(model.named_parameters())
+    order = ["2.weight", "2.bias", "0.weight", "0.bias", "4.weight", "4.bias"]
+    groups = [{"params": [p[n] for n in order[:2]]}, {"params": [p[n] for n in order[2:]]}]
+    opt = torch.optim.Adam(groups if split else [{"params": [p[n] for n in order]}], lr=0.05)
+    state = _stepped(opt, model, x, y)
+    mixed = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    ids = {n: i for i, n in enumerate(order[2:])}  # the names after the first two become ids
+    mixed["state"] = {ids.get(k, k): e for k, e in mixed["state"].items()}
+    for group in mixed["param_groups"]:
+        group["params"] = [ids.get(k, k) for k in group["params"]]
+    with pytest.raises(
+        ValueError, match=r"params mix parameter names \('2\.weight', '2\.bias'\) with ids \(0, 1, 2 and 1 more\)"
+    ):
+        export_gradients(model, [(state, 0.05, mixed)], (x, y), _loss, preconditioner="adam", progress=False)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "model."])
+def test_a_state_keyed_by_prefixed_names_is_stripped_or_told_how_to_rename(prefix):
+    """A state keyed by names (get_optimizer_state_dict of a DataParallel or compiled model) gives the
+    plain state's rows; under a LightningModule's "model." the advice (which read g['param_names'], a
+    KeyError for such a state) renames it to the same rows."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, x, y = _square_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    state = _stepped(opt, model, x, y)
+    plain = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    prefixed = copy.deepcopy(plain)
+    prefixed["state"] = {prefix + k: e for k, e in prefixed["state"].items()}
+    for group in prefixed["param_groups"]:
+        group["params"] = [prefix + k for k in group["params"]]
+
+    def rows(opt_state: dict) -> np.ndarray:
+        got = export_gradients(model, [(state, 0.05, opt_state)], (x, y), _loss, preconditioner="adam", progress=False)
+        return np.asarray(got.matrices[0])
+
+    if prefix == "model.":
+        with pytest.raises(
+            ValueError,
+            match=r"under the prefix 'model\.' .* g\['param_names'\] = \[n\.removeprefix\('model\.'\) for n in "
+            r"g\.get\('param_names', g\['params'\]\)\]$",
+        ):
+            rows(prefixed)
+        for g in prefixed["param_groups"]:  # the advice, as worded
+            g["param_names"] = [n.removeprefix("model.") for n in g.get("param_names", g["params"])]
+    np.testing.assert_array_equal(rows(prefixed), rows(plain))

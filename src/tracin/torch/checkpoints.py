@@ -327,25 +327,26 @@ class OptimizerState:
     exp_avg_sq are checked to have the shape of the model's parameter there (a ValueError names the
     first that differs: an optimizer built over another order), which cannot reveal an order that only
     permutes parameters of equal shapes (two LayerNorms' weights swapped): those take each other's
-    moments silently. Several
-    unnamed param groups (a weight-decay split, per-layer learning rates) are refused, their order
-    unknown (the refusal says how to add the names to a saved state), except a transformers Trainer's
-    (_trainer_split: two groups of one learning rate, the second not decayed, the state file beside
-    trainer_state.json):
-    the trainable parameters the installed Trainer decays, then the rest, each in
-    model.named_parameters() order, taken when the group sizes and every position's moment shapes fit.
+    moments silently. Several unnamed param groups holding parameters (a weight-decay split, per-layer
+    learning rates; an empty group is not counted) are refused, their order unknown (the refusal says
+    how to add the names to a saved state), except a transformers Trainer's (_trainer_split: two groups
+    of one learning rate, the second not decayed, the state file beside trainer_state.json): the
+    trainable parameters the installed Trainer decays, then the rest, each in model.named_parameters()
+    order, taken when the group sizes and every position's moment shapes fit.
     Recorded names may carry the prefixes DataParallel and torch.compile add ("module.", "_orig_mod.");
     a name under another prefix (a LightningModule's "model.") is refused, naming the prefix to drop.
     betas and eps come from each parameter's group, the step count from its state. States whose steps
-    are not Adam's (amsgrad, maximize, RAdam, NAdam) are refused, as are chosen parameters in groups of
-    different learning rates.
+    are not Adam's (amsgrad, maximize, RAdam, NAdam), states of other moments (Adamax's exp_inf,
+    bitsandbytes' state1 / state2, named in the message), params mixing names with ids, and chosen
+    parameters in groups of different learning rates are refused.
 
     An in-memory state must be a snapshot, copy.deepcopy(optimizer.state_dict()) taken with its
     checkpoint: states of other checkpoints holding the very same tensors (the optimizer's live ones,
     saved without the copy) are refused when a preconditioner uses them (refuse_live_states).
 
     A general checkpoint (a dict, or the path of its torch.save file, holding the state under
-    "optimizer", "optimizer_state_dict" or "optim" beside the model's weights) gives that state.
+    "optimizer", "optimizer_state_dict" or "optim" beside the model's weights, or as the one entry of
+    a Lightning checkpoint's "optimizer_states"; of several, the message says to pass one) gives that state.
 
     A folder given as the path is a checkpoint folder holding the state as optimizer.pt (the layout of
     a transformers Trainer's checkpoint-N, whose folder may be the checkpoint's weights too): that file
@@ -420,6 +421,11 @@ class OptimizerState:
                     f"{self.located}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}, while the optimizer "
                     "holds some for other parameters: it never received a gradient in training (a module the "
                     "training did not use); leave it out of layers="
+                )
+            if not has_state and isinstance(entry, Mapping) and entry:  # another optimizer's moments
+                raise ValueError(
+                    f"{self.located}: the state of parameter {name} holds {', '.join(sorted(map(str, entry)))}, "
+                    f"not Adam's exp_avg and exp_avg_sq: {_other_moments(entry)}"
                 )
             if not has_state:
                 raise ValueError(
@@ -496,8 +502,10 @@ class OptimizerState:
         """parameter name -> (its key in state["state"], its param group); and whether the names
         were given by position (the optimizer recorded none), every position's moments then checked
         to have its parameter's shape (_check_positions)."""
-        groups = state["param_groups"]
+        # an empty group (the no-decay group of a model without biases) has no order to check
+        groups = [g for g in state["param_groups"] if g["params"]] or state["param_groups"][:1]
         keys = [(k, g) for g in groups for k in g["params"]]
+        _check_keys(groups, self.located)
         recorded = [_recorded_names(g) for g in groups]
         if all(r is not None for r in recorded):
             known = set(self.all_names)
@@ -660,6 +668,25 @@ def _adam_entry(entry: Any) -> bool:
 _TORCH_GROUP_KEYS = ("foreach", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
 
 
+def _other_moments(entry: Mapping) -> str:
+    """What the state entry of an optimizer that is not Adam holds, and the ways out."""
+    if "exp_inf" in entry:
+        held = "torch.optim.Adamax's (exp_inf, an infinity norm, is not Adam's second moment)"
+    elif "state1" in entry and getattr(entry["state1"], "dtype", None) == torch.uint8:
+        held = (
+            "bitsandbytes' 8-bit optimizer's (Adam8bit, optim='adamw_bnb_8bit'): state1 / state2 are quantized "
+            "8-bit moments, not readable as Adam's"
+        )
+    elif "state1" in entry:
+        held = "a bitsandbytes optimizer's (state1 / state2), not read as Adam's"
+    else:
+        held = "another optimizer's than Adam / AdamW"
+    return (
+        f"{held}. The preconditioner needs the state of a 32-bit torch.optim.Adam / AdamW (a transformers "
+        "Trainer's optim='adamw_torch'); or export with preconditioner=None"
+    )
+
+
 def _not_adam(group: Mapping, entry: Mapping) -> str | None:
     """What makes a param group and state not plain Adam / AdamW (None when nothing does). torch's Adam
     and AdamW groups carry amsgrad; a torch.optim group with weight_decay and no amsgrad, and Adam's
@@ -689,6 +716,7 @@ def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool) ->
     if by_position:
         return ""
     names = [str(n) for g in groups for n in _recorded_names(g) or ()]
+    held = "g['param_names']" if all("param_names" in g for g in groups) else "g.get('param_names', g['params'])"
     prefixes = sorted({n[: -len(name)] for n in names if n.endswith("." + name)})
     text = f" (it names its {len(names)} parameters {_few([repr(n) for n in names])})"
     if len(prefixes) == 1:
@@ -697,7 +725,7 @@ def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool) ->
             f": its {prefix + name!r} is this parameter under the prefix {prefix!r} (the optimizer was built over "
             "a module holding the model as an attribute, a LightningModule's or a wrapper's). Drop the prefix from "
             f"the saved state: for g in state['param_groups']: g['param_names'] = [n.removeprefix({prefix!r}) for n "
-            "in g['param_names']]"
+            f"in {held}]"
         )
     elif prefixes:
         text += (
@@ -720,6 +748,20 @@ def _recorded_names(group: Mapping) -> list[str] | None:
     return None
 
 
+def _check_keys(groups: Sequence[Mapping], where: str) -> None:
+    """ValueError when the params of the groups without param_names mix parameter names with ids: neither
+    names nor positions then match them all."""
+    keys = [k for g in groups if "param_names" not in g for k in g["params"]]
+    names = [k for k in keys if isinstance(k, str) and not k.isdigit()]
+    if names and len(names) < len(keys):
+        ids = [repr(k) for k in keys if k not in names]
+        raise ValueError(
+            f"{where}: its param_groups' params mix parameter names ({_few([repr(n) for n in names])}) with ids "
+            f"({_few(ids)}), so its parameters can be matched neither by name nor by position: pass a state saved "
+            "whole one way, optimizer.state_dict() or torch.distributed.checkpoint.state_dict.get_optimizer_state_dict"
+        )
+
+
 def _strip(name: str, known: set[str]) -> str:
     """`name` less its wrappers' prefixes (_PREFIXES, in any order), unless the model knows it as it is."""
     while name not in known and name.startswith(_PREFIXES):
@@ -729,14 +771,19 @@ def _strip(name: str, known: set[str]) -> str:
 
 # where a general checkpoint file keeps the optimizer beside the model ({"model": ..., "optimizer": ...})
 _NESTED_OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim")
+_LIGHTNING_KEY = "optimizer_states"  # a Lightning checkpoint's list of its optimizers' state_dict()s
 
 
 def _nested_optimizer(state: Any) -> Any:
-    """The optimizer.state_dict() a general checkpoint file holds under _NESTED_OPTIMIZER_KEYS, else `state`."""
+    """The optimizer.state_dict() a general checkpoint file holds under _NESTED_OPTIMIZER_KEYS, or as the one
+    entry of a Lightning checkpoint's "optimizer_states" list, else `state`."""
     if isinstance(state, Mapping) and "param_groups" not in state:
         for key in _NESTED_OPTIMIZER_KEYS:
             if isinstance(state.get(key), Mapping) and "param_groups" in state[key]:
                 return state[key]
+        listed = state.get(_LIGHTNING_KEY)
+        if isinstance(listed, (list, tuple)) and len(listed) == 1 and isinstance(listed[0], Mapping):
+            return listed[0]
     return state
 
 
@@ -749,9 +796,18 @@ def _check_optimizer_dict(state: Any, where: str) -> None:
         or not all(isinstance(g, Mapping) and "params" in g for g in state["param_groups"])
     ):
         keys = f"; its keys: {sorted(map(str, state))[:10]}" if isinstance(state, Mapping) else ""
+        listed = state.get(_LIGHTNING_KEY) if isinstance(state, Mapping) else None
+        if isinstance(listed, (list, tuple)):
+            keys += f". Its {_LIGHTNING_KEY!r} (a Lightning checkpoint's) " + (
+                f"lists {len(listed)} optimizer states: pass the Adam one, ckpt[{_LIGHTNING_KEY!r}][i] (the i-th "
+                "optimizer configure_optimizers returns)"
+                if listed
+                else "is empty: the checkpoint holds no optimizer state"
+            )
         raise ValueError(
             f"{where} is not an optimizer.state_dict() (a dict with 'state' and 'param_groups'), nor a dict holding "
-            f"one under {', '.join(map(repr, _NESTED_OPTIMIZER_KEYS))}{keys}"
+            f"one under {', '.join(map(repr, _NESTED_OPTIMIZER_KEYS))} or as the one entry of "
+            f"{_LIGHTNING_KEY!r}{keys}"
         )
     for g in state["param_groups"]:
         if "betas" not in g or "eps" not in g:
