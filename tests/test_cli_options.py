@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import tracin
-from tracin.cli import main
+from tracin.cli import build_parser, main
+from tracin.demo.training import MAX_EPOCHS
 
 
 def _store(path, mat, weight=0.5):
@@ -70,3 +71,111 @@ def test_score_csv_rows_name_the_side_and_rows_of_stores_without_ids(side, two, 
         got = [[int(r["train_row"]) for r in rows if r["side"] == name and int(r["test_row"]) == t] for t in range(3)]
         if name == side or side == "both":
             assert got == np.argsort(order, axis=1, kind="stable")[:, :4].tolist()
+
+
+@pytest.mark.parametrize(
+    ("option", "taken", "refused", "expected"),
+    [
+        ("--noise", "0", "1", "a number in [0, 1)"),
+        ("--seed", "0", "-1", "an integer >= 0"),
+        ("--epochs", str(MAX_EPOCHS), str(MAX_EPOCHS + 1), f"a positive integer no larger than {MAX_EPOCHS}"),
+    ],
+)
+def test_demo_options_take_their_bounds_and_refuse_one_past(option, taken, refused, expected, capsys):
+    """Each bound of the demo's options is taken and one past it is argparse's usage error (r310: --noise 1,
+    which DemoConfig refuses only after the extras are imported, --seed 0 or --epochs MAX_EPOCHS refused, passed)."""
+    parser = build_parser()
+    args = parser.parse_args(["demo", option, taken])
+    assert getattr(args, option.lstrip("-")) == type(getattr(args, option.lstrip("-")))(taken)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["demo", option, refused])
+    assert e.value.code == 2
+    assert f"argument {option}: expected {expected}, got '{refused}'" in capsys.readouterr().err
+
+
+def test_demo_takes_as_many_checkpoints_as_epochs(tmp_path, monkeypatch):
+    """--checkpoints equal to --epochs (one per epoch) is run, one more refused (r310: `>=` passed)."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    import tracin.demo
+
+    configs = []
+    monkeypatch.setattr(tracin.demo, "run_demo", lambda config, progress: configs.append(config))
+    out = str(tmp_path / "out")
+    assert main(["demo", "--epochs", "3", "--checkpoints", "3", "-o", out, "--no-progress"]) == 0
+    assert [(c.training.epochs, c.training.checkpoints) for c in configs] == [(3, 3)]
+    assert main(["demo", "--epochs", "3", "--checkpoints", "4", "-o", out, "--no-progress"]) == 2
+    assert len(configs) == 1
+
+
+@pytest.mark.parametrize("crlf", ["test", "train"])
+def test_score_csv_quotes_carriage_return_ids_of_either_side_alone(crlf, tmp_path, rng):
+    """Ids ending in \r on one side only (a CRLF id file for the train set, a plain one for the test set) still
+    keep every row whole (r310: ids of the test side alone checked for \r passed: the CSV test used one store)."""
+    ids = {
+        side: [f"{side}-{i}\r" if side == crlf else f"{side}-{i}" for i in range(n)]
+        for side, n in (("test", 2), ("train", 5))
+    }
+    mats = {side: rng.standard_normal((len(ids[side]), 4)).astype(np.float32) for side in ids}
+    paths = {}
+    for side in ids:
+        w = tracin.GradientStore.create(tmp_path / side, len(mats[side]), [4], weights=[1.0], ids=ids[side])
+        w.write(0, 0, mats[side])
+        w.finalize()
+        paths[side] = str(tmp_path / side)
+    out = tmp_path / "top.csv"
+    assert main(["score", "--test", paths["test"], "--train", paths["train"], "-k", "3", "-o", str(out)]) == 0
+    rows = list(csv.reader(open(out, newline="")))
+    assert len(rows) == 1 + 2 * 3 and all(len(row) == 7 for row in rows), rows
+    exact = mats["test"].astype(np.float64) @ mats["train"].astype(np.float64).T
+    for row in rows[1:]:
+        t, i = int(row[0]), int(row[4])
+        assert (row[1], row[5]) == (ids["test"][t], ids["train"][i])
+        assert float(row[6]) == pytest.approx(exact[t, i], rel=1e-5)
+
+
+@pytest.mark.parametrize(("workers", "started"), [(["--workers", "3"], 3), ([], 5)])
+def test_workers_option_is_the_local_clusters_size(workers, started, two, monkeypatch, capsys):
+    """--workers N starts N workers, none given one per usable core (r310: --workers ignored passed, as the
+    cluster test runs --workers 2 on a 2-core machine). The cluster is not started: its size is recorded."""
+    pytest.importorskip("distributed")
+    import tracin.cli
+    import tracin.distributed._cluster as cluster
+
+    sizes = []
+
+    def no_cluster(n):
+        sizes.append(n)
+        raise OSError("no cluster in this test")
+
+    monkeypatch.setattr(tracin.cli, "usable_cores", lambda: 5)
+    monkeypatch.setattr(cluster, "local_client", no_cluster)
+    assert main(["self-influence", two[1], "--scheduler", "local", *workers]) == 1
+    assert sizes == [started]
+    assert "no cluster in this test" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_a_one_line_error(two, monkeypatch, capsys):
+    """A MemoryError (NumPy's 'Unable to allocate') is one error line with exit code 1, no traceback (r310:
+    MemoryError left out of _run's one-line errors passed)."""
+
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 3.00 GiB for an array with shape (40000, 20000) and data type float32")
+
+    monkeypatch.setattr(tracin, "self_influence", no_memory)
+    assert main(["self-influence", two[1]]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "tracin self-influence: error: Unable to allocate 3.00 GiB for an array with shape "
+        "(40000, 20000) and data type float32"
+    ]
+
+
+def test_a_store_without_an_id_is_not_warned_about_as_another_whitenings(two, tmp_path, monkeypatch, capsys):
+    """A store written before stores had ids (store_id None) cannot be compared with the store a whitening records:
+    no warning (r310: the store_id None check dropped passed; every such store warned 'fitted on another store')."""
+    white = tmp_path / "white.npz"
+    tracin.Whitening.fit(tracin.GradientStore.open(two[1]), damping=1e-3, progress=False).save(white)
+    monkeypatch.setattr(tracin.GradientStore, "store_id", property(lambda self: None))
+    assert main(["self-influence", two[1], "--whitening", str(white), "-o", str(tmp_path / "r.csv")]) == 0
+    assert "warning" not in capsys.readouterr().err

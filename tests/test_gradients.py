@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import fractions
+import re
 
 import numpy as np
 import pytest
@@ -288,3 +289,47 @@ def test_slicing_rows_slices_every_checkpoint_and_factor(rng):
         for w, lf, rt in zip([1.0, 3.0], left, right, strict=True)
     )
     np.testing.assert_allclose(tracin.self_influence(fview), exact, rtol=1e-5)
+
+
+def test_factored_default_weights_take_the_other_sides(rng):
+    """A FactoredGradients built without weights takes the weights of the set it is scored against, on either
+    side, as Gradients does (r310: weights_given always True passed; the given weights were then dropped when
+    the default set was the train side)."""
+    left = [rng.standard_normal((n, 3)).astype(np.float32) for n in (2, 2, 5, 5)]
+    right = [rng.standard_normal((n, 4)).astype(np.float32) for n in (2, 2, 5, 5)]
+    weights = [0.5, 2.0]
+    given = tracin.FactoredGradients(left[:2], right[:2], weights)
+    default = tracin.FactoredGradients(left[2:], right[2:])
+    assert given.weights_given and not default.weights_given
+    exact = sum(
+        w
+        * (left[c].astype(np.float64) @ left[c + 2].T.astype(np.float64))
+        * (right[c].astype(np.float64) @ right[c + 2].T.astype(np.float64))
+        for c, w in enumerate(weights)
+    )
+    np.testing.assert_allclose(tracin.scores(given, default), exact, rtol=1e-5)
+    np.testing.assert_allclose(tracin.scores(default, given), exact.T, rtol=1e-5)
+
+
+def test_slicing_with_step_one_is_the_plain_slice(rng):
+    """g[a:b:1] is g[a:b], as the TypeError's "step 1" promises (r310: every step refused passed)."""
+    mats = [rng.standard_normal((6, 3)).astype(np.float32) for _ in range(2)]
+    g = tracin.Gradients(mats, [0.5, 2.0])
+    for view in (g[1:4:1], g[::1]):
+        plain = g[1:4] if view.n_rows == 3 else g[:]
+        for a, b in zip(view.matrices, plain.matrices, strict=True):
+            assert np.shares_memory(a, b) and np.array_equal(a, b)
+    with pytest.raises(TypeError, match="contiguous row ranges"):
+        g[::2]
+
+
+def test_a_path_among_the_arrays_is_named_with_its_place(rng):
+    """A path in a list of arrays is refused pointing to GradientStore.open, naming its place (r310: the check
+    of each array dropped passed)."""
+    a = rng.standard_normal((2, 3)).astype(np.float32)
+    for make, place in (
+        (lambda: tracin.Gradients([a, "b.npy"]), "matrices[1]"),
+        (lambda: tracin.FactoredGradients([a], ["b.npy"]), "right[0]"),
+    ):
+        with pytest.raises(TypeError, match=rf"^{re.escape(place)}: got a path \('b.npy'\); open the store with"):
+            make()

@@ -1288,6 +1288,39 @@ def test_a_store_whose_writing_fails_leaves_no_partial_folder(tmp_path):
     assert GradientStore.open(store).n_rows == 30
 
 
+def test_a_failed_stores_folder_that_could_not_be_removed_stays_recorded_for_the_next_run(tmp_path, monkeypatch):
+    """A failed store export whose half-written folder could not be removed (rmtree's errors are ignored) keeps
+    its null record, so the next run removes the leftover (r310: the record always forgotten passed)."""
+    import tracin.demo.outputs as outputs
+
+    def disk_full(path):
+        writer = GradientStore.create(path, 10, [4], [1.0])
+        writer.write(0, 0, np.ones((5, 4), np.float32))
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(outputs.shutil, "rmtree", lambda *a, **k: None)  # a folder rmtree could not remove
+        with DemoFiles(tmp_path) as files:
+            with pytest.raises(OSError, match="No space left on device"):
+                files.store(tmp_path / "grads" / "train", disk_full)
+            [left] = (tmp_path / "grads").iterdir()
+            assert files.entries == {f"grads/{left.name}": None}
+    _clear(tmp_path, [])
+    assert list((tmp_path / "grads").iterdir()) == []
+    assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
+
+
+def test_a_killed_runs_temporary_record_does_not_stop_the_next_run(tmp_path):
+    """A run killed while saving its record leaves .tracin-demo.json.tmp; the next run replaces it (r310: the
+    leftover's removal dropped passed, every later save failed with FileExistsError)."""
+    (tmp_path / (LEDGER + ".tmp")).write_text('{"files": {"report.md": nu')  # cut short by the kill
+    report = tmp_path / "report.md"
+    with DemoFiles(tmp_path) as files:
+        files.put(report, lambda p: p.write_text("demo's"))
+    assert report.read_text() == "demo's" and not (tmp_path / (LEDGER + ".tmp")).exists()
+    assert list(json.loads((tmp_path / LEDGER).read_text())["files"]) == ["report.md"]
+
+
 def test_a_demo_whose_store_export_fails_midway_leaves_only_finished_files(tmp_path, monkeypatch):
     import tracin.demo.with_numpy as with_numpy
 
