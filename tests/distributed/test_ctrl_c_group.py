@@ -198,3 +198,67 @@ def test_dasks_warning_of_a_worker_reaped_by_end_processes_is_dropped():
 
     assert not logger.filter(record("[%s] process %r exit status was already read, will report exitcode 255"))
     assert logger.filter(record("[%s] process %r terminated"))
+
+
+# Dask's sync() interrupted before its awaited call began on the event loop (the loop busy for 0.5 s): the
+# cancel callback it then schedules there reads a future never assigned, and tornado logs that NameError
+SYNC_INTERRUPTED = """
+import asyncio, logging, signal, sys, time
+from distributed.utils import LoopRunner, sync
+from tracin.distributed._cluster import _no_unstarted_sync_cancel
+
+logging.basicConfig()
+if sys.argv[1] == "filtered":
+    logging.getLogger("tornado.application").addFilter(_no_unstarted_sync_cancel)
+runner = LoopRunner(asynchronous=False)
+runner.start()
+runner.loop.add_callback(time.sleep, 0.5)
+
+
+def interrupt(*_):
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, interrupt)
+signal.setitimer(signal.ITIMER_REAL, 0.1)
+try:
+    sync(runner.loop, asyncio.sleep, 0)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+time.sleep(1)
+runner.stop()
+"""
+
+
+def test_an_interrupted_dask_call_that_had_not_begun_logs_nothing(monkeypatch):
+    """r310 F13: 1 run in several of the CLI's Ctrl-C test printed tornado's 'ERROR - Exception in callback
+    functools.partial(<function sync.<locals>.cancel ...>)' (a NameError, Dask's) before the one line
+    'tracin score: interrupted'. local_client adds a filter (once) that drops that record alone."""
+    import logging
+
+    from tracin.distributed import _cluster
+
+    def bare(filtered: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", SYNC_INTERRUPTED, filtered], capture_output=True, text=True, timeout=60
+        ).stderr
+
+    unfiltered = bare("unfiltered")
+    assert "interrupted" in unfiltered, unfiltered
+    if "tornado.application" in unfiltered:  # Dask's NameError, as seen (absent once Dask assigns the future)
+        assert "NameError" in unfiltered and "sync.<locals>.cancel" in unfiltered, unfiltered
+    assert bare("filtered") == "interrupted\n"
+
+    def refused(n_workers: int):
+        raise RuntimeError("no cluster here")
+
+    monkeypatch.setattr(_cluster, "_new_local_cluster", refused)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="no cluster here"), _cluster.local_client(1):
+            pass
+    logger = logging.getLogger("tornado.application")
+    assert logger.filters.count(_cluster._no_unstarted_sync_cancel) == 1
+    other = logging.LogRecord(
+        "tornado.application", logging.ERROR, __file__, 1, "Exception in callback %r", ("f",), None
+    )
+    assert logger.filter(other)

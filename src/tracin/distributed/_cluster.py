@@ -70,6 +70,7 @@ def local_client(n_workers: int) -> Iterator[Client]:
     Left by an exception (Ctrl-C, an error), the cluster is closed quietly: its nannies would log each
     worker process still running a task 4 s after they asked it to close, before they kill it. A Ctrl-C
     while the cluster closes at the end lets that close finish (_close_uncancelled)."""
+    logging.getLogger("tornado.application").addFilter(_no_unstarted_sync_cancel)  # added once: the same function
     cluster = _new_local_cluster(n_workers)
     closing: concurrent.futures.Future | None = None
     try:
@@ -88,6 +89,14 @@ def local_client(n_workers: int) -> Iterator[Client]:
         _close_quietly(cluster, closing)
         raise
     cluster.close()  # closed by now: stops the thread of its event loop
+
+
+def _no_unstarted_sync_cancel(record: logging.LogRecord) -> bool:
+    """False for tornado's log of the NameError that Dask's sync() raises on its event loop when a Ctrl-C
+    interrupts the caller's wait before the awaited call began there (its cancel callback reads a future not
+    yet assigned): nothing was running to cancel; the caller's KeyboardInterrupt goes on as it is."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, NameError) and "sync.<locals>.cancel" in record.getMessage())
 
 
 def _close_uncancelled(cluster: SpecCluster) -> concurrent.futures.Future:
