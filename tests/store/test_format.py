@@ -9,7 +9,7 @@ import pytest
 import tracin
 from tracin.store import StoreFormatError
 
-from .helpers import random_blocks, write_store
+from .helpers import random_blocks, read_rows, write_store
 
 
 @pytest.fixture
@@ -82,6 +82,34 @@ def test_missing_data_file(store_dir):
 def test_bad_ids_file(store_dir):
     np.save(store_dir / "ids.npy", np.arange(5))
     with pytest.raises(StoreFormatError, match=r"expected 6 integer or string ids, got shape \(5,\)"):
+        tracin.GradientStore.open(store_dir)
+
+
+@pytest.mark.parametrize("ids", [np.arange(6.0), np.arange(6) % 2 == 0, np.arange(6) + 0j])
+def test_an_ids_file_of_numbers_other_than_integers_is_refused(store_dir, ids):
+    # 6 ids of the right shape: 0.0 .. 5.0 would compare equal to integer ids, yet are neither kind the format has
+    np.save(store_dir / "ids.npy", ids)
+    with pytest.raises(
+        StoreFormatError, match=rf"expected 6 integer or string ids, got shape \(6,\) dtype {ids.dtype}"
+    ):
+        tracin.GradientStore.open(store_dir)
+
+
+def test_a_data_file_with_a_version_2_header_reads_as_its_version_1_copy(store_dir):
+    # .npy 2.0 (a 4-byte header length) holds the same array: read like NumPy reads it, not refused as corrupt
+    before = read_rows(tracin.GradientStore.open(store_dir))
+    path = store_dir / "checkpoint_001.npy"
+    array = np.load(path)
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, array, version=(2, 0))
+    assert path.read_bytes()[6:8] == b"\x02\x00"
+    for got, expected in zip(read_rows(tracin.GradientStore.open(store_dir)), before, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_manifest_of_no_checkpoints_is_refused(store_dir):
+    _edit_manifest(store_dir, lambda d: d.update(checkpoints=[]))
+    with pytest.raises(StoreFormatError, match="checkpoints must be a non-empty list"):
         tracin.GradientStore.open(store_dir)
 
 

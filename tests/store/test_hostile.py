@@ -64,15 +64,15 @@ def _deny(monkeypatch, name: str, code: int, builtin_open: bool = True) -> None:
         monkeypatch.setattr(builtins, "open", open_)
 
 
-def _fill_disk(monkeypatch, name: str, room: int = 496) -> None:
-    """Writes into a file called `name` stop after `room` bytes with ENOSPC (a full disk)."""
+def _fill_disk(monkeypatch, name: str, room: int = 496, code: int = errno.ENOSPC) -> None:
+    """Writes into a file called `name` stop after `room` bytes with ENOSPC (a full disk; or `code`)."""
     real = os.pwrite
     written = [0]
 
     def pwrite(fd, data, offset):
         if os.readlink(f"/proc/self/fd/{fd}").endswith("/" + name):
             if written[0] >= room:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise OSError(code, os.strerror(code))
             n = real(fd, memoryview(data)[: room - written[0]], offset)
             written[0] += n
             return n
@@ -102,6 +102,23 @@ def test_a_link_planted_as_the_manifest_temporary_is_never_written_through(tmp_p
     assert victim.read_text() == "precious"
     assert not (tmp_path / "s" / "manifest.json").is_symlink()
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["checkpoints"][0]["written"] == [[0, 2]]
+
+
+def test_a_temporary_left_or_planted_while_the_writer_is_open_is_removed_not_written_through(tmp_path):
+    # create() clears a stale manifest.json.tmp, but one can appear later: an interrupt between the temporary's
+    # write and its rename (a notebook keeps the writer), or a link planted by another user; each record
+    # removes it first, else O_EXCL fails every later record
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    w = tracin.GradientStore.create(tmp_path / "s", 10, [4])
+    tmp = tmp_path / "s" / "manifest.json.tmp"
+    tmp.write_bytes(b"{")
+    w.write(0, 0, np.ones((2, 4), np.float32))
+    os.symlink(victim, tmp)
+    w.write(0, 2, np.ones((2, 4), np.float32))
+    w.close()
+    assert victim.read_text() == "precious" and not tmp.exists()
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["checkpoints"][0]["written"] == [[0, 4]]
 
 
 def test_a_data_file_replaced_by_a_link_is_refused_on_resume_and_on_open(tmp_path):
@@ -335,13 +352,14 @@ def test_a_full_disk_while_creating_names_the_file(tmp_path, monkeypatch):
 
 
 @needs_proc_fd
-def test_a_full_disk_while_writing_names_the_file_and_the_rows_can_be_redone(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)], ids=["ENOSPC", "EDQUOT"])
+def test_a_full_disk_while_writing_names_the_file_and_the_rows_can_be_redone(tmp_path, monkeypatch, code):
     w = tracin.GradientStore.create(tmp_path / "s", 300, [4, 8])
     block = np.ones((300, 8), np.float32)
-    _fill_disk(monkeypatch, "checkpoint_001.npy")
+    _fill_disk(monkeypatch, "checkpoint_001.npy", code=code)  # EDQUOT: the user's quota is full
     with pytest.raises(OSError) as failure:
         w.write(1, 0, block)
-    assert failure.value.errno == errno.ENOSPC
+    assert failure.value.errno == code
     assert "checkpoint_001.npy" in str(failure.value) and "the disk is full" in str(failure.value)
     assert w.rows_done(1) == 0  # nothing recorded
     monkeypatch.undo()
@@ -373,6 +391,7 @@ def _with_raw(store_path: Path, replace: str, by: str) -> None:
     [
         ('"weight": 0.5', '"weight": 1' + "0" * 400, "weight must be a finite number"),
         ('"weight": 0.5', '"weight": 1e400', "beyond the float64 range"),
+        ('"weight": 0.5', '"weight": true', "weight must be a finite number, got True"),  # not read as 1.0
         # review150 F2: read as 0.0 (the checkpoint counted for nothing), where create refuses the same value
         ('"weight": 0.5', '"weight": -1.5e-400', r"checkpoints\[0\]\.weight is -1.5e-400, which is not 0 but rounds"),
         ('"metadata": {}', '"metadata": {"a b": [0.0, 2E-999]}', r"metadata\['a b'\]\[1\] is 2E-999, which is not 0"),
@@ -380,11 +399,15 @@ def _with_raw(store_path: Path, replace: str, by: str) -> None:
         ('"weight": 0.5', '"weight": NaN', "NaN is not a JSON number"),
         ('"n_rows": 6', '"n_rows": 1' + "0" * 5000, "not valid JSON"),
         ('"n_rows": 6', '"n_rows": 100000000000000000000', "n_rows must be a positive integer below 2"),
+        ('"n_rows": 6', '"n_rows": 0', "n_rows must be a positive integer below 2"),
+        ('"dim": 3', '"dim": 0', r"checkpoints\[1\] dims must be positive integers"),
         ('"metadata": {}', '"metadata": ' + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         ('"complete": true', '"complete": "yes"', "complete and weights_given must be true or false"),
         ('"checkpoint_001.npy"', '"checkpoint_000.npy"', "names a data file already used"),
         ('"checkpoint_001.npy"', '"ids.npy"', "names unexpected data files"),
         ('"id": "', '"id": "zz', "id must be 32 lowercase hex digits"),
+        ('"id": "', '"id": "0', "id must be 32 lowercase hex digits"),  # 33 digits, its first 32 an id
+        ('"version": 1', '"version": 0', "format version must be a positive integer, got 0"),
         ('"checkpoint_001.npy"', '"checkpoint_' + "1" * 300 + '.npy"', "names unexpected data files"),
         ('"checkpoint_001.npy"', '"checkpoint_\u0663.npy"', "names unexpected data files"),  # an Arabic-Indic 3
         ('"n_rows": 6', '"n_rows": 6, "n_rows": 5', "key 'n_rows' appears twice in one object"),
@@ -413,6 +436,19 @@ def test_every_malformed_manifest_is_a_store_format_error(store, capsys, replace
     with pytest.raises(StoreFormatError, match=message):
         tracin.GradientStore.create(store.path, 6, [4, 3], [0.5, 2.0], ids=list(range(6)))
     assert "malformed gradient store" in _one_line_cli_error(capsys, ["info", str(store.path)])
+
+
+def test_a_factored_manifest_naming_one_file_as_both_factors_is_refused(tmp_path):
+    # left and right of equal width in one file pass every shape check: the writer's right factors would
+    # overwrite its left ones, and a reader would read the right factors as both
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, 4, [(2, 2)], factored=True).close()
+    text = (path / "manifest.json").read_text()
+    (path / "manifest.json").write_text(text.replace('"checkpoint_000_right.npy"', '"checkpoint_000_left.npy"', 1))
+    with pytest.raises(StoreFormatError, match=r"checkpoints\[0\] names a data file already used"):
+        tracin.GradientStore.open(path)
+    with pytest.raises(StoreFormatError, match=r"checkpoints\[0\] names a data file already used"):
+        tracin.GradientStore.create(path, 4, [(2, 2)], factored=True)
 
 
 def test_a_data_file_name_of_ten_megabytes_is_refused_in_a_short_message(store, capsys):

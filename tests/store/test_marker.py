@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import tracin
+from tracin.cli import main
+from tracin.store import _files
 
 _KILLED_BEFORE_THE_MARKER_GOES = textwrap.dedent(
     """
@@ -30,6 +32,8 @@ def test_a_resume_removes_the_marker_of_a_killed_create_and_the_store_stays_prot
     killed = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_THE_MARKER_GOES, str(path)], timeout=120)
     assert killed.returncode == 9
     assert sorted(os.listdir(path)) == ["checkpoint_000.npy", "create-in-progress", "manifest.json"]
+    assert _files.interrupted_create(path) is None  # the manifest is there: a store to resume, not a create to redo
+    assert main(["info", str(path)]) == 0
     w = tracin.GradientStore.create(path, 4, [3])
     assert "create-in-progress" not in os.listdir(path)
     w.write(0, 0, np.full((4, 3), 2.0, np.float32))

@@ -60,6 +60,31 @@ def test_many_writes_are_recorded_once_after_all_their_data_is_synced(tmp_path, 
     np.testing.assert_allclose(tracin.self_influence(store), np.concatenate(exact), rtol=1e-5)
 
 
+def test_each_manifest_temporary_is_synced_before_it_replaces_the_manifest(tmp_path, events):
+    # renamed before its fsync, a power cut can leave manifest.json empty (delayed allocation) where the
+    # old one held the progress
+    w = tracin.GradientStore.create(tmp_path / "s", 4, [2])
+    events.clear()
+    w.write(0, 0, np.ones((2, 2), np.float32))
+    w.write(0, 2, np.ones((2, 2), np.float32))
+    w.finalize()
+    replaced = [i for i, e in enumerate(events) if e == ("replace", "manifest.json")]
+    assert len(replaced) == 3  # two records and the finalize
+    for before, at in zip([-1, *replaced[:-1]], replaced, strict=True):
+        assert ("fsync", "manifest.json.tmp") in events[before + 1 : at]
+
+
+def test_a_nested_block_leaves_the_record_to_the_outer_one(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 4, [2, 3])
+    with w.recording_once():
+        w.write(0, 0, np.ones((4, 2), np.float32))
+        with w.recording_once():
+            w.write(1, 0, np.ones((4, 3), np.float32))
+        assert [w.rows_done(0), w.rows_done(1)] == [0, 0]  # not recorded yet
+    assert [w.rows_done(0), w.rows_done(1)] == [4, 4]
+    assert w.finalize().complete
+
+
 def test_an_error_inside_still_records_the_rows_written_before_it(tmp_path):
     w = tracin.GradientStore.create(tmp_path / "s", 6, [2, 3])
     with pytest.raises(ValueError, match="block has 2 columns but checkpoint 1 has 3"):

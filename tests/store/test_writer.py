@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import tracin
-from tracin.store import GradientStoreWriter, _convert, describe
+from tracin.store import GradientStoreWriter, StoreChangedError, _convert, describe
 from tracin.store._convert import BeyondRangeError, NonFiniteError
 
 from .helpers import random_blocks, read_rows, write_store
@@ -779,3 +780,45 @@ def test_resuming_with_other_ids_of_the_same_length_is_refused(tmp_path):
         tracin.GradientStore.create(tmp_path / "s", 5, [2], None, ids=[f"ex-{i}" for i in reversed(range(5))])
     with tracin.GradientStore.create(tmp_path / "s", 5, [2], None, ids=[f"ex-{i}" for i in range(5)]) as w:
         assert w.rows_done(0) == 2
+
+
+@pytest.mark.parametrize("change", ["truncated", "replaced", "removed"])
+def test_a_data_file_changed_under_an_open_writer_is_refused_and_its_rows_not_recorded(tmp_path, change):
+    # another process truncates, replaces or removes a data file while the writer is open: the next write is
+    # a StoreChangedError naming the file (a truncated file written up to its end again would read back zeros
+    # in rows [0, 5), which the manifest calls written)
+    path = tmp_path / "s"
+    w = tracin.GradientStore.create(path, 10, [3])
+    w.write(0, 0, np.arange(15, dtype=np.float32).reshape(5, 3) + 1)
+    data = path / "checkpoint_000.npy"
+    message = "was replaced or resized by another process"
+    if change == "truncated":
+        os.truncate(data, 128)  # the header only: rows [0, 5) gone
+    elif change == "replaced":
+        (tmp_path / "copy.npy").write_bytes(data.read_bytes())
+        os.replace(tmp_path / "copy.npy", data)
+    else:
+        data.unlink()
+        message = "was removed while the gradient store was being written"
+    with pytest.raises(StoreChangedError, match=re.escape(str(data)) + " " + message):
+        w.write(0, 5, np.ones((5, 3), np.float32))
+    assert w.missing(0) == [[5, 10]]
+    w.close()
+
+
+def test_a_resumed_writer_writes_at_the_data_offset_of_each_files_own_header(tmp_path):
+    # a data file whose 1.0 header is 192 bytes, not the 128 NumPy writes for a small 2-d shape (docs/format.md:
+    # 1.0 headers, 64-byte aligned data): rows go where its header says the data starts, as readers read them
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, 6, [4, 3]).close()
+    text = "{'descr': '<f4', 'fortran_order': False, 'shape': (6, 3), }".ljust(192 - 11) + "\n"
+    head = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode()
+    (path / "checkpoint_001.npy").write_bytes(head + bytes(6 * 3 * 4))
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((6, d)).astype(np.float32) for d in (4, 3)]
+    w = tracin.GradientStore.create(path, 6, [4, 3])
+    for c, b in enumerate(blocks):
+        w.write(c, 0, b[:2])
+        w.write(c, 2, b[2:])
+    for got, b in zip(read_rows(w.finalize()), blocks, strict=True):
+        np.testing.assert_array_equal(got, b)
