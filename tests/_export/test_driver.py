@@ -453,6 +453,20 @@ def test_a_checkpoint_folder_whose_files_changed_after_its_fingerprint_is_refuse
     np.testing.assert_allclose(g.matrices[1], np.concatenate(_data()) * 5.0, rtol=1e-6)
 
 
+def test_a_pretrained_folder_that_gains_the_weights_file_a_loader_prefers_is_refused(tmp_path):
+    """review309: model.safetensors written beside pytorch_model.bin while the export runs is what a loader
+    reads now, though the fingerprint is of pytorch_model.bin (unchanged, and as many files as before)."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    np.save(folder / "scale.npy", np.float32(-1.0))
+    (folder / "pytorch_model.bin").write_bytes(b"weights")
+    checkpoints = [CKPTS[0], (str(folder), 0.25)]
+    with pytest.raises(ValueError, match=r"^checkpoints\[1\] \(.*ckpt\): the files it holds changed while it was"):
+        export(
+            _Changed(_data(), lambda: (folder / "model.safetensors").write_bytes(b"other")), checkpoints, _options(), []
+        )
+
+
 class _Loads(_Scaled):
     """_Scaled recording the index of every checkpoint loaded."""
 

@@ -239,6 +239,22 @@ def test_a_store_not_written_by_an_export_is_left(problem, tmp_path):
     assert GradientStore.open(path, allow_partial=True).metadata == {"mine": 1}
 
 
+def test_an_empty_store_with_ids_is_left(problem, tmp_path):
+    """review309: a store holding the user's row ids (GradientStore.create(ids=...)) with an export's metadata and no
+    rows is not an export's leftover: replacing it would drop the ids; the export refuses it instead."""
+    checkpoints, data = problem
+    with pytest.raises(ValueError, match="reduction='none'"):
+        _export(_net(bug=False), checkpoints, data, mean_loss, tmp_path / "s")
+    metadata = GradientStore.open(tmp_path / "s", allow_partial=True).metadata
+    path, ids = tmp_path / "ids", [f"row{i}" for i in range(N_ROWS)]
+    GradientStore.create(path, N_ROWS, [15, 15], [0.5, 0.25], "float32", metadata=metadata, ids=ids).close()
+    store_id = GradientStore.open(path, allow_partial=True).store_id
+    with pytest.raises(ValueError, match="other inputs: the loss function differs"):
+        _export(_net(bug=False), checkpoints, data, good_loss, path)
+    assert GradientStore.open(path, allow_partial=True).store_id == store_id
+    assert json.loads((path / "manifest.json").read_text())["ids"]
+
+
 def test_jax_mean_reduced_loss_then_fixed_loss(tmp_path):
     """tracin.jax shares the driver: the same rerun, against a fresh export and float64 gradients."""
     jax = pytest.importorskip("jax")

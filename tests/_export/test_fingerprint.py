@@ -55,6 +55,12 @@ def test_path_digests_follow_file_contents(tmp_path):
     (tmp_path / "d" / "x").write_bytes(b"abd")
     assert digest_path(tmp_path / "d") != before
     assert digest_path(tmp_path / "d" / "x") != digest_path(tmp_path / "d")  # names count too
+    # review309: a file in a subfolder (an Orbax or sharded checkpoint's nested layout) counts too
+    (tmp_path / "d" / "sub").mkdir()
+    (tmp_path / "d" / "sub" / "y").write_bytes(b"abc")
+    nested = digest_path(tmp_path / "d")
+    (tmp_path / "d" / "sub" / "y").write_bytes(b"abd")
+    assert nested != before and digest_path(tmp_path / "d") != nested
 
 
 def test_a_save_pretrained_folder_is_digested_by_the_files_its_loader_reads(tmp_path):
@@ -146,6 +152,28 @@ def test_later_passes_must_see_the_first_pass_inputs_too():
     _pass(fp, [(x[:3], y[:3]), (x[3:], y[3:])])
     with pytest.raises(ValueError, match="checkpoint 1: batch 1 of the data holds other inputs than on the first"):
         _pass(fp, [(x[:3], y[:3]), (x[[3, 5, 4]], y[3:])], "checkpoint 1")
+
+
+def test_later_passes_compare_every_input_array_not_only_the_last():
+    """review309: token ids reshuffled in a batch whose other input (an attention mask of ones) is the same, or
+    labels reshuffled beside per-row weights of one: only the first array tells, and a later checkpoint's pass
+    (or a resume) must still see it."""
+    ids, mask = np.random.default_rng(0).integers(0, 100, size=(6, 4)), np.ones((6, 4))
+    fp = DataFingerprint()
+    for where, order in (("data", [0, 1, 2, 3, 4, 5]), ("checkpoint 0", [0, 1, 2, 3, 4, 5])):
+        fp.begin(where)
+        fp.batch(None, [ids[order], mask])
+        fp.end()
+    fp.begin("checkpoint 1")
+    with pytest.raises(ValueError, match="checkpoint 1: batch 0 of the data holds other inputs than on the first"):
+        fp.batch(None, [ids[[1, 0, 2, 3, 4, 5]], mask])
+    weighted = DataFingerprint()  # targets (labels, per-row weights of one): the labels alone tell
+    weighted.begin("data")
+    weighted.batch([np.arange(6), np.ones(6)], [mask])
+    weighted.end()
+    weighted.begin("checkpoint 0")
+    with pytest.raises(ValueError, match="checkpoint 0: batch 0 of the data holds other targets than on the first"):
+        weighted.batch([np.arange(6)[::-1], np.ones(6)], [mask])
 
 
 def test_the_data_digest_covers_inputs():
@@ -790,6 +818,16 @@ def test_callable_identity_digests_a_functions_code_not_where_it_is():
     assert all(without_code(i) == "lossmod.f" for i in identities)  # the name alone, as before
 
 
+def test_callable_identity_digests_keyword_only_default_values():
+    """review309: a keyword-only default (loss(o, t, *, s=0.1)) is in neither the code nor the positional
+    defaults; an edited one is another loss, so a resume must not take the old rows as its own."""
+    kw = "def f(o, t, *, s=0.1):\n    return sum(x * s for x in o) - t\n"
+    base = callable_identity(_compiled(kw))
+    assert base == callable_identity(_compiled(kw))
+    assert base != callable_identity(_compiled(kw.replace("s=0.1", "s=0.3")))
+    assert base != callable_identity(_compiled(kw.replace("s=0.1", "s=0.1, r=2")))
+
+
 def test_callable_identity_digests_the_code_of_functions_a_closure_or_partial_holds():
     def factory(helper):
         def loss(o, t):
@@ -801,6 +839,10 @@ def test_callable_identity_digests_the_code_of_functions_a_closure_or_partial_ho
     assert callable_identity(factory(a)) != callable_identity(factory(b))
     assert without_code(callable_identity(factory(a))) == without_code(callable_identity(factory(b)))
     assert callable_identity(functools.partial(a, t=1)) != callable_identity(functools.partial(b, t=1))
+    # review309: a partial the closure holds (make_loss(functools.partial(helper, t=1))): the helper's code counts
+    assert callable_identity(factory(functools.partial(a, t=1))) != callable_identity(
+        factory(functools.partial(b, t=1))
+    )
     method = _Loss(0.1).__call__
     assert callable_identity(method).endswith(callable_identity(_Loss.__call__).rpartition(" ")[2])
 

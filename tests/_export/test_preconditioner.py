@@ -329,6 +329,16 @@ def test_a_first_moment_that_is_not_finite_is_refused_naming_the_parameter_and_t
         check_moments("fc.weight", (2, 3), m, v, 2.0, "checkpoints[1][2] (opt.pt)")
 
 
+@pytest.mark.parametrize("step", [0, 0.5, np.nan, np.inf])
+def test_a_step_count_below_one_or_not_finite_is_refused_naming_the_parameter(step):
+    """review309: Adam's bias correction 1 - b2^t is 0 at t=0 (a state saved before its first step: v / 0 makes
+    every "adam" row NaN or 0); the step count must be >= 1 and finite."""
+    m, v = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    check_moments("fc.weight", (2, 3), m, v, 1.0, "checkpoints[1][2] (opt.pt)")
+    with pytest.raises(ValueError, match=r"^checkpoints\[1\]\[2\] \(opt.pt\): the step count of fc.weight is"):
+        check_moments("fc.weight", (2, 3), m, v, step, "checkpoints[1][2] (opt.pt)")
+
+
 def _over_adam(caught) -> list[str]:
     return [str(w.message) for w in caught if "the most the full-row 'adam' weighs" in str(w.message)]
 
