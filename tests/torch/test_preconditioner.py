@@ -803,6 +803,43 @@ def test_a_state_keyed_by_parameter_names_is_matched_by_them():
         )
 
 
+def test_a_state_keyed_by_digit_names_is_matched_by_them_and_a_flattened_one_is_told_apart():
+    """A module whose parameters are registered as "0", "1", "2" (a ParameterList's names): its state from
+    get_optimizer_state_dict over ["1", "0", "2"] (equal shapes) was matched by position, the digits read as
+    torch's ids, so "0" took the moments of "1" silently (rows up to 107% off). A state flattened by
+    StateDictOptions(flatten_optimizer_state_dict=True) is refused, saying so."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    class Digits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, shape in enumerate([(4, 4), (4, 4), (4, 3)]):
+                self.register_parameter(str(i), nn.Parameter(torch.randn(*shape) * 0.5))
+
+        def forward(self, x):
+            a, b, c = (getattr(self, str(i)) for i in range(3))
+            return torch.tanh(x @ a) @ c + torch.tanh(3 * x @ b) @ c
+
+    torch.manual_seed(0)
+    model = Digits()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    opt = torch.optim.Adam([getattr(model, n) for n in ("1", "0", "2")], lr=0.05, betas=(0.85, 0.99), eps=1e-6)
+    state = _stepped(opt, model, x, y)
+    opt_state = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert opt_state["param_groups"][0]["params"] == ["1", "0", "2"]
+    got = export_gradients(model, [(state, 0.05, opt_state)], (x, y), _loss, preconditioner="adam", progress=False)
+    entries = [opt_state["state"][n] for n in ("0", "1", "2")]
+    v = np.concatenate([e["exp_avg_sq"].double().numpy().reshape(-1) / (1 - 0.99 ** float(e["step"])) for e in entries])
+    expected = _reference_grads(model, state, x, y) / (np.sqrt(v) + 1e-6)
+    np.testing.assert_allclose(
+        np.asarray(got.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+    )
+    flat = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    with pytest.raises(ValueError, match=r"flattened state .*without that option"):
+        export_gradients(model, [(state, 0.05, copy.deepcopy(flat))], (x, y), _loss, preconditioner="adam")
+
+
 def _stepped(opt: torch.optim.Optimizer, model: nn.Module, x, y, scales=(1.0, 3.0, 9.0)) -> dict:
     """Steps `opt` once per scale of the inputs (moments that differ between layers); the model's weights."""
     for scale in scales:

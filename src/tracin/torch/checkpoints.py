@@ -506,7 +506,8 @@ class OptimizerState:
         groups = [g for g in state["param_groups"] if g["params"]] or state["param_groups"][:1]
         keys = [(k, g) for g in groups for k in g["params"]]
         _check_keys(groups, self.located)
-        recorded = [_recorded_names(g) for g in groups]
+        digits = _digit_names(groups)
+        recorded = [_recorded_names(g, digits) for g in groups]
         if all(r is not None for r in recorded):
             known = set(self.all_names)
             names = [_strip(n, known) for r in recorded for n in r]
@@ -715,7 +716,8 @@ def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool) ->
     LightningModule), that prefix and how to remove it; "" for parameters matched by position."""
     if by_position:
         return ""
-    names = [str(n) for g in groups for n in _recorded_names(g) or ()]
+    digits = _digit_names(groups)
+    names = [str(n) for g in groups for n in _recorded_names(g, digits) or ()]
     held = "g['param_names']" if all("param_names" in g for g in groups) else "g.get('param_names', g['params'])"
     prefixes = sorted({n[: -len(name)] for n in names if n.endswith("." + name)})
     text = f" (it names its {len(names)} parameters {_few([repr(n) for n in names])})"
@@ -735,17 +737,26 @@ def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool) ->
     return text
 
 
-def _recorded_names(group: Mapping) -> list[str] | None:
+def _recorded_names(group: Mapping, digits: bool = False) -> list[str] | None:
     """The parameter names a param group records: its param_names (torch >= 2.6, an optimizer over named
     parameters), or its params when they are names themselves (torch.distributed.checkpoint.state_dict's
-    get_optimizer_state_dict, FSDP's optim_state_dict: the state keyed by each parameter's name); None
-    when it records none (torch's own ids)."""
+    get_optimizer_state_dict, FSDP's optim_state_dict: the state keyed by each parameter's name; digit
+    strings only where `digits`, _digit_names); None when it records none (torch's own ids)."""
     if "param_names" in group:
         return list(group["param_names"])
     params = group["params"]
-    if params and all(isinstance(k, str) and not k.isdigit() for k in params):
+    if params and all(isinstance(k, str) and (digits or not k.isdigit()) for k in params):
         return list(params)
     return None
+
+
+def _digit_names(groups: Sequence[Mapping]) -> bool:
+    """Whether the groups' params, all digit strings, are parameter names (a module's registered "0", "1",
+    keyed by get_optimizer_state_dict in the optimizer's order) rather than torch's ids written as strings:
+    torch numbers the params of a state 0, 1, 2, ... through its groups, so any other sequence is names."""
+    keys = [k for g in groups for k in g["params"]]
+    digits = all(isinstance(k, str) and k.isdigit() for k in keys)
+    return bool(keys) and digits and keys != [str(i) for i in range(len(keys))]
 
 
 def _check_keys(groups: Sequence[Mapping], where: str) -> None:
@@ -796,6 +807,11 @@ def _check_optimizer_dict(state: Any, where: str) -> None:
         or not all(isinstance(g, Mapping) and "params" in g for g in state["param_groups"])
     ):
         keys = f"; its keys: {sorted(map(str, state))[:10]}" if isinstance(state, Mapping) else ""
+        if isinstance(state, Mapping) and any(str(k).startswith(("state.", "param_groups.")) for k in state):
+            keys += (
+                ". It is a flattened state (get_optimizer_state_dict with StateDictOptions(flatten_optimizer_state_"
+                "dict=True)): pass get_optimizer_state_dict(model, optimizer) without that option"
+            )
         listed = state.get(_LIGHTNING_KEY) if isinstance(state, Mapping) else None
         if isinstance(listed, (list, tuple)):
             keys += f". Its {_LIGHTNING_KEY!r} (a Lightning checkpoint's) " + (
@@ -830,7 +846,7 @@ def _check_group(group: Mapping, where: str) -> None:
     1 made every row 0, a beta of 1.5 or a NaN eps every row NaN."""
     params = group["params"]
     if not isinstance(params, (list, tuple)) or not all(isinstance(k, (int, str)) for k in params):
-        raise ValueError(f"{where}['params'] must be a list of parameter ids (int), got {_kind(params)}")
+        raise ValueError(f"{where}['params'] must be a list of parameter ids (int) or names (str), got {_kind(params)}")
     names = group.get("param_names", [])
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{where}['param_names'] must be a list of parameter names (str), got {_kind(names)}")
