@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 import re
 import warnings
@@ -1101,3 +1102,150 @@ def test_a_checkpoint_manager_root_of_many_steps_names_four_item_folders_and_the
         ValueError, match=r"\): '1/default', '2/default', '3/default', '10/default', \.\.\. \(7 in all\)"
     ):
         restore(root, "checkpoints[0]")
+
+
+def _decay_split() -> Any:
+    """optax.partition of a decay / no-decay split (adamw on kernels, adam on biases), as the README recommends."""
+    optax = pytest.importorskip("optax")
+
+    def label(params: Any) -> Any:
+        kind = lambda path, _: "nd" if "bias" in jax.tree_util.keystr(path) else "d"  # noqa: E731
+        return jax.tree_util.tree_map_with_path(kind, params)
+
+    return optax.partition({"d": optax.adamw(0.1, weight_decay=0.1), "nd": optax.adam(0.1)}, label)
+
+
+def _partitioned_training(saves: int = 2) -> SimpleNamespace:
+    """_nnx_training with _decay_split's optimizer: per save the copied State, the live opt_state, a copy of it, the
+    live nnx.Optimizer, and float64 snapshots of the weights and the bias-corrected second moments (bias, kernel)."""
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, _decay_split(), wrt=nnx.Param)
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((8, 3)).astype(np.float32), rng.integers(0, 2, 8)
+    graphdef = nnx.graphdef(model)
+
+    def loss_fn(params: Any, inputs: Any, targets: Any) -> Any:
+        return -jax.nn.log_softmax(nnx.merge(graphdef, params)(inputs))[jnp.arange(targets.shape[0]), targets]
+
+    run = SimpleNamespace(loss_fn=loss_fn, data=(x, y), copies=[], live_opt=[], opt_copies=[], snapshots=[], v_hats=[])
+    for _ in range(saves):
+        for _ in range(2):
+            opt.update(model, nnx.grad(lambda m: loss_fn(nnx.state(m), x, y).mean())(model))
+        state = nnx.state(model, nnx.Param)
+        run.copies.append(jax.tree.map(lambda a: a, state))
+        run.live_opt.append(opt.opt_state)
+        run.opt_copies.append(jax.tree.map(lambda a: a, opt.opt_state))
+        run.snapshots.append(jax.tree.map(np.array, state))
+        decay, no_decay = (opt.opt_state.inner_states[k].inner_state[0] for k in ("d", "nd"))
+        nu = [np.array(no_decay.nu["bias"][...], np.float64), np.array(decay.nu["kernel"][...], np.float64)]
+        correction = 1 - 0.999 ** int(decay.count[...])
+        run.v_hats.append(np.concatenate([v.ravel() for v in nu]) / correction)
+    run.optimizer = opt
+    return run
+
+
+@pytest.mark.parametrize("live", ["opt_state", "optimizer"])
+def test_a_live_partitioned_optimizer_state_at_two_checkpoints_is_refused(live):
+    """review315 F1: for an optax.partition the moments are merged into a new ScaleByAdamState holding none of the
+    live Variables, so a live opt_state (or the nnx.Optimizer itself) at every save was taken: each checkpoint got
+    the last step's moments. The state as given is now compared."""
+    run = _partitioned_training()
+    states = run.live_opt if live == "opt_state" else [run.optimizer] * 2
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[0\]\[2\] and checkpoints\[1\]\[2\] \(optimizer states\) hold the very same Flax NNX "
+        r"Variables.*jax\.tree\.map\(lambda a: a, optimizer\.opt_state\)",
+    ):
+        parse_checkpoints([(c, 0.1, s) for c, s in zip(run.copies, states, strict=True)])
+
+
+def test_a_live_adamw_optimizer_state_at_two_checkpoints_is_still_refused():
+    """The one-Adam-state case (optax.adamw's chain) the F1 fix must keep refusing."""
+    nnx, optax = pytest.importorskip("flax.nnx"), pytest.importorskip("optax")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adamw(0.1), wrt=nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    entries = []
+    for _ in range(2):
+        opt.update(model, grads)
+        entries.append((jax.tree.map(lambda a: a, nnx.state(model, nnx.Param)), 0.1, opt.opt_state))
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] and checkpoints\[1\]\[2\] \(optimizer states\)"):
+        parse_checkpoints(entries)
+
+
+def test_copied_partitioned_optimizer_states_keep_each_checkpoints_moments(per_example_jax_grad):
+    """A per-checkpoint copy of an optax.partition state is taken, and each checkpoint's "adam" rows are
+    g / (sqrt(v_hat) + eps) with the moments of its own step (float64 snapshots of both partitions)."""
+    run = _partitioned_training(saves=3)
+    entries = [(c, 1.0, o) for c, o in zip(run.copies, run.opt_copies, strict=True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = export_gradients(run.loss_fn, entries, run.data, preconditioner="adam", progress=False)
+    for rows, snapshot, v_hat in zip(got.matrices, run.snapshots, run.v_hats, strict=True):
+        expected = per_example_jax_grad(run.loss_fn, snapshot, *run.data) / (np.sqrt(v_hat) + 1e-8)
+        np.testing.assert_allclose(np.asarray(rows), expected, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(run.v_hats[0], run.v_hats[2])
+
+
+def test_an_orbax_restored_partitioned_nnx_optimizer_state_is_told_the_route_that_works(tmp_path):
+    """review315 F2: nnx.state(optimizer) saved with orbax and restored with the abstract optimizer's State as
+    target has lost optax's types but keeps an optax.partition's MaskedNode NamedTuples, which hid the explanation;
+    its .opt_state is dicts too. The error names nnx.update(optimizer, restored) then .opt_state: run here, it gives
+    the rows of the optimizer's own opt_state. An optax.sgd state (EmptyState alone) is not told it lost types."""
+    nnx, optax = pytest.importorskip("flax.nnx"), pytest.importorskip("optax")
+    run = _partitioned_training(saves=1)
+    saver = ocp.StandardCheckpointer()
+    saver.save(tmp_path / "opt", nnx.state(run.optimizer))
+    saver.wait_until_finished()
+    fresh = nnx.Optimizer(nnx.Linear(3, 2, rngs=nnx.Rngs(5)), _decay_split(), wrt=nnx.Param)
+    restored = saver.restore(tmp_path / "opt", nnx.state(nnx.eval_shape(lambda: fresh)))
+    for state in (restored, restored.opt_state):
+        with pytest.raises(
+            ValueError,
+            match=r"found 0 \(its states: MaskedNode\).*lost optax's state types.*nnx\.update\(optimizer, restored\) "
+            r"on an nnx\.Optimizer made as the saved one, then its \.opt_state",
+        ):
+            parse_checkpoints([(run.copies[0], 0.1, state)])
+    nnx.update(fresh, restored)
+    export = functools.partial(export_gradients, run.loss_fn, data=run.data, preconditioner="adam", progress=False)
+    got = export([(run.copies[0], 0.1, fresh.opt_state)])
+    np.testing.assert_array_equal(got.matrices[0], export([(run.copies[0], 0.1, run.opt_copies[0])]).matrices[0])
+    with pytest.raises(ValueError, match=r"its states: EmptyState\)") as sgd:
+        parse_checkpoints([(run.copies[0], 0.1, optax.sgd(0.1).init(run.snapshots[0]))])
+    assert "lost optax's state types" not in str(sgd.value)
+
+
+def test_an_nnx_state_restored_by_orbax_without_a_target_warns_that_its_batch_statistics_are_exported(tmp_path):
+    """review315 F3: ocp.StandardCheckpointer().restore(path) without a target gives the dicts tracin makes from the
+    path, but only the path warned: in memory, BatchNorm's mean and var were exported silently. The State restored
+    with its target exports the Params alone, without that warning."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Net(nnx.Module):
+        def __init__(self, rngs: Any):
+            self.bn = nnx.BatchNorm(3, use_running_average=True, rngs=rngs)
+            self.out = nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x: Any) -> Any:
+            return self.out(self.bn(x))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    saver = ocp.StandardCheckpointer()
+    saver.save(tmp_path / "state", state)
+    saver.wait_until_finished()
+
+    def loss_fn(params: Any, x: Any, y: Any) -> Any:
+        restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), jax.tree_util.tree_leaves(params))
+        return jnp.sum((nnx.merge(graphdef, restored)(x) - y) ** 2, axis=1)
+
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32))
+    dicts = saver.restore(tmp_path / "state")
+    with pytest.warns(UserWarning, match=r"checkpoints\[0\] \(params\) looks like a Flax NNX State saved to a file "):
+        got = export_gradients(loss_fn, [(dicts, 1.0)], data, progress=False)
+    assert {"bn/mean/value", "bn/var/value"} <= {p["name"] for p in got.metadata["params"]}
+    with pytest.warns(UserWarning, match=r"Flax NNX State: only its nnx\.Param variables") as caught:
+        got = export_gradients(loss_fn, [(saver.restore(tmp_path / "state", state), 1.0)], data, progress=False)
+    assert not any("saved to a file" in str(w.message) for w in caught)
+    assert "bn/mean" not in {p["name"] for p in got.metadata["params"]}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import warnings
 import weakref
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -615,3 +617,37 @@ def test_a_last_row_whose_loss_is_not_finite_is_named_without_its_padding_copies
         export_gradients(mlp.loss_fn, checkpoints, (x, y), batch_size=8, progress=False)
     ours = [str(w.message) for w in caught if "NaN or infinite loss" in str(w.message)]
     assert len(ours) == 1 and "loss for row 11 of the data at checkpoint 0: " in ours[0]
+
+
+def _nnx_orbax_forms() -> dict[str, Any]:
+    """Params of the forms that must not be taken for an NNX State restored without its target, by name."""
+    nnx, eqx = pytest.importorskip("flax.nnx"), pytest.importorskip("equinox")
+    w, b = jnp.full((3, 2), 0.5), jnp.full((2,), 0.25)
+    return {
+        "nnx.State": nnx.state(nnx.Linear(3, 2, rngs=nnx.Rngs(0))),
+        "nnx.Module": nnx.Linear(3, 2, rngs=nnx.Rngs(0)),
+        "linen variables": {"params": {"Dense_0": {"kernel": w, "bias": b}}},
+        "equinox": eqx.nn.Linear(3, 2, key=jax.random.PRNGKey(0)),
+        "part under 'value'": {"a": {"value": w}, "b": b},
+    }
+
+
+def _leaves_loss(params: Any, x: Any, _targets: Any) -> Any:
+    """A per-example loss of any params pytree: every floating leaf's sum, times each example's own inputs."""
+    total = sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating))
+    return jnp.tanh(total * x[:, 0])
+
+
+def test_in_memory_params_with_every_leaf_at_value_warn_as_a_saved_nnx_state_and_nothing_else_does():
+    """review315 F3: an NNX State restored by orbax without a target (dicts, every leaf at 'value') warned only when
+    given as a path; in memory now too, naming checkpoints[0]. NNX States and Modules, linen variables, Equinox and
+    pytrees with some leaves elsewhere export without any warning."""
+    x, y = np.linspace(-1, 1, 8, dtype=np.float32).reshape(4, 2), np.zeros(4, np.float32)
+    dicts = {"a": {"value": jnp.full((3, 2), 0.5)}, "b": {"value": jnp.full((2,), 0.25)}}
+    with pytest.warns(UserWarning, match=r"^checkpoints\[0\] \(params\) looks like a Flax NNX State saved to a file"):
+        export_gradients(_leaves_loss, [(dicts, 1.0)], (x, y), progress=False)
+    for name, params in _nnx_orbax_forms().items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = export_gradients(_leaves_loss, [(params, 1.0)], (x, y), progress=False)
+        assert got.matrices[0].shape == (4, 8), name

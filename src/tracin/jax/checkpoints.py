@@ -42,7 +42,8 @@ _COPY = "jax.tree.map(lambda a: a, {}) (new Variables holding the same immutable
 
 def refuse_live_variables(entries: Sequence[Checkpoint]) -> None:
     """ValueError when two checkpoints hold the very same Flax NNX Variable (holding floating arrays) in their
-    params, or in their optimizer states (the moments) while their params are not one object: nnx.split(model) /
+    params, or in their optimizer states as given (an opt_state or an nnx.Optimizer, not the Adam state merged from
+    an optax.partition's, which holds new trees) while their params are not one object: nnx.split(model) /
     nnx.state(model) and an nnx.Optimizer's opt_state, appended during training without a copy, hold the live
     Variables, which every later step updates in place, so each such checkpoint holds the final weights (or
     moments). One nnx.Module object listed at two checkpoints is refused too (it can only be the live model); one
@@ -53,7 +54,8 @@ def refuse_live_variables(entries: Sequence[Checkpoint]) -> None:
     if not isinstance(variable, type):
         return
     params = _first_shared(entries, lambda e: e.source, variable, module)
-    states = _first_shared(entries, lambda e: None if e.optimizer is None else e.optimizer.adam, variable, None)
+    # the state as given: the Adam state merged from an optax.partition's is a new tree holding none of its Variables
+    states = _first_shared(entries, lambda e: None if e.optimizer is None else e.optimizer.state, variable, None)
     if params is not None:
         i, j, module_twice = params
         what = (
@@ -143,6 +145,18 @@ def _state_nodes(state: Any) -> list[Any]:
 
     visit(state)
     return found
+
+
+def _holds_moment_dicts(state: Any) -> bool:
+    """Whether `state` holds a 'mu' and a 'nu' dict key: Adam's moments whose ScaleByAdamState type was lost (a
+    restored nnx.state(optimizer) of an optax.partition keeps its field-less MaskedNode NamedTuples alone)."""
+    keys = {
+        k.key
+        for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]
+        for k in path
+        if isinstance(k, jax.tree_util.DictKey)
+    }
+    return {"mu", "nu"} <= keys
 
 
 def _is_adam(node: Any) -> bool:
@@ -275,8 +289,10 @@ class OptimizerState:
                 + (
                     "; a pytree of dicts and lists holds none: nnx.state(optimizer), or a state restored "
                     "without a target, has lost optax's state types: pass the optax state itself (an "
-                    "nnx.Optimizer's .opt_state attribute, a TrainState's opt_state)"
-                    if not nodes
+                    "nnx.Optimizer's .opt_state attribute, a TrainState's opt_state; for nnx.state(optimizer) "
+                    "restored by orbax, whose .opt_state is dicts too: nnx.update(optimizer, restored) on an "
+                    "nnx.Optimizer made as the saved one, then its .opt_state)"
+                    if not nodes or _holds_moment_dicts(state)
                     else ""
                 )
                 + (f"; {_overlap(found)}" if len(found) > 1 else "")
@@ -284,7 +300,7 @@ class OptimizerState:
         other = [why for h in self.hyperparams for key, why in _OTHER_HYPERPARAMS.items() if key in h]
         if other:
             raise ValueError(f"{self.where} is the state of {other[0]}, whose steps are not Adam's; {_SUPPORTED}")
-        self.adam, self.settings = found[0], dict(adam)
+        self.adam, self.settings, self.state = found[0], dict(adam), state
         self.prefix = ""  # "params/" when the moments are those of linen variables' "params" (check_leaves)
 
     @functools.cached_property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -330,7 +331,7 @@ class _JaxExport:
             self.fingerprints["layer_input"] = callable_identity(layer_input)
         else:
             default = _linen_default(self._first) if layers is None else None
-            if layers is None and isinstance(first, (str, os.PathLike)):
+            if layers is None:  # a file, or an NNX State restored by orbax without a target (dicts)
                 _warn_saved_nnx(self._first, first)
             self.layout = layout_of(self._first, layers if layers is not None else default)
             if kronecker is not None:  # (projection, checkpoints, Adam's settings or None), taken per token
@@ -511,16 +512,22 @@ def _linen_default(params: Any) -> list[str] | None:
 
 
 def _warn_saved_nnx(params: Any, source: Any) -> None:
-    """A UserWarning when a checkpoint path restores what looks like a Flax NNX State saved to a file (every leaf
-    at a 'value' key, as orbax / flax.serialization save nnx.split(model)'s State): the restored dicts have lost
-    the Variable types, so every floating leaf is exported by default, BatchNorm's running statistics (BatchStat)
-    too if the file holds them, which the in-memory State would leave out. Any layers= silences it."""
+    """A UserWarning when the first checkpoint (`source`: its path, or the params themselves) looks like a Flax NNX
+    State saved to a file (every leaf at a 'value' key, as orbax / flax.serialization save nnx.split(model)'s State)
+    and restored as dicts, by tracin from the path or by orbax without a target: the dicts have lost the Variable
+    types, so every floating leaf is exported by default, BatchNorm's running statistics (BatchStat) too if the
+    file holds them, which the State would leave out. Not for a real NNX State or Module; any layers= silences it."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(params, tuple(vars(nnx).get(k, ()) for k in ("State", "Module"))):
+        return  # its leaves sit at 'value' too, but its Variable types are kept
     paths = [leaf_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if not paths or not all(path == "value" or path.endswith("/value") for path in paths):
         return
+    named = f"checkpoint {os.fspath(source)!r}" if isinstance(source, (str, os.PathLike)) else "checkpoints[0] (params)"
     warnings.warn(
-        f"checkpoint {os.fspath(source)!r} looks like a Flax NNX State saved to a file (every leaf at a 'value' "
-        "key); restored from the file it has lost its Variable types, so every floating leaf is exported. If it "
+        f"{named} looks like a Flax NNX State saved to a file (every leaf at a 'value' key); restored from the "
+        "file (by tracin from its path, or by orbax without a target) it has lost its Variable types, so every "
+        "floating leaf is exported. If it "
         "holds more than nnx.Param variables (BatchNorm's running statistics, BatchStat), those are exported too: "
         "restore it yourself with the abstract State as target (ocp.StandardCheckpointer().restore(path, "
         "nnx.state(abstract_model))) and pass that State, or name the trained leaves in layers=. If it holds "
