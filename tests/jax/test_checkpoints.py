@@ -1204,7 +1204,7 @@ def test_an_orbax_restored_partitioned_nnx_optimizer_state_is_told_the_route_tha
         with pytest.raises(
             ValueError,
             match=r"found 0 \(its states: MaskedNode\).*lost optax's state types.*nnx\.update\(optimizer, restored\) "
-            r"on an nnx\.Optimizer made as the saved one, then its \.opt_state",
+            r"on an nnx\.Optimizer made as the saved one, and pass its \.opt_state",
         ):
             parse_checkpoints([(run.copies[0], 0.1, state)])
     nnx.update(fresh, restored)
@@ -1214,6 +1214,20 @@ def test_an_orbax_restored_partitioned_nnx_optimizer_state_is_told_the_route_tha
     with pytest.raises(ValueError, match=r"its states: EmptyState\)") as sgd:
         parse_checkpoints([(run.copies[0], 0.1, optax.sgd(0.1).init(run.snapshots[0]))])
     assert "lost optax's state types" not in str(sgd.value)
+
+
+def test_a_genuine_optax_state_of_params_named_mu_and_nu_is_not_told_it_lost_types():
+    """A model's own 'mu' / 'nu' params (a Student-t head) put those dict keys in any optax state of it: a momentum
+    SGD state, or two Adam states over the same leaves, kept their types and are not told they lost them."""
+    optax = pytest.importorskip("optax")
+    params = {"mu": {"w": np.ones(3, np.float32)}, "nu": {"w": np.ones(3, np.float32)}}
+    for tx, kinds in (
+        (optax.sgd(0.1, momentum=0.9), "EmptyState, TraceState"),
+        (optax.chain(optax.adam(0.1), optax.adam(0.1)), "EmptyState, ScaleByAdamState"),
+    ):
+        with pytest.raises(ValueError, match=rf"its states: {kinds}\)") as error:
+            parse_checkpoints([(params, 0.1, tx.init(params))])
+        assert "lost optax's state types" not in str(error.value)
 
 
 def test_an_nnx_state_restored_by_orbax_without_a_target_warns_that_its_batch_statistics_are_exported(tmp_path):

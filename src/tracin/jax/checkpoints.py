@@ -149,7 +149,8 @@ def _state_nodes(state: Any) -> list[Any]:
 
 def _holds_moment_dicts(state: Any) -> bool:
     """Whether `state` holds a 'mu' and a 'nu' dict key: Adam's moments whose ScaleByAdamState type was lost (a
-    restored nnx.state(optimizer) of an optax.partition keeps its field-less MaskedNode NamedTuples alone)."""
+    restored nnx.state(optimizer) of an optax.partition keeps its field-less MaskedNode NamedTuples alone; the
+    caller asks only when every NamedTuple left is field-less, as a model's own 'mu' / 'nu' params are keys too)."""
     keys = {
         k.key
         for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]
@@ -290,9 +291,10 @@ class OptimizerState:
                     "; a pytree of dicts and lists holds none: nnx.state(optimizer), or a state restored "
                     "without a target, has lost optax's state types: pass the optax state itself (an "
                     "nnx.Optimizer's .opt_state attribute, a TrainState's opt_state; for nnx.state(optimizer) "
-                    "restored by orbax, whose .opt_state is dicts too: nnx.update(optimizer, restored) on an "
-                    "nnx.Optimizer made as the saved one, then its .opt_state)"
-                    if not nodes or _holds_moment_dicts(state)
+                    "restored by orbax, whose .opt_state is dicts too: restore it with the abstract optimizer's "
+                    "State as target, nnx.state(nnx.eval_shape(lambda: optimizer)), then nnx.update(optimizer, "
+                    "restored) on an nnx.Optimizer made as the saved one, and pass its .opt_state)"
+                    if not nodes or (all(not n._fields for n in nodes) and _holds_moment_dicts(state))
                     else ""
                 )
                 + (f"; {_overlap(found)}" if len(found) > 1 else "")
