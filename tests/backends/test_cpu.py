@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 import tracin
 from tracin import _validate
@@ -35,31 +36,45 @@ def test_threads_above_the_usable_cores_are_capped(monkeypatch):
         assert seen == [expected] * 5, (threads, seen)
 
 
-def test_ctrl_c_interrupts_scores_of_one_column():
-    """scores of 9000 x 11000 one-column rows counted as 1e8 multiply-adds, under the bar for the
-    interruptible path, so the kernel ran inline and a Ctrl-C 0.2 s in was answered only when the call
-    ended, 1.5 s in (review107 F2): the per-score work counts now. Sized to about 1.5 s on this runner."""
-    n = 11_000
-    train = np.ones((n, 1), np.float32)
-    took = []
-    for _ in range(2):  # the first call also starts the kernel's threads
+def test_scores_of_one_column_run_signal_handlers_while_they_run():
+    """review107 F2: scores of 9000 x 11000 one-column rows were counted as 1e8 multiply-adds, under the
+    bar for the interruptible path, so the kernel ran inline and a Ctrl-C was answered only when the call
+    ended (the per-score work counts now). Timing a Ctrl-C cannot tell the two apart on a fast idle
+    machine (9000 rows take 0.18 s: answered at the end is ~0.15 s late) and is near its bound on a loaded
+    one; counting instead: a SIGALRM every 10 ms runs its handler inside the call, every 50 ms, only on the
+    interruptible path (inline, the pending signal runs once, after the call)."""
+    train, test = np.ones((11_000, 1), np.float32), np.ones((9000, 1), np.float32)
+    ran: list[float] = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: ran.append(time.perf_counter()))
+    try:
         start = time.perf_counter()
-        tracin.scores(np.ones((1000, 1), np.float32), train, progress=False)
-        took.append(time.perf_counter() - start)
-    per_row = max(min(took), 1e-6) / 1000
-    m = int(np.clip(1.5 / per_row, 2000, 9000))  # <= 400 MB of scores
-    delay = min(0.2, m * per_row / 5)  # well before the end where 9000 rows take less than 1 s (an idle machine)
-    test = np.ones((m, 1), np.float32)
+        signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+        tracin.scores(test, train, num_threads=2, progress=False)
+        returned = time.perf_counter()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    took = returned - start
+    inside = [t for t in ran if start + 0.2 * took < t < returned - 0.02]  # not the inputs' checks, not after it
+    assert len(inside) >= 1 if took < 0.15 else len(inside) >= 2, (took, [t - start for t in ran])
+
+
+def test_ctrl_c_interrupts_scores_of_one_column():
+    """A real Ctrl-C 0.05 s into 9000 x 11000 one-column scores raises KeyboardInterrupt before the call
+    ends, soon (the bound is loose: a loaded 2-core runner answered up to 0.27 s late)."""
+    n, m = 11_000, 9000
+    train, test = np.ones((n, 1), np.float32), np.ones((m, 1), np.float32)
+    tracin.scores(test[:1000], train, progress=False)  # starts the kernel's threads
     sent = []
 
     def ctrl_c():
-        time.sleep(delay)
+        time.sleep(0.05)
         sent.append(time.perf_counter())
         os.kill(os.getpid(), signal.SIGINT)
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     sender = threading.Thread(target=ctrl_c)
-    returned = None
+    returned = late = None
     try:
         try:
             sender.start()
@@ -72,5 +87,7 @@ def test_ctrl_c_interrupts_scores_of_one_column():
         sender.join()
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert returned is None, f"{m} x {n} scores returned after {returned:.2f} s, Ctrl-C at {delay:.2f} s not answered"
-    assert late < 0.3, f"KeyboardInterrupt {late:.2f} s after Ctrl-C ({m} x {n} scores of one column)"
+    if returned is not None and returned < 0.1:
+        pytest.skip(f"{m} x {n} scores took {returned:.2f} s, less than the Ctrl-C's 0.05 s and its answer")
+    assert returned is None, f"{m} x {n} scores returned after {returned:.2f} s, Ctrl-C at 0.05 s not answered"
+    assert late < 1.0, f"KeyboardInterrupt {late:.2f} s after Ctrl-C ({m} x {n} scores of one column)"
