@@ -236,10 +236,11 @@ def test_ctrl_c_interrupts_a_long_top_k():
 
 
 def test_signal_handler_raising_during_a_call_interrupts_it(rng):
-    # About 1e11 multiply-adds (over a second); the handler's exception must end the call early,
-    # not wait for it to return, and leave the next call exact.
+    # About 2e11 multiply-adds (seconds); the handler's exception must end the call early, not wait
+    # for it to return, and leave the next call exact. (The bound, 1 s, is loose: under the load of
+    # parallel test runs on 2 cores the call ended up to 0.62 s after it started, review319.)
     test = rng.standard_normal((8000, 256), dtype=np.float32)
-    train = rng.standard_normal((50_000, 256), dtype=np.float32)
+    train = rng.standard_normal((100_000, 256), dtype=np.float32)
 
     def handler(signum, frame):
         raise TimeoutError("alarm")
@@ -254,7 +255,7 @@ def test_signal_handler_raising_during_a_call_interrupts_it(rng):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert elapsed < 0.5, f"the call ended {elapsed:.2f} s after it started"
+    assert elapsed < 1.0, f"the call ended {elapsed:.2f} s after it started"
     small = train[:500]
     got = tracin.top_k(test[:4], small, k=3, progress=False)
     exact = test[:4].astype(np.float64) @ small.T.astype(np.float64)

@@ -255,3 +255,16 @@ def test_huge_weight_times_train_norm_is_refused_and_scaling_the_rows_down_cures
     ours = tracin.scores(t, tracin.Gradients([train], [1e30]), normalize=True, device=device)
     unit = [to_float64(a) / np.linalg.norm(to_float64(a), axis=1, keepdims=True) for a in (test, train)]
     np.testing.assert_allclose(ours, 1e30 * unit[0] @ unit[1].T, rtol=0, atol=1e-5 * 1e30)
+
+
+def test_digests_not_dividing_the_slots_group_nothing(rng):
+    # 8 slots but 3 checkpoint digests: the metadata does not say how slots group into checkpoints,
+    # so each slot is normalised alone (run 1), not in runs of 8 // 3 = 2 slots.
+    w = [1.0, 0.5, 2.0, 0.25, 1.5, 1.0, 0.75, 3.0]
+    meta = {"fingerprints": {"checkpoints": ["c0", "c1", "c2"]}}
+    test, train = full_set(rng, 4, [3] * 8, w), full_set(rng, 9, [3] * 8, w)
+    test = tracin.Gradients(test.matrices, w, metadata=meta)
+    train = tracin.Gradients(train.matrices, w, metadata=meta)
+    assert _normalize_run(True, test, train) == 1
+    exact, bound = cosine_reference(test.matrices, train.matrices, w, 1)
+    assert_within(tracin.scores(test, train, normalize=True), exact, bound)

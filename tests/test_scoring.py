@@ -1663,3 +1663,50 @@ def test_differing_parameter_entries_are_all_named_and_cut_at_ten(rng):
             tracin.Gradients(a, metadata={"framework": "torch", "mode": "full", "params": mine}),
             tracin.Gradients(b, metadata={"framework": "torch", "mode": "full", "params": theirs}),
         )
+
+
+def test_more_test_checkpoints_than_train_ones_is_named_as_such(rng):
+    """Either side with more checkpoints is refused by its checkpoint count, not by its dims list."""
+    a3 = random_set(rng, 2, [3])
+    with pytest.raises(ValueError, match="test has 2 checkpoints but train has 1 checkpoint;"):
+        tracin.scores(random_set(rng, 4, [3, 3]), a3)
+    with pytest.raises(ValueError, match="test has 2 checkpoints but train has 1 checkpoint;"):
+        tracin.top_k(random_set(rng, 4, [3, 3]), a3, k=1)
+
+
+def test_merge_top_k_refuses_a_wider_shard_beside_the_one_that_shows_k(rng):
+    """A shard of 10 rows scored with k=3 shows k=3, but a shard of 5 rows scored with k=5 (every row)
+    is wider: the shards were not scored with one k, so merging to 3 would drop the k=5 the caller meant."""
+    test, train = random_set(rng, 4, [6]), random_set(rng, 15, [6])
+    parts = [tracin.top_k(test, [train[0][:10]], k=3), tracin.top_k(test, [train[0][10:]], k=5)]
+    with pytest.raises(ValueError, match=r"different widths \[3, 5\].*merge_top_k\(\.\.\., k=k\)"):
+        tracin.merge_top_k(parts, [0, 10])
+    assert tracin.merge_top_k(parts, [0, 10], k=3).values.shape == (4, 3)
+
+
+def test_merge_top_k_refuses_a_negative_offset():
+    """A negative offset would give negative global train indices (or name a row twice): refused naming it."""
+    a = tracin.TopK(np.array([[3.0, 1.0]], np.float32), np.array([[1, 4]]))
+    b = tracin.TopK(np.array([[2.0, 0.5]], np.float32), np.array([[0, 3]]))
+    for offsets in ([0, -2], [-10, 0]):
+        bad = offsets.index(min(offsets))
+        with pytest.raises(ValueError, match=rf"offsets\[{bad}\] must be a non-negative integer, got {min(offsets)}"):
+            tracin.merge_top_k([a, b], offsets, k=2)
+
+
+def test_a_preconditioner_setting_one_side_does_not_record_is_not_compared(rng):
+    """An adam record with b2 / eps (tracin.jax's preconditioner_options) against one without them (an
+    older record, or torch's, whose settings are in its optimizer states): scored, not refused as other
+    settings; a setting both record with other values is refused."""
+    rows = random_set(rng, 3, [4])
+    with_settings = {"mode": "full", "preconditioner": {"kind": "adam", "b2": 0.99, "eps": 1e-8}}
+    without = {"mode": "full", "preconditioner": {"kind": "adam"}}
+    other = {"mode": "full", "preconditioner": {"kind": "adam", "b2": 0.999}}
+    exact = to_float64(rows[0]) @ to_float64(rows[0]).T
+    for a, b in ((with_settings, without), (without, with_settings)):
+        got = tracin.scores(tracin.Gradients(rows, metadata=a), tracin.Gradients(rows, metadata=b))
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"preconditioned with other settings \(metadata\['preconditioner'\]: b2 0\.99 vs"
+    ):
+        tracin.scores(tracin.Gradients(rows, metadata=with_settings), tracin.Gradients(rows, metadata=other))

@@ -7,6 +7,7 @@ import pytest
 
 import tracin
 from tracin import backends
+from tracin.backends import placement
 from tracin.backends.cpu import CpuBackend
 
 from .numpy_reference import NumpyReference
@@ -132,3 +133,20 @@ def test_the_built_in_torch_backends_are_made_for_the_device_asked_for(registry,
     registry.get("cuda")
     registry.get("torch:cpu")
     assert made == ["cuda:1", "cuda", "cpu"]
+
+
+def test_a_device_index_of_several_digits_is_placed_on_that_gpu(registry, monkeypatch):
+    """device='cuda:12' (a machine of 16 GPUs) is a device like 'cuda:1': placement hands it to the torch
+    backend of GPU 12, not refusing it as an unknown device name."""
+    made = []
+
+    class FakeTorchDevice:
+        @staticmethod
+        def make(device):
+            made.append(device)
+            return NumpyReference()
+
+    monkeypatch.setattr(registry, "torch_module", lambda device: FakeTorchDevice)
+    host = tracin.Gradients(np.ones((3, 2), np.float32))
+    assert isinstance(placement.choose("cuda:12", "float32", {"train": host}), NumpyReference)
+    assert made == ["cuda:12"]
