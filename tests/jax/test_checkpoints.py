@@ -859,10 +859,9 @@ def test_an_orbax_folder_saved_again_is_another_checkpoint_to_scoring_as_the_rea
     np.testing.assert_array_equal(tracin.scores(test, train), expected)
 
 
-def test_an_nnx_state_saved_whole_and_given_as_a_path_warns_that_its_batch_statistics_are_exported(tmp_path):
-    """nnx.split(model)'s State saved with orbax restores as dicts with 'value' leaves, its Variable types lost: every
-    floating leaf is exported (BatchNorm's mean and var too, which the in-memory State leaves out), with a warning
-    saying how to restore the State instead."""
+def _saved_batchnorm_net(tmp_path: Any) -> tuple[Any, Any, Any, tuple[np.ndarray, np.ndarray]]:
+    """An NNX Net (BatchNorm then Linear) whose nnx.split State orbax saved at tmp_path / "state": the
+    checkpointer, the State, a loss_fn over its leaves and 4 rows of data."""
     nnx = pytest.importorskip("flax.nnx")
 
     class Net(nnx.Module):
@@ -884,6 +883,14 @@ def test_an_nnx_state_saved_whole_and_given_as_a_path_warns_that_its_batch_stati
 
     rng = np.random.default_rng(0)
     data = (rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32))
+    return saver, state, loss_fn, data
+
+
+def test_an_nnx_state_saved_whole_and_given_as_a_path_warns_that_its_batch_statistics_are_exported(tmp_path):
+    """nnx.split(model)'s State saved with orbax restores as dicts with 'value' leaves, its Variable types lost: every
+    floating leaf is exported (BatchNorm's mean and var too, which the in-memory State leaves out), with a warning
+    saying how to restore the State instead."""
+    _, _, loss_fn, data = _saved_batchnorm_net(tmp_path)
     with pytest.warns(UserWarning, match=r"looks like a Flax NNX State saved to a file .*running statistics"):
         got = export_gradients(loss_fn, [(str(tmp_path / "state"), 1.0)], data)
     assert "bn/mean/value" in [p["name"] for p in got.metadata["params"]]
@@ -1234,27 +1241,7 @@ def test_an_nnx_state_restored_by_orbax_without_a_target_warns_that_its_batch_st
     """review315 F3: ocp.StandardCheckpointer().restore(path) without a target gives the dicts tracin makes from the
     path, but only the path warned: in memory, BatchNorm's mean and var were exported silently. The State restored
     with its target exports the Params alone, without that warning."""
-    nnx = pytest.importorskip("flax.nnx")
-
-    class Net(nnx.Module):
-        def __init__(self, rngs: Any):
-            self.bn = nnx.BatchNorm(3, use_running_average=True, rngs=rngs)
-            self.out = nnx.Linear(3, 2, rngs=rngs)
-
-        def __call__(self, x: Any) -> Any:
-            return self.out(self.bn(x))
-
-    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
-    saver = ocp.StandardCheckpointer()
-    saver.save(tmp_path / "state", state)
-    saver.wait_until_finished()
-
-    def loss_fn(params: Any, x: Any, y: Any) -> Any:
-        restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), jax.tree_util.tree_leaves(params))
-        return jnp.sum((nnx.merge(graphdef, restored)(x) - y) ** 2, axis=1)
-
-    rng = np.random.default_rng(0)
-    data = (rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32))
+    saver, state, loss_fn, data = _saved_batchnorm_net(tmp_path)
     dicts = saver.restore(tmp_path / "state")
     with pytest.warns(UserWarning, match=r"checkpoints\[0\] \(params\) looks like a Flax NNX State saved to a file "):
         got = export_gradients(loss_fn, [(dicts, 1.0)], data, progress=False)
