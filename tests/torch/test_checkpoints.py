@@ -861,6 +861,27 @@ def test_a_refused_global_says_to_load_the_file_with_weights_only_false(tmp_path
         export_gradients(model, [(str(tmp_path / "l.ckpt"), 1.0)], data, LOSS, progress=False)
 
 
+def test_a_refused_global_in_the_optimizer_slot_says_to_pass_the_optimizer_state_it_holds(tmp_path):
+    """review322 F2: a Lightning .ckpt given as the optimizer state, refused for its argparse.Namespace, was
+    told to pass ckpt['state_dict'] (the model's weights) instead of its optimizer state."""
+    import argparse
+
+    model = nn.Linear(3, 2)
+    data = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(data[0]), data[1]).backward()
+    opt.step()
+    ckpt = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]}
+    torch.save(ckpt | {"hyper_parameters": argparse.Namespace(lr=1)}, tmp_path / "l.ckpt")  # save_hyperparameters()
+    with pytest.raises(
+        ValueError, match=r"\(optimizer state\).*weights_only=False\) and pass the optimizer state it holds \(ckpt\["
+    ) as refused:
+        export_gradients(
+            model, [(model.state_dict(), 0.1, str(tmp_path / "l.ckpt"))], data, LOSS, preconditioner="adam"
+        )
+    assert "ckpt['state_dict']" not in str(refused.value)
+
+
 def test_a_tied_weight_held_under_its_second_name_only_is_named_with_its_twin(tmp_path):
     """review115 F6: safetensors.torch.save_model keeps one name per shared tensor (head.weight); the
     refusal said only "missing keys ['emb.weight']"."""

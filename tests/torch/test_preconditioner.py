@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import zipfile
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -974,3 +975,59 @@ def test_a_state_keyed_by_prefixed_names_is_stripped_or_told_how_to_rename(prefi
         for g in prefixed["param_groups"]:  # the advice, as worded
             g["param_names"] = [n.removeprefix("model.") for n in g.get("param_names", g["params"])]
     np.testing.assert_array_equal(rows(prefixed), rows(plain))
+
+
+class _DigitNamed(nn.Module):
+    """Parameters registered at the top under `names` (4 x 4 each, "0", "1" as a ParameterList's), each layer
+    scaled by its place so that their moments differ."""
+
+    def __init__(self, names: Sequence[str]):
+        super().__init__()
+        self.names = list(names)
+        for n in names:
+            self.register_parameter(n, nn.Parameter(torch.randn(4, 4) * 0.5))
+
+    def forward(self, x):
+        h = x
+        for i, n in enumerate(self.names):
+            h = torch.tanh((i + 1) * h @ getattr(self, n))
+        return h[:, :3] + h[:, 3:]
+
+
+@pytest.mark.parametrize(
+    ("names", "order"),
+    [(["0", "w"], ["0", "w"]), (["1", "0"], ["0", "1"]), (["0", "1", "2"], ["0", "1"])],
+    ids=["a-digit-beside-a-name", "digits-registered-out-of-order", "an-optimizer-over-some-digit-names"],
+)
+def test_digit_names_the_model_has_are_names_whatever_their_order(names, order):
+    """review322 F1: get_optimizer_state_dict keys a model's top-level "0", "1" by name; digits were taken for
+    torch's ids whenever they ran 0, 1, ...: registered as "1", "0" they were matched by position (rows up to
+    7384x off, silently), "0" beside "w" was refused as names mixed with ids, and an optimizer over "0", "1" of
+    three was refused as unnamed. The model's own names are names."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = _DigitNamed(names)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    opt = torch.optim.Adam([getattr(model, n) for n in order], lr=0.05, betas=(0.85, 0.99), eps=1e-6)
+    state = _stepped(opt, model, x, y)
+    opt_state = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert opt_state["param_groups"][0]["params"] == order
+    layers = None if len(order) == len(names) else order
+    got = export_gradients(
+        model, [(state, 0.05, opt_state)], (x, y), _loss, preconditioner="adam", layers=layers, progress=False
+    )
+    chosen = [n for n in names if n in order]  # the rows' order: model.named_parameters()
+    model.load_state_dict(state)
+    rows = []
+    for i in range(N):
+        model.zero_grad()
+        _loss(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        rows.append(np.concatenate([getattr(model, n).grad.double().numpy().reshape(-1) for n in chosen]))
+    entries = [opt_state["state"][n] for n in chosen]
+    v = np.concatenate([e["exp_avg_sq"].double().numpy().reshape(-1) / (1 - 0.99 ** float(e["step"])) for e in entries])
+    expected = np.array(rows) / (np.sqrt(v) + 1e-6)
+    np.testing.assert_allclose(
+        np.asarray(got.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+    )

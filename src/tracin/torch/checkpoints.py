@@ -21,7 +21,7 @@ import sys
 import warnings
 import zipfile
 import zlib
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, BinaryIO
 
@@ -505,8 +505,8 @@ class OptimizerState:
         # an empty group (the no-decay group of a model without biases) has no order to check
         groups = [g for g in state["param_groups"] if g["params"]] or state["param_groups"][:1]
         keys = [(k, g) for g in groups for k in g["params"]]
-        _check_keys(groups, self.located)
-        digits = _digit_names(groups)
+        _check_keys(groups, self.located, self.all_names)
+        digits = _digit_names(groups, self.all_names)
         recorded = [_recorded_names(g, digits) for g in groups]
         if all(r is not None for r in recorded):
             known = set(self.all_names)
@@ -716,7 +716,7 @@ def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool) ->
     LightningModule), that prefix and how to remove it; "" for parameters matched by position."""
     if by_position:
         return ""
-    digits = _digit_names(groups)
+    digits = _digit_names(groups, ())
     names = [str(n) for g in groups for n in _recorded_names(g, digits) or ()]
     held = "g['param_names']" if all("param_names" in g for g in groups) else "g.get('param_names', g['params'])"
     prefixes = sorted({n[: -len(name)] for n in names if n.endswith("." + name)})
@@ -750,20 +750,24 @@ def _recorded_names(group: Mapping, digits: bool = False) -> list[str] | None:
     return None
 
 
-def _digit_names(groups: Sequence[Mapping]) -> bool:
+def _digit_names(groups: Sequence[Mapping], known: Collection[str]) -> bool:
     """Whether the groups' params, all digit strings, are parameter names (a module's registered "0", "1",
     keyed by get_optimizer_state_dict in the optimizer's order) rather than torch's ids written as strings:
-    torch numbers the params of a state 0, 1, 2, ... through its groups, so any other sequence is names."""
+    names of the model's parameters (`known`), or any sequence other than torch's ids 0, 1, 2, ..."""
     keys = [k for g in groups for k in g["params"]]
-    digits = all(isinstance(k, str) and k.isdigit() for k in keys)
-    return bool(keys) and digits and keys != [str(i) for i in range(len(keys))]
+    digits = [k for k in keys if isinstance(k, str) and k.isdigit()]
+    if not digits:
+        return False
+    if set(digits) <= set(known):  # the model's own names (registered "0", "1", ... at its top)
+        return True
+    return len(digits) == len(keys) and keys != [str(i) for i in range(len(keys))]
 
 
-def _check_keys(groups: Sequence[Mapping], where: str) -> None:
+def _check_keys(groups: Sequence[Mapping], where: str, known: Collection[str]) -> None:
     """ValueError when the params of the groups without param_names mix parameter names with ids: neither
     names nor positions then match them all."""
     keys = [k for g in groups if "param_names" not in g for k in g["params"]]
-    names = [k for k in keys if isinstance(k, str) and not k.isdigit()]
+    names = [k for k in keys if isinstance(k, str) and (not k.isdigit() or k in known)]
     if names and len(names) < len(keys):
         ids = [repr(k) for k in keys if k not in names]
         raise ValueError(
@@ -1809,8 +1813,14 @@ def _refused(e: Exception, name: str, path: str | os.PathLike, head: bytes) -> s
         + protocol
         + (
             ". Rather than allow-listing it for torch: if you trust the file, load it yourself with "
-            "torch.load(path, weights_only=False) and pass the state_dict it holds (ckpt['state_dict'] of a "
-            "Lightning checkpoint, model.state_dict() of a torch.save(model) file)"
+            "torch.load(path, weights_only=False) and pass "
+            + (
+                "the optimizer state it holds (ckpt['optimizer_states'][0] of a Lightning checkpoint, "
+                "ckpt['optimizer'] of a general one)"
+                if "(optimizer state)" in name
+                else "the state_dict it holds (ckpt['state_dict'] of a Lightning checkpoint, model.state_dict() of "
+                "a torch.save(model) file)"
+            )
             if "global" in detail.lower() and not protocol
             else ""
         )
