@@ -1031,3 +1031,38 @@ def test_digit_names_the_model_has_are_names_whatever_their_order(names, order):
     np.testing.assert_allclose(
         np.asarray(got.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
     )
+
+
+def test_torch_ids_written_as_strings_are_positions_not_names():
+    """A state whose ids were written as strings ("0", "1", ... in order, as a JSON round trip leaves them)
+    is read by position like torch's own ids: the digits are not the model's names."""
+    model, x, y = _square_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    state = _stepped(opt, model, x, y)
+    ids = copy.deepcopy(opt.state_dict())
+    texts = copy.deepcopy(ids)
+    texts["state"] = {str(k): e for k, e in texts["state"].items()}
+    for group in texts["param_groups"]:
+        group["params"] = [str(k) for k in group["params"]]
+    assert texts["param_groups"][0]["params"] == ["0", "1", "2", "3", "4", "5"]
+
+    def rows(opt_state: dict) -> np.ndarray:
+        got = export_gradients(model, [(state, 0.05, opt_state)], (x, y), _loss, preconditioner="adam", progress=False)
+        return np.asarray(got.matrices[0])
+
+    np.testing.assert_array_equal(rows(texts), rows(ids))
+
+
+def test_a_state_whose_only_group_is_empty_says_it_holds_no_parameters():
+    """Empty groups are not counted, but a state of empty groups only is still read as one group: it is
+    told to hold 0 of the model's parameters, not that a parameter is in none of its groups."""
+    model, x, y = _square_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    state = _stepped(opt, model, x, y)
+    empty = copy.deepcopy(opt.state_dict())
+    empty["state"] = {}
+    empty["param_groups"][0]["params"] = []
+    with pytest.raises(
+        ValueError, match=r"holds 0 parameters, the model has 6 \(6 trainable\): without parameter names"
+    ):
+        export_gradients(model, [(state, 0.05, empty)], (x, y), _loss, preconditioner="adam", progress=False)
