@@ -117,9 +117,8 @@ def test_a_missing_or_broken_torch_names_the_device_asked_for(monkeypatch, insta
         backends.get("torch:cpu")
 
 
-def test_the_built_in_torch_backends_are_made_for_the_device_asked_for(registry, monkeypatch):
-    """'cuda:N' makes the torch backend on device N ('cuda': the current one), 'torch:cpu' on the CPU; a
-    lost index would score every GPU's share of a multi-GPU run on the current device."""
+def _fake_torch_backends(registry, monkeypatch) -> list:
+    """Makes the registry's torch backends NumpyReferences; the list of the devices they were made for."""
     made = []
 
     class FakeTorchDevice:
@@ -129,6 +128,13 @@ def test_the_built_in_torch_backends_are_made_for_the_device_asked_for(registry,
             return NumpyReference()
 
     monkeypatch.setattr(registry, "torch_module", lambda device: FakeTorchDevice)
+    return made
+
+
+def test_the_built_in_torch_backends_are_made_for_the_device_asked_for(registry, monkeypatch):
+    """'cuda:N' makes the torch backend on device N ('cuda': the current one), 'torch:cpu' on the CPU; a
+    lost index would score every GPU's share of a multi-GPU run on the current device."""
+    made = _fake_torch_backends(registry, monkeypatch)
     registry.get("cuda:1")
     registry.get("cuda")
     registry.get("torch:cpu")
@@ -138,15 +144,7 @@ def test_the_built_in_torch_backends_are_made_for_the_device_asked_for(registry,
 def test_a_device_index_of_several_digits_is_placed_on_that_gpu(registry, monkeypatch):
     """device='cuda:12' (a machine of 16 GPUs) is a device like 'cuda:1': placement hands it to the torch
     backend of GPU 12, not refusing it as an unknown device name."""
-    made = []
-
-    class FakeTorchDevice:
-        @staticmethod
-        def make(device):
-            made.append(device)
-            return NumpyReference()
-
-    monkeypatch.setattr(registry, "torch_module", lambda device: FakeTorchDevice)
+    made = _fake_torch_backends(registry, monkeypatch)
     host = tracin.Gradients(np.ones((3, 2), np.float32))
     assert isinstance(placement.choose("cuda:12", "float32", {"train": host}), NumpyReference)
     assert made == ["cuda:12"]

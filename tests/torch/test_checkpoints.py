@@ -1432,16 +1432,21 @@ def test_an_optimizer_state_file_saved_again_between_its_digest_and_its_read_is_
     assert fresh._load()["state"]  # unchanged since its digest: read
 
 
-def test_an_optimizer_state_beside_the_model_in_one_general_checkpoint_file_is_found(setup, tmp_path):
-    """torch.save({"model_state_dict": ..., "optimizer_state_dict": ..., "epoch": ...}) (PyTorch's general
-    checkpoint recipe) given as both the weights and the optimizer state: the same rows as the two apart."""
-    model, _, data = setup
+def _adam_stepped(model: nn.Module, data: tuple) -> tuple[torch.optim.Optimizer, dict]:
+    """An Adam (lr 1e-2) over `model` stepped twice on `data`, and a copy of the weights after."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(2):
         optimizer.zero_grad()
         LOSS(model(data[0]), data[1]).sum().backward()
         optimizer.step()
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return optimizer, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_an_optimizer_state_beside_the_model_in_one_general_checkpoint_file_is_found(setup, tmp_path):
+    """torch.save({"model_state_dict": ..., "optimizer_state_dict": ..., "epoch": ...}) (PyTorch's general
+    checkpoint recipe) given as both the weights and the optimizer state: the same rows as the two apart."""
+    model, _, data = setup
+    optimizer, weights = _adam_stepped(model, data)
     path = tmp_path / "general.pt"
     torch.save({"model_state_dict": weights, "optimizer_state_dict": optimizer.state_dict(), "epoch": 3}, path)
     together = export_gradients(model, [(path, 1e-2, path)], data, LOSS, progress=False, preconditioner="adam")
@@ -1464,12 +1469,7 @@ def test_a_lightning_checkpoints_one_optimizer_state_is_taken_and_several_are_to
     was refused, listing its keys without advice: its one optimizer state is taken (file or dict), as a
     general checkpoint's "optimizer" is; of several, the message says to pass one."""
     model, _, data = setup
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(2):
-        optimizer.zero_grad()
-        LOSS(model(data[0]), data[1]).sum().backward()
-        optimizer.step()
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer, weights = _adam_stepped(model, data)
     state = copy.deepcopy(optimizer.state_dict())
     ckpt = {"epoch": 0, "global_step": 2, "state_dict": {"model." + k: v for k, v in weights.items()}}
     path = tmp_path / "epoch=0-step=2.ckpt"
