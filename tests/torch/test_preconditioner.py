@@ -1033,6 +1033,25 @@ def test_digit_names_the_model_has_are_names_whatever_their_order(names, order):
     )
 
 
+def test_a_digit_named_parameter_the_optimizer_misses_is_told_with_the_names_it_holds():
+    """review326 F2: the refusal for a model's "2" left out of an optimizer over its "0" and "1" read them as
+    torch's ids and listed no names ("it names its 0 parameters")."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = _DigitNamed(["0", "1", "2"])
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    opt = torch.optim.Adam([getattr(model, n) for n in ("0", "1")], lr=0.05)
+    state = _stepped(opt, model, x, y)
+    opt_state = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 2 is in none of the optimizer's param_groups \(it names its 2 parameters '0', '1'\)",
+    ):
+        export_gradients(model, [(state, 0.05, opt_state)], (x, y), _loss, preconditioner="adam", progress=False)
+
+
 def test_torch_ids_written_as_strings_are_positions_not_names():
     """A state whose ids were written as strings ("0", "1", ... in order, as a JSON round trip leaves them)
     is read by position like torch's own ids: the digits are not the model's names."""

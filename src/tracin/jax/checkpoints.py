@@ -255,9 +255,10 @@ class OptimizerState:
     whose inject_hyperparams state around its ScaleByAdamState records b1, b2 and eps but no eps_root:
     optax.adamax / adamaxw / yogi inject no eps_root, while optax.adam / adamw (and nadam, lamb, radam)
     do (_refuse_without_eps_root; one such partition of several is refused too). optax's nadam and
-    lamb (with or without inject_hyperparams) and adamax, adamaxw, yogi and radam without it keep a
-    ScaleByAdamState that nothing in it tells from Adam's: their states are taken as Adam's,
-    which their steps are not (adamax: nu is a running max of |g|; yogi: nu is updated additively;
+    lamb (with or without inject_hyperparams) and adamax, adamaxw, yogi, radam and optax.contrib.adopt
+    without it keep a ScaleByAdamState that nothing in it tells from Adam's: their states are taken as
+    Adam's, which their steps are not (adamax: nu is a running max of |g|; yogi: nu is updated additively;
+    adopt: nu starts at g^2 and its step divides by sqrt(nu), never bias-corrected, before the momentum;
     nadam, radam: the step is not m_hat / (sqrt(v_hat) + eps); lamb: the step is scaled by a
     per-layer trust ratio, whose state is an EmptyState)."""
 

@@ -182,8 +182,9 @@ def export_gradients(
         optax.partition / multi_transform split, merged per leaf when their counts agree; see
         tracin._export.preconditioner and
         tracin.jax.checkpoints.OptimizerState: optax.amsgrad / adabelief states are refused, and so
-        are adamax / adamaxw / yogi / radam states made with inject_hyperparams; optax's nadam and lamb,
-        and adamax, adamaxw, yogi and radam without it, keep a ScaleByAdamState that cannot be told from Adam's).
+        are adamax / adamaxw / yogi / radam / contrib.adopt states made with inject_hyperparams; optax's nadam
+        and lamb, and adamax, adamaxw, yogi, radam and contrib.adopt without it, keep a ScaleByAdamState
+        that cannot be told from Adam's).
     preconditioner_options: {"b1", "b2", "eps", "eps_root"} the optimizer used (default optax.adam's
         0.9, 0.999, 1e-8, 0; eps_root as optax adds it under the square root: g / (sqrt(v_hat +
         eps_root) + eps), left out of the rank-one factorisation as eps is); recorded in

@@ -414,7 +414,7 @@ class OptimizerState:
             if group is None:
                 raise ValueError(
                     f"{self.located}: parameter {name} is in none of the optimizer's param_groups"
-                    + _named_otherwise(name, state["param_groups"], by_position)
+                    + _named_otherwise(name, state["param_groups"], by_position, self.all_names)
                 )
             if not has_state and any(_adam_entry(e) for e in state["state"].values()):
                 raise ValueError(
@@ -710,13 +710,13 @@ def _few(names: Sequence[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool) -> str:
+def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool, known: Collection[str]) -> str:
     """For a parameter `name` missing from the optimizer's param_names: a few of the names it holds,
     and, when some end with `name` after a prefix (a wrapper module's attribute, "model." of a
     LightningModule), that prefix and how to remove it; "" for parameters matched by position."""
     if by_position:
         return ""
-    digits = _digit_names(groups, ())
+    digits = _digit_names(groups, known)  # as _owners read them: the model's own digit names are names
     names = [str(n) for g in groups for n in _recorded_names(g, digits) or ()]
     held = "g['param_names']" if all("param_names" in g for g in groups) else "g.get('param_names', g['params'])"
     prefixes = sorted({n[: -len(name)] for n in names if n.endswith("." + name)})
