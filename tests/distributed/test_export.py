@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections import UserDict
 from pathlib import Path
 
@@ -674,3 +675,20 @@ def test_export_of_mapping_inputs_and_buffers_changed_in_forward_equals_single_p
             exact = np.hstack([(scale * p[:, :, None] * centred[:, None, :]).reshape(45, -1), scale * p])
             got = np.load(Path(stores["pair"].path) / f"checkpoint_{c:03d}.npy")
             np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_an_argument_warning_is_warned_once_per_call(client, tmp_path):
+    """A warning of the export's arguments (an optimizer state with preconditioner=None) is raised by the
+    client's first pass, by each task and by the client's finalizing pass: warned once, as by one process
+    (it came 3 times: review327 F3)."""
+    model, checkpoints, data, loss = _setup(40, 4)
+    opt = torch.optim.Adam(model.parameters())
+    model(data[0]).sum().backward()
+    opt.step()
+    with_state = [(c[0], c[1], opt.state_dict()) for c in checkpoints]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        td.export_gradients("torch", model, with_state, data, loss, store=tmp_path / "s", client=client, shards=2)
+    assert [str(w.message).startswith("checkpoints[0][2] is an optimizer state") for w in record] == [True], [
+        str(w.message)[:120] for w in record
+    ]

@@ -236,8 +236,11 @@ def test_cut_on_batch_edges(missing, shards, batch, expected):
 
 def test_aggregate_warns_when_shards_exceed_the_test_store_chunks(floats, client):
     train = tracin.Gradients(floats["train"], floats["weights"])  # in memory: the test store is the side cut
-    with pytest.warns(UserWarning, match=r"shards=8, but the test store .* has 6 row chunk\(s\) \(up to 7 rows each\)"):
+    with pytest.warns(
+        UserWarning, match=r"shards=8, but the test store .* has 6 row chunk\(s\) \(up to 7 rows each\)"
+    ) as w:
         got = td.aggregate(floats["test_store"], train, client=client, shards=8)  # 40 rows, 7-row chunks
+    assert {r.filename for r in w} == {__file__}  # the user's line, not tracin's (review327 F1)
     np.testing.assert_allclose(got, floats["scores"].sum(0), rtol=1e-5, atol=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -73,3 +73,29 @@ def test_without_range_lock_files_the_error_is_the_stores(tmp_path):
     finally:
         held.release()
     assert "Range writers" not in message and "is being written by" in message
+
+
+def test_another_exports_client_holding_the_store_is_named_without_lock_files(tmp_path):
+    """Another export's client holds the store while its tasks are queued, no rows-*.lock file there yet (the
+    usual case): the error names that export, not only 'close that writer first' (review327 F4)."""
+    path = tmp_path / "store"
+    tracin.GradientStore.create(path, **SPEC).close()
+    held = locks.DirectoryLock(path, shared=True)
+    try:
+        message = _refused(path)
+    finally:
+        held.release()
+    assert ". It may be held by another tracin.distributed export of this store (its client holds it" in message
+
+
+def test_held_range_locks_may_be_a_running_export(tmp_path):
+    """Range writers holding their locks may be a running export's tasks: waiting for it is advised beside
+    client.restart(), which would stop them (review327 F4)."""
+    path = tmp_path / "store"
+    tracin.GradientStore.create(path, **SPEC).close()
+    writer = tracin.GradientStore.create(path, **SPEC, rows=(20, 40))
+    try:
+        message = _refused(path)
+    finally:
+        writer.close()
+    assert "another tracin.distributed export of this store still running, wait for that call to end" in message

@@ -320,3 +320,32 @@ def test_a_catch_warnings_left_by_another_thread_after_a_recording_does_not_make
     finally:
         warnings.showwarning, warnings.filters[:] = show, filters
     assert seen == ["not in a task"]
+
+
+def test_shards_copies_of_a_warning_naming_their_rows_are_one_warning():
+    """float16's low-precision warning names each range's rows: one warning with the count of shards, the
+    first shard's, not one per shard; distinct messages of one task stay apart (review327 F2)."""
+    labels = {f"t{i}": f"rows [{10 * i}, {10 * i + 10})" for i in range(10)}
+    raised = [
+        _warnings.Raised(
+            ("builtins", "RuntimeWarning", "RuntimeWarning"),
+            f"rows {10 * i} to {10 * i + 9} tiny",
+            "x.py",
+            3,
+            None,
+            f"t{i}",
+            "w",
+        )
+        for i in range(10)
+    ]
+    raised.append(
+        _warnings.Raised(
+            ("builtins", "RuntimeWarning", "RuntimeWarning"), "rows 1 to 2 tiny", "x.py", 3, None, "t0", "w"
+        )
+    )
+    with pytest.warns(RuntimeWarning) as record:
+        _warnings.show(raised, 0, "test", labels, 10)
+    assert [str(w.message) for w in record] == [
+        "tracin.distributed test, rows [0, 10) on worker w (from 10 of 10 shards): rows 0 to 9 tiny",
+        "tracin.distributed test, rows [0, 10) on worker w (from 10 of 10 shards): rows 1 to 2 tiny",
+    ]

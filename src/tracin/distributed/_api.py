@@ -10,6 +10,7 @@ import numpy as np
 from distributed import Future
 
 from .._arrays import is_torch_tensor
+from .._caller import user_stacklevel
 from .._progress import check_progress, shows_automatically
 from .._tunables import AUTO_PROGRESS_MACS
 from .._validate import flag, positive_int, thread_count
@@ -307,7 +308,7 @@ def _warn_chunks(test: GradientStore, shards: int | None) -> None:
             f"chunk(s) (up to {min(test.row_chunks(), test.n_rows)} rows each), and its shards start on them: "
             f"{chunks} shard(s) run; "
             "open it with a smaller chunk_bytes (GradientStore.open(path, chunk_bytes=...)) to cut it finer",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),  # the user's line: called one level deeper for full gradients
         )
 
 

@@ -14,6 +14,7 @@ import re
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -139,8 +140,9 @@ def _export(
     progress: bool | None,
 ) -> GradientStore:
     """export_gradients once its arguments are checked and `pickled` (a finished store: for nothing)."""
+    seen: set[tuple[type[Warning], str]] = set()  # warned by the first pass: not again by the tasks or the last
     # creates the store (or checks the one there), reading the data once: where its batches begin
-    with _range_writers_named(path), store_rows(0, 0), batch_starts() as starts:
+    with _shown_once(seen), _range_writers_named(path), store_rows(0, 0), batch_starts() as starts:
         fn(*args, store=path, progress=progress, **kwargs)
     checked = read_manifest(Path(path)).store_id  # the store the step above created or checked
     # the store's shared lock while the tasks run (range writers share it): another export, with other inputs,
@@ -159,7 +161,18 @@ def _export(
         missing = missing_rows(manifest)
         if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
             _write_ranges(
-                adapter, pickled, path, manifest, missing, starts, client, worker_timeout, shards, num_threads, progress
+                adapter,
+                pickled,
+                path,
+                manifest,
+                missing,
+                starts,
+                client,
+                worker_timeout,
+                shards,
+                num_threads,
+                progress,
+                {message for _, message in seen},
             )
     finally:
         shared.release()
@@ -169,7 +182,7 @@ def _export(
             "checking it against the store, and finalizes it",
             file=sys.stderr,
         )
-    with _range_writers_named(path):
+    with _shown_once(seen), _range_writers_named(path):
         # merges the ranges' progress and finalizes: its reading bar after a few seconds (None), not its
         # export bar, which would count passes at once that it does not compute
         return fn(*args, store=path, progress=None if progress is not False else False, **kwargs)
@@ -187,12 +200,14 @@ def _write_ranges(
     shards: int | None,
     num_threads: int | None,
     progress: bool | None,
+    warned: set[str],
 ) -> None:
     """The `missing` rows of the store at `path` written by tasks on the cluster, cut into about
     `shards` ranges (see cut(); `batch_starts`: the first row of each of the data's batches); `pickled`:
-    a file holding the export's (args, kwargs), cloudpickled, whose bytes are sent once per worker."""
+    a file holding the export's (args, kwargs), cloudpickled, whose bytes are sent once per worker;
+    `warned`: the messages the client warned already (the tasks' copies are not shown)."""
     outside = client is not None or default_client_or_none() is not None  # else a LocalCluster of the call's own
-    with client_for(client) as c, Job(c, f"export ({adapter})") as job:
+    with client_for(client) as c, Job(c, f"export ({adapter})", warned) as job:
         slots = planned_slots(c, slots_by_host(c, worker_timeout, wait=True))
         # cloudpickled as they are: Dask's own serializer of torch modules loses their hook dicts' type
         pickled.seek(0)
@@ -564,6 +579,23 @@ def _noted(e: BaseException, note: str) -> None:
 
 
 @contextmanager
+def _shown_once(seen: set[tuple[type[Warning], str]]) -> Iterator[None]:
+    """Warnings shown inside are added to `seen` (category, message), and those in it already are not
+    shown: the client's first and last passes over the data raise the same warnings of the arguments."""
+    with warnings.catch_warnings():
+        for category, message in seen:
+            warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=category)
+        show = warnings.showwarning
+
+        def shown(message: Any, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
+            seen.add((category, str(message)))
+            show(message, category, filename, lineno, *rest)
+
+        warnings.showwarning = shown
+        yield
+
+
+@contextmanager
 def _range_writers_named(path: str) -> Iterator[None]:
     """The store's lock refusing a writer of the whole store while range writers (tasks) hold it: a
     RuntimeError saying which (the lock files held; how many others no process holds), and that they
@@ -577,13 +609,19 @@ def _range_writers_named(path: str) -> Iterator[None]:
             held, stale = _range_locks(Path(path))
         except OSError:  # the directory unreadable now: as the lock said
             raise e from None
-        if not held and not stale:
+        if not held and not stale and "held by pid" in str(e):  # a writer of the whole store, named by the lock
             raise
         whose = (  # no range lock file held: the holder may be another call's client, its tasks not started
             f"Range writers of this store ({', '.join(held)}) may be"
             if held
             else "It may be held by another tracin.distributed export of this store (its client holds it while its "
             "tasks run: wait for that call to end), or by"
+        )
+        running = (  # held range locks may also be those of a call still running: restarting would stop it
+            "; if they are the tasks of another tracin.distributed export of this store still running, wait for "
+            "that call to end instead (client.restart() would stop them too)"
+            if held
+            else ""
         )
         files, were = ("files", "were") if stale > 1 else ("file", "was")
         ignored = (
@@ -596,7 +634,7 @@ def _range_writers_named(path: str) -> Iterator[None]:
             f"{e}. {whose} the tasks of an interrupted or failed "
             "tracin.distributed export, still running on the workers (cancelling a Dask task does not stop one "
             "that started, and the scheduler no longer lists it): wait for them to finish, or call "
-            f"client.restart(), then call again to resume{ignored}"
+            f"client.restart(), then call again to resume{running}{ignored}"
         ) from e
 
 

@@ -36,9 +36,10 @@ class TaskFailedError(RuntimeError):
 class Job:
     """The tasks of one call on `client` (a context manager); every future it made is released when it ends."""
 
-    def __init__(self, client: Client, what: str):
+    def __init__(self, client: Client, what: str, warned: set[str] | None = None):
         self.client = client
         self.what = what
+        self.warned = warned or set()  # messages the client warned already: the tasks' copies are not shown
         self.address = scheduler_address(client)  # a closed client forgets it: named in _cancelled
         self.token = uuid.uuid4().hex[:12]
         self.numbers = itertools.count()  # task keys: never reused, though release() drops futures
@@ -139,7 +140,7 @@ class Job:
             bar.close()
             self.release(*self.futures)
         (value,), raised, more = _warnings.unwrapped((result,))
-        _warnings.show(raised, more, self.what, self.labels, len(shards))
+        _warnings.show([r for r in raised if r.message not in self.warned], more, self.what, self.labels, len(shards))
         return value
 
     def _why_killed(self) -> str:

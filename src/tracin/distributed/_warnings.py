@@ -4,6 +4,7 @@ shown on the client once per distinct warning, naming the shards and worker that
 from __future__ import annotations
 
 import builtins
+import re
 import sys
 import threading
 import warnings
@@ -21,6 +22,7 @@ from ._cluster import worker_name
 KEPT = 100  # distinct warnings a task keeps and sends back; more are counted (Warned.more), not kept
 COUNTED = 10_000  # distinct warnings beyond KEPT a task tells apart (by hash) to count them; later ones are not counted
 NOTED = 10  # warnings a failed task's error lists in its note
+_NUMBERS = re.compile(r"\d+")  # what tells apart the shards' copies of one warning (the rows each names)
 
 _LOCK = threading.Lock()
 _local = threading.local()  # .caught: the Caught of the innermost recorded() of this thread
@@ -228,20 +230,24 @@ def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], sha
     for label in labels.values():
         order.setdefault(label, len(order))
     grouped: dict[tuple, list[Raised]] = {}
-    for r in raised:
-        grouped.setdefault((r.category, r.message), []).append(r)
-    for (category, message), found in grouped.items():
+    for r in raised:  # shards' copies of a warning naming their own rows ("rows 20 to 29") are one warning
+        grouped.setdefault((r.category, _NUMBERS.sub("#", r.message)), []).append(r)
+    for (category, _), found in grouped.items():
         shown = sorted({labels[r.task] for r in found if r.task in labels}, key=order.__getitem__)
-        first = next((r for r in found if r.task in labels and labels[r.task] == shown[0]), found[0])
+        mine = [r for r in found if r.task in labels and labels[r.task] == shown[0]] if shown else found
         where = shown[0] if shown else "a task merging shard results"
         count = f" (from {len(shown)} of {shards} shards)" if shown and shards > 1 else ""
-        warnings.warn_explicit(
-            f"tracin.distributed {what}, {where} on worker {first.worker}{count}: {message}",
-            _category(category),
-            first.filename,
-            first.lineno,
-            **({} if first.module is None else {"module": first.module}),  # module=None would drop it
-        )
+        firsts: dict[str, Raised] = {}
+        for r in mine:  # the first shard's, each message once
+            firsts.setdefault(r.message, r)
+        for first in firsts.values():
+            warnings.warn_explicit(
+                f"tracin.distributed {what}, {where} on worker {first.worker}{count}: {first.message}",
+                _category(category),
+                first.filename,
+                first.lineno,
+                **({} if first.module is None else {"module": first.module}),  # module=None would drop it
+            )
     if more:
         warnings.warn(
             f"tracin.distributed {what}: {more} more distinct warnings raised on the workers were not sent back "
