@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -1529,3 +1530,50 @@ def test_a_buffer_tied_under_two_names_is_loaded_under_its_first_and_exported_ex
     state = {**state, "b.scale": state["b.scale"] * 3}
     with pytest.raises(ValueError, match=r"b\.scale is tied to a\.scale in the model .* differs from it"):
         export_gradients(model, [(state, 1.0)], (x, y), LOSS, progress=False)
+
+
+# review328: optimizer states a DCP user ends up with
+
+
+def _dcp_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    data = (torch.randn(6, 4), torch.randint(0, 2, (6,)))
+    return model, data, nn.CrossEntropyLoss(reduction="none")
+
+
+def test_a_never_stepped_get_optimizer_state_dict_is_refused() -> None:
+    """get_optimizer_state_dict initialises an optimizer that has not stepped by a zero-gradient step: step 1,
+    every moment 0; "adam" divided every gradient by eps (x1e8) with only the unseen-token warnings."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, data, loss = _dcp_setup()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.distributed uninitialised: single process
+        state = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert float(state["state"]["0.weight"]["step"]) == 1 and not state["state"]["0.weight"]["exp_avg_sq"].any()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\].*every Adam moment.*is 0.*get_optimizer_state_dict"):
+        export_gradients(model, [(weights, 1e-3, state)], data, loss, preconditioner="adam")
+
+
+def test_a_dcp_folder_is_named_with_how_to_read_it(tmp_path) -> None:
+    """A torch.distributed.checkpoint folder given as the weights or the optimizer state was told only that
+    model.safetensors / optimizer.pt were missing: it is named, with the two ways to read it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model, data, loss = _dcp_setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp_path / "step1"))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"checkpoints\[0\] .*torch\.distributed\.checkpoint \(DCP\) folder.*dcp_to_torch_save"
+    ):
+        export_gradients(model, [(tmp_path / "step1", 1e-3)], data, loss)
+    with pytest.raises(
+        ValueError, match=r"checkpoints\[0\]\[2\].*torch\.distributed\.checkpoint \(DCP\) folder.*dcp\.load"
+    ):
+        export_gradients(model, [(weights, 1e-3, tmp_path / "step1")], data, loss, preconditioner="adam")

@@ -67,6 +67,7 @@ def without_weights(path: str | os.PathLike, name: str) -> ValueError:
     return ValueError(
         f"{name} is a directory without model.safetensors, pytorch_model.bin or their sharded index "
         "(*.index.json): give a Hugging Face save_pretrained folder, a checkpoint file or a state_dict"
+        + (f". {DCP_HINT}" if is_dcp_folder(path) else "")
         + (
             f". It holds {adapter}, a PEFT adapter's weights alone: load it into the PeftModel "
             "(PeftModel.from_pretrained, or peft.set_peft_model_state_dict) and give a copy of the whole state "
@@ -79,6 +80,19 @@ def without_weights(path: str | os.PathLike, name: str) -> ValueError:
 
 # what PEFT's save_pretrained writes: the adapter's weights, without the model's
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+DCP_HINT = (
+    "It is a torch.distributed.checkpoint (DCP) folder (.metadata, *.distcp), which is not read directly: "
+    "load it with dcp.load into {'model': get_model_state_dict(model), 'optim': get_optimizer_state_dict(model, "
+    "optimizer)} (torch.distributed.checkpoint.state_dict; the keys the save used) and pass those dicts, or "
+    "convert it once with torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, 'ckpt.pt') and "
+    "pass that file as the weights and as the optimizer state"
+)
+
+
+def is_dcp_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by torch.distributed.checkpoint.save (its .metadata file)."""
+    return os.path.isfile(os.path.join(path, ".metadata")) and any(f.endswith(".distcp") for f in os.listdir(path))
 
 
 def _plain_name(f: object) -> bool:

@@ -32,7 +32,7 @@ from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import FileStat, digest_arrays, digest_path
 from .._export.preconditioner import AdamMoments, adam_settings, check_moments
-from .._export.pretrained_folder import weight_files, without_weights
+from .._export.pretrained_folder import DCP_HINT, is_dcp_folder, weight_files, without_weights
 from ..store._format import shallow_json_loads
 from .capture import device_failure
 from .data import host_array
@@ -447,6 +447,16 @@ class OptimizerState:
             b1, b2 = (float(b) for b in group["betas"])
             sparse = "maximize" in group and "weight_decay" not in group and "amsgrad" not in group
             moments.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, b1, b2, float(group["eps"]), sparse))
+        if moments and not any(a.m.any() or a.v.any() for a in moments) and _all_zero(state["state"]):
+            raise ValueError(
+                f"{self.located}: every Adam moment (exp_avg, exp_avg_sq) of every parameter is 0 (step "
+                f"{moments[0].step:g}): no gradient ever reached this optimizer, so preconditioner='adam' would divide "
+                "every gradient by eps. torch.distributed.checkpoint.state_dict.get_optimizer_state_dict gives this "
+                "for an optimizer that has not stepped (it initialises the state by a zero-gradient step): a state "
+                "saved before the first training step, or a fresh optimizer's state that nothing was loaded into (a "
+                "DCP checkpoint saved without the optimizer). Pass the state saved with these weights after training "
+                "steps, or leave this checkpoint out"
+            )
         if len(rates) > 1:
             listed = "; ".join(f"lr {lr!r}: {_few(names)}" for lr, names in rates.items())
             raise ValueError(
@@ -641,6 +651,11 @@ def _state_file(path: str | os.PathLike, where: str) -> str | os.PathLike:
             f"{where} is a folder ({os.path.abspath(path)}) without {_STATE_FILE}: pass the file holding the "
             "optimizer.state_dict() (torch.save), or a checkpoint folder holding it as optimizer.pt, as a "
             "transformers Trainer's checkpoint-N does"
+            + (
+                f". {DCP_HINT} (a DCP save without the optimizer's state holds none to read)"
+                if is_dcp_folder(path)
+                else ""
+            )
         )
     return inside
 
@@ -663,6 +678,15 @@ def _float_array(t: Any, what: str, where: str) -> np.ndarray:
 
 def _adam_entry(entry: Any) -> bool:
     return isinstance(entry, Mapping) and "exp_avg" in entry and "exp_avg_sq" in entry
+
+
+def _all_zero(states: Mapping) -> bool:
+    """Whether every Adam entry of an optimizer's state holds moments that are all 0 (none has seen a gradient)."""
+    return all(
+        not (torch.as_tensor(e["exp_avg"]).any() or torch.as_tensor(e["exp_avg_sq"]).any())
+        for e in states.values()
+        if _adam_entry(e)
+    )
 
 
 # keys torch.optim's own groups carry (one or more of them since torch 1.12) and others' do not
