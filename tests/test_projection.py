@@ -849,6 +849,29 @@ def test_a_finite_projection_whose_unscaled_sum_overflows_is_returned(kind, rng)
     assert caught.value.row == 3
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_non_positive_row_whose_first_kronecker_product_overflows_is_summed_again_by_its_largest_magnitude(kind):
+    """r325 K11: a row of G <= 0 (maximum -1e30, minimum about -1e39) whose G P_cols^T passes FLT_MAX while
+    P_rows G P_cols^T does not (its large part lies in P_rows' null space): the rescue's shift comes from the
+    largest |entry|, not the row maximum (which left the product infinite: a NonFiniteRowError)."""
+    from scipy.optimize import nnls
+
+    layer = LayerMatrix(20, 30, bias=True)
+    proj = tracin.Projection(64, seed=2, kind=kind, per_layer=True, kronecker=True)
+    p_rows, p_cols = (f.astype(np.float64) for f in proj.layer_factors(0, layer, 64))
+    v, residual = nnls(np.vstack([p_rows, np.ones(20)]), np.r_[np.zeros(len(p_rows)), 1.0])  # v >= 0, P_rows v = 0
+    assert residual < 1e-12
+    grid = -1e30 - 1e39 / np.abs(np.outer(v, p_cols.sum(axis=1))).max() * np.outer(v, np.ones(31))
+    x = np.concatenate([grid[:, :30].reshape(-1), grid[:, 30]]).astype(np.float32)[None]
+    g = _layer_grid(x, layer)
+    assert np.abs(g[0] @ p_cols.T).max() > 2 * FLT_MAX and x.max() < 0
+    y = proj.apply(x, segments=[layer])
+    want = (p_rows @ g @ p_cols.T).reshape(1, -1)
+    bound = (np.abs(p_rows) @ np.abs(g) @ np.abs(p_cols).T).reshape(1, -1)
+    assert np.isfinite(y).all()
+    np.testing.assert_array_less(np.abs(y - want), 1e-5 * bound)
+
+
 def test_the_overflow_rescue_through_column_offset_and_pieces(rng):
     dim, d = 64, 96
     proj = tracin.Projection(dim, seed=9, kind="gaussian")
@@ -867,6 +890,8 @@ def test_the_overflow_rescue_through_column_offset_and_pieces(rng):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_a_finite_kronecker_projection_whose_first_product_overflows_is_returned(kind, transposed, rng):
+    """P_rows G P_cols^T within float32 although its first product passes FLT_MAX: rows 2 and 4 (its negation) are
+    summed again scaled, and every row is within float32 rounding of the float64 product."""
     layer = LayerMatrix(20, 30, bias=True, transposed=transposed)
     proj = tracin.Projection(64, seed=2, kind=kind, per_layer=True, kronecker=True)
     k_rows, k_cols = proj.kronecker_dims(64, layer)
@@ -890,7 +915,7 @@ def test_a_finite_kronecker_projection_whose_first_product_overflows_is_returned
     weights = grid[:, :30].T if transposed else grid[:, :30]
     big = np.concatenate([weights.reshape(-1), grid[:, 30]]).astype(np.float32)
     x = rng.standard_normal((5, layer.width)).astype(np.float32)
-    x[2] = big
+    x[2], x[4] = big, -big  # two such rows, one negated (r325 C2: only the first was summed again)
     y = proj.apply(x, segments=[layer])
     assert np.isfinite(y).all()
     g = _layer_grid(x, layer)
@@ -1363,3 +1388,34 @@ def test_kronecker_rows_checked_block_by_block_are_named_by_their_row(rng, monke
     with pytest.raises(tracin.projection.NonFiniteRowError, match="matrix: row 3 is not finite") as caught:
         proj.apply(x, segments=[layer])
     assert caught.value.row == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"per_layer": False}, ValueError, "kronecker=True projects layer by layer"),
+        ({"kronecker": "yes"}, TypeError, "kronecker must be a bool"),
+    ],
+)
+def test_from_dict_refuses_a_kronecker_field_the_constructor_refuses(change, error, message):
+    """r325 A17: a spec with kronecker but not per_layer (or a kronecker that is not a bool) is refused as the
+    constructor refuses it, not read as another projection."""
+    spec = {**tracin.Projection(8, 3, per_layer=True, kronecker=True).to_dict(), **change}
+    with pytest.raises(error, match=message):
+        tracin.Projection.from_dict(spec)
+
+
+def test_apply_store_projects_each_checkpoint_of_a_factored_store_from_its_own_factors(tmp_path, rng):
+    """r325 B7: three checkpoints of factored rows (their own widths): checkpoint c of the projected store is
+    apply_factored of checkpoint c's (left, right), not of the blocks beside them in kernel order."""
+    factors = [
+        (rng.standard_normal((9, p)).astype(np.float32), rng.standard_normal((9, q)).astype(np.float32))
+        for p, q in ((5, 7), (6, 8), (9, 4))
+    ]
+    source = _source_store(tmp_path / "src", factors, "float32", 4)
+    proj = tracin.Projection(4, seed=6)
+    out = proj.apply_store(source, tmp_path / "out")
+    blocks = out.kernel_side().blocks
+    for c, (left, right) in enumerate(factors):
+        want_left, want_right = proj.apply_factored(left, right)
+        assert np.array_equal(blocks[2 * c], want_left) and np.array_equal(blocks[2 * c + 1], want_right), c

@@ -2216,3 +2216,72 @@ def test_a_full_rank_fit_far_below_the_warning_is_silent_where_cond_alone_would_
     exact = to_float64(test) @ np.linalg.solve(r + lam * np.eye(d), g.T)
     err = np.abs(to_float64(tracin.scores(fitted.apply([test]), [train])) - exact).max() / np.abs(exact).max()
     assert err <= 1e-3, err
+
+
+@pytest.mark.parametrize("case", ["tiny_nonpositive_with_zeros", "huge_negatives_beside_a_small_positive"])
+def test_float32_moments_scale_a_column_by_its_largest_magnitude_not_its_maximum(rng, case):
+    """r325 H2: columns of non-positive values at 1e-25 with zeros (maximum 0), or of -1e25 beside one +1e-3 (maximum
+    1e-3): scaled by a peak taken from the column maximum alone, their float32 squares fall to 0 or overflow. R stays
+    within float32's rounding of float64's, and the whitened rows within 1e-5 of the float64 solve."""
+    g = -np.abs(rng.standard_normal((64, 6)))
+    if case == "tiny_nonpositive_with_zeros":
+        g *= 1e-25
+        g[::3, :3] = 0.0  # columns 0-2 peak at 0 from above
+    else:
+        g *= 1e25
+        g[5, :3] = 1e-3
+    g = g.astype(np.float32)
+    exact = to_float64(g).T @ to_float64(g) / len(g)
+    (ours,) = _moments.second_moments(tracin.Gradients([g]), SimpleBar(), "float32")
+    scale = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
+    assert np.all(np.abs(ours - exact) <= 1e-5 * scale)
+    test = g[:4] * np.float32(1.5)
+    inv, _ = reference_inverse(g, 0.1)
+    (rows,) = Whitening.fit([g], damping=0.1, precision="float32", progress=False).apply([test]).matrices
+    assert_rows_close(rows, to_float64(test) @ inv)
+
+
+def test_the_warning_names_the_worst_checkpoint_when_the_first_is_well_conditioned(rng):
+    """r325 H22: checkpoint 0 full rank (50 x 8 Gaussian rows), checkpoint 1 rank 2 at damping 1e-4: fit warns for
+    checkpoint 1 with its condition number (float64 NumPy's), and the damping it advises is silent. Taking checkpoint 0
+    as the worst was silent here."""
+    good = rng.standard_normal((50, 8)).astype(np.float32)
+    bad = (rng.standard_normal((50, 2)) @ rng.standard_normal((2, 8))).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match=r"a condition number of about (\S+) \(checkpoint 1\)") as caught:
+        w = Whitening.fit([good, bad], damping=1e-4, precision="float64", progress=False)
+    message = str(caught[0].message)
+    r = to_float64(bad).T @ to_float64(bad) / len(bad)
+    lam = 1e-4 * np.trace(r) / 8
+    eig = np.linalg.eigvalsh(r)
+    stated = float(re.search(r"a condition number of about (\S+) \(checkpoint 1\)", message).group(1))
+    assert stated == pytest.approx((eig[-1] + lam) / (max(eig[0], 0.0) + lam), rel=1e-2)
+    safe = float(re.search(r"a damping of (\S+) or more", message).group(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w.with_damping(safe)
+
+
+def test_whitened_self_influence_whose_infinite_terms_cancel_to_nan_is_refused(full):
+    """r325 H11: two equal checkpoints weighted +1.7e308 and -1.7e308: a row whose whitened term exceeds 1.06 gives
+    Inf - Inf = NaN (the others exactly 0), which must be refused naming those rows, not returned as NaN."""
+    g = full[0][0]
+    w = Whitening.fit([g, g], progress=False)
+    forms = np.einsum("ij,ij->i", to_float64(g) @ w.inverses[0], to_float64(g))
+    with np.errstate(over="ignore"):
+        infinite = np.flatnonzero(np.isinf(forms * 1.7e308))
+    assert infinite.size >= 5
+    rows = ", ".join(map(str, infinite[:5]))
+    with pytest.raises(ValueError, match=rf"^whitened self-influence overflowed float32 for train rows \[{rows}\] "):
+        w.self_influence(tracin.Gradients([g, g], [1.7e308, -1.7e308]))
+
+
+@pytest.mark.parametrize("distinct", [2, 3, 5])
+def test_lanczos_ending_on_an_invariant_subspace_keeps_its_last_ritz_value(rng, distinct):
+    """r325 N1: X (300 x 300) with `distinct` distinct eigenvalues (a rank-deficient R's inverse has few): the
+    Krylov space is invariant after that many steps, and the top Ritz value of all of them is X's largest
+    eigenvalue to rounding (dropping the last step's alpha gave a lower value, weakening the rounding guard)."""
+    levels = np.linspace(1.0, 5.0, distinct)
+    eigenvalues = np.concatenate([levels, np.full(300 - distinct, levels[0])])
+    q = np.linalg.qr(rng.standard_normal((300, 300)))[0]
+    x = (q * eigenvalues) @ q.T
+    assert _inverse.lanczos_top(x, _inverse.LANCZOS_STEPS) == pytest.approx(5.0, rel=1e-12)
