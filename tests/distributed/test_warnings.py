@@ -345,7 +345,57 @@ def test_shards_copies_of_a_warning_naming_their_rows_are_one_warning():
     )
     with pytest.warns(RuntimeWarning) as record:
         _warnings.show(raised, 0, "test", labels, 10)
-    assert [str(w.message) for w in record] == [
-        "tracin.distributed test, rows [0, 10) on worker w (from 10 of 10 shards): rows 0 to 9 tiny",
-        "tracin.distributed test, rows [0, 10) on worker w (from 10 of 10 shards): rows 1 to 2 tiny",
+    others = "; ".join(f"rows [{10 * i}, {10 * i + 10}): '{10 * i} to {10 * i + 9}'" for i in range(1, 6))
+    told = f"from 10 of 10 shards; other shards' copies name other numbers: {others} and 4 more"
+    prefix = f"tracin.distributed test, rows [0, 10) on worker w ({told})"
+    assert [str(w.message) for w in record] == [f"{prefix}: rows 0 to 9 tiny", f"{prefix}: rows 1 to 2 tiny"]
+
+
+def test_the_numbers_other_shards_copies_name_are_told():
+    """Copies of a warning grouped with their digits masked may name what the user acts on (the rows whose
+    loss is NaN, the checkpoint): those of the shards not shown are named with their shard, not lost."""
+    labels = {f"t{i}": f"rows [{10 * i}, {10 * i + 10})" for i in range(4)}
+    category = ("builtins", "RuntimeWarning", "RuntimeWarning")
+    raised = [
+        _warnings.Raised(category, f"NaN loss for row {row} at checkpoint {ck}: drop it", "x.py", 3, None, task, "w")
+        for row, ck, task in ((3, 0, "t0"), (27, 0, "t2"), (35, 2, "t3"), (3, 0, "t1"))
     ]
+    with pytest.warns(RuntimeWarning) as record:
+        _warnings.show(raised, 0, "test", labels, 4)
+    assert [str(w.message) for w in record] == [
+        "tracin.distributed test, rows [0, 10) on worker w (from 4 of 4 shards; other shards' copies name other "
+        "numbers: rows [20, 30): '27'; rows [30, 40): '35 at checkpoint 2:'): NaN loss for row 3 at checkpoint 0: "
+        "drop it"
+    ]
+
+
+def test_two_exports_client_passes_in_two_threads_leave_the_warnings_as_they_were():
+    """Export A's last pass (not showing again its first pass's warnings) and export B's first pass, in two
+    threads, ending out of order: the warning machinery is left as it was and a later warning is shown (a
+    catch_warnings per pass left A's 'ignore' filter for the process, and its showwarning)."""
+    from tracin.distributed._export import _shown_once
+
+    show, filters = warnings.showwarning, list(warnings.filters)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    message = "an argument warning export A's first pass showed"
+
+    def a() -> None:
+        with _shown_once({(UserWarning, message)}):
+            a_in.set()
+            b_in.wait(30)
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(30)
+        with _shown_once(set()):
+            b_in.set()
+            a_out.wait(30)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert warnings.showwarning is show and warnings.filters == filters
+    with pytest.warns(UserWarning, match=message):
+        warnings.warn(message, UserWarning, stacklevel=1)

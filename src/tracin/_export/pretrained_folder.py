@@ -92,7 +92,10 @@ DCP_HINT = (
 
 def is_dcp_folder(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder written by torch.distributed.checkpoint.save (its .metadata file)."""
-    return os.path.isfile(os.path.join(path, ".metadata")) and any(f.endswith(".distcp") for f in os.listdir(path))
+    try:
+        return os.path.isfile(os.path.join(path, ".metadata")) and any(f.endswith(".distcp") for f in os.listdir(path))
+    except OSError:  # a folder this process may enter but not list: the error it is part of, without the hint
+        return False
 
 
 def _plain_name(f: object) -> bool:

@@ -578,21 +578,43 @@ def _noted(e: BaseException, note: str) -> None:
         print(note, file=sys.stderr)
 
 
+_SHOWN_LOCK = threading.Lock()
+_shown_state: dict[str, Any] = {"users": 0, "show": None}  # the showwarning _shown_once wrapped, while any pass runs
+_passes = threading.local()  # .seen: the `seen` of the _shown_once running in this thread
+
+
 @contextmanager
 def _shown_once(seen: set[tuple[type[Warning], str]]) -> Iterator[None]:
-    """Warnings shown inside are added to `seen` (category, message), and those in it already are not
-    shown: the client's first and last passes over the data raise the same warnings of the arguments."""
-    with warnings.catch_warnings():
-        for category, message in seen:
-            warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=category)
-        show = warnings.showwarning
-
-        def shown(message: Any, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
-            seen.add((category, str(message)))
-            show(message, category, filename, lineno, *rest)
-
-        warnings.showwarning = shown
+    """Warnings this thread shows inside are added to `seen` (category, message), and those in it already
+    are not shown: the client's first and last passes over the data raise the same warnings of the
+    arguments. warnings.showwarning is wrapped once while any thread's pass runs, and the filters are left
+    alone: catch_warnings is not thread-safe (two exports' passes in two threads would leave one's)."""
+    with _SHOWN_LOCK:
+        if _shown_state["users"] == 0:
+            if warnings.showwarning is not _shown:  # else left by a catch_warnings another thread entered in a pass
+                _shown_state["show"] = warnings.showwarning
+            warnings.showwarning = _shown
+        _shown_state["users"] += 1
+    outer = getattr(_passes, "seen", None)
+    _passes.seen = seen
+    try:
         yield
+    finally:
+        _passes.seen = outer
+        with _SHOWN_LOCK:
+            _shown_state["users"] -= 1
+            if _shown_state["users"] == 0 and warnings.showwarning is _shown:  # else replaced since: left
+                warnings.showwarning = _shown_state["show"]
+
+
+def _shown(message: Any, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
+    seen = getattr(_passes, "seen", None)
+    if seen is not None:  # else another thread's (a worker's in this process): shown as before
+        key = (category, str(message))
+        if key in seen:
+            return
+        seen.add(key)
+    _shown_state["show"](message, category, filename, lineno, *rest)
 
 
 @contextmanager

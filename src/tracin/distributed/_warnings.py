@@ -23,6 +23,7 @@ KEPT = 100  # distinct warnings a task keeps and sends back; more are counted (W
 COUNTED = 10_000  # distinct warnings beyond KEPT a task tells apart (by hash) to count them; later ones are not counted
 NOTED = 10  # warnings a failed task's error lists in its note
 _NUMBERS = re.compile(r"\d+")  # what tells apart the shards' copies of one warning (the rows each names)
+_OTHERS = 5  # other shards' copies of a warning whose differing words are listed with the first's
 
 _LOCK = threading.Lock()
 _local = threading.local()  # .caught: the Caught of the innermost recorded() of this thread
@@ -220,6 +221,25 @@ def _modules_by_file() -> dict[str, str]:
     return found
 
 
+def _others(found: list[Raised], firsts: dict[str, Raised], labels: dict[str, str], order: dict[str, int]) -> str:
+    """What the other shards' copies of a warning (`found`, its copies differing in numbers only) say
+    that the first shard's (`firsts`) do not: the words around their numbers that differ, a few shards'
+    (the rows or checkpoints each names may be what the user must act on)."""
+    seen: dict[str, str] = {}
+    for r in sorted(found, key=lambda r: order.get(labels.get(r.task, ""), len(order))):
+        if r.message not in firsts:
+            seen.setdefault(r.message, labels.get(r.task, "a task merging shard results"))
+    base = next(iter(firsts)).split(" ")
+    listed = []
+    for message, where in list(seen.items())[:_OTHERS]:
+        words = message.split(" ")
+        start = next((i for i, (a, b) in enumerate(zip(base, words, strict=True)) if a != b), 0)
+        end = next((i for i, (a, b) in enumerate(zip(reversed(base), reversed(words), strict=True)) if a != b), 0)
+        listed.append(f"{where}: '{' '.join(words[start : len(words) - end])}'")
+    more = f" and {len(seen) - _OTHERS} more" if len(seen) > _OTHERS else ""
+    return f"other shards' copies name other numbers: {'; '.join(listed)}{more}"
+
+
 def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], shards: int) -> None:
     """Each distinct (category, message) of `raised` warned once on the client, with warn_explicit at
     the line that raised it on the worker (so that the client's filters by category and module apply),
@@ -236,10 +256,12 @@ def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], sha
         shown = sorted({labels[r.task] for r in found if r.task in labels}, key=order.__getitem__)
         mine = [r for r in found if r.task in labels and labels[r.task] == shown[0]] if shown else found
         where = shown[0] if shown else "a task merging shard results"
-        count = f" (from {len(shown)} of {shards} shards)" if shown and shards > 1 else ""
         firsts: dict[str, Raised] = {}
         for r in mine:  # the first shard's, each message once
             firsts.setdefault(r.message, r)
+        told = [f"from {len(shown)} of {shards} shards"] if shown and shards > 1 else []
+        told += [_others(found, firsts, labels, order)] if len(firsts) < len({r.message for r in found}) else []
+        count = f" ({'; '.join(told)})" if told else ""
         for first in firsts.values():
             warnings.warn_explicit(
                 f"tracin.distributed {what}, {where} on worker {first.worker}{count}: {first.message}",
