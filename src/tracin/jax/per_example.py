@@ -9,7 +9,6 @@ jax.jit, a loss is traced once, so one reading a Python setting must be passed a
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxprs_in_params
 
-from .._caller import user_stacklevel
+from .._export.loss_watch import LossWatch as SharedLossWatch
 from ..projection import NonFiniteRowError
 from .batches import Batch
 from .params import ParamLayout, layout_of
@@ -322,48 +321,16 @@ def _check_float32_range(beyond: Any, count: int) -> None:
         )
 
 
-class LossWatch:
-    """Warns about the examples whose loss is NaN or infinite, from the per-example losses the compiled
-    functions give with their gradients (jax.value_and_grad). Such a loss need not give a NaN row: an
-    out-of-range label read with jnp.take_along_axis (the -100 'ignore' label of Hugging Face data, or
-    label == classes) gives a NaN loss and a gradient of exactly 0, a row that scoring takes as "no
-    influence". One RuntimeWarning per checkpoint holding such rows (`flush`, at the end of its pass),
-    counting them and listing the first _SHOWN; each row is counted once per export (rows of the data, the
-    checkpoint `checkpoint`, set by the export as it loads each one)."""
-
-    _SHOWN = 10
+class LossWatch(SharedLossWatch):
+    """_export.loss_watch.LossWatch in jax.grad's words, from the per-example losses the compiled functions
+    give with their gradients (jax.value_and_grad): an out-of-range label read with jnp.take_along_axis (the
+    -100 'ignore' label of Hugging Face data, or label == classes) gives a NaN loss and a gradient of 0."""
 
     def __init__(self) -> None:
-        self.checkpoint = 0
-        self._warned: set[int] = set()
-        self._count = 0  # rows found since the last flush
-        self._first: list[int] = []  # the first _SHOWN of them
-
-    def __call__(self, losses: Any, batch: Batch) -> None:
-        values = np.asarray(losses)[: batch.count]
-        new = [batch.start + int(i) for i in np.flatnonzero(~np.isfinite(values))]
-        new = [row for row in new if row not in self._warned]
-        self._warned.update(new)
-        self._count += len(new)
-        self._first.extend(new[: self._SHOWN - len(self._first)])
-
-    def flush(self) -> None:
-        """The warning about the rows found since the last flush (the checkpoint's pass), if any."""
-        count, first = self._count, self._first
-        self._count, self._first = 0, []
-        if not count:
-            return
-        listed = ", ".join(map(str, first))
-        more = f" and {count - len(first)} more" if count > len(first) else ""
-        rows = f"row {listed}" if count == 1 else f"{count} rows ({listed}{more})"
-        warnings.warn(
-            f"loss_fn gives a NaN or infinite loss for {rows} of the data at checkpoint {self.checkpoint}: "
-            "their gradient rows are stored as jax.grad gives them, which may be NaN (scoring then refuses the "
-            "set, naming the rows) or all 0 (a label outside [0, classes) read with take_along_axis or optax's "
-            "integer-label cross entropy, such as the -100 'ignore' label: those examples then score as having "
-            "no influence); drop those examples or fix their targets",
-            RuntimeWarning,
-            stacklevel=user_stacklevel(),
+        super().__init__(
+            "jax.grad",
+            "a label outside [0, classes) read with take_along_axis or optax's integer-label cross entropy, "
+            "such as the -100 'ignore' label",
         )
 
 

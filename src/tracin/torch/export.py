@@ -20,6 +20,7 @@ from .._export.checkpoints import warn_unused_states
 from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
 from .._export.layers import as_patterns
+from .._export.loss_watch import LossWatch
 from .._export.metadata import last_layer_entry
 from .._export.projection import check_projection, refuse_empty_parameters, warn_widening
 from .._export.transforms import row_transforms
@@ -214,10 +215,12 @@ def export_gradients(
     Errors shared with tracin.jax (tracin._export.driver): a one-shot iterator with several
     checkpoints, data with no rows or rows changing between checkpoints are ValueError; a missing
     checkpoint file is FileNotFoundError. A loss_fn whose losses do not depend on the chosen
-    parameters (constant, detached) is a ValueError. An example whose gradient holds NaN or Inf (a
-    NaN loss, say) is not an export error: its row is stored as it is (projected: a row of NaN) and
-    scoring refuses the set, naming the rows; a finite gradient whose projection overflows float32 is
-    a ValueError naming the row (kronecker=True stores it: scoring names it).
+    parameters (constant, detached) is a ValueError. An example whose loss is NaN or infinite is not
+    an export error: one RuntimeWarning per checkpoint names such rows, stored as autograd gives them:
+    NaN (projected: a row of NaN; scoring refuses the set, naming the rows) or all 0 (a per-example
+    mean over tokens whose labels are all -100: 0 / 0; it scores as no influence). A finite gradient
+    whose projection overflows float32 is a ValueError naming the row (kronecker=True stores it:
+    scoring names it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -407,14 +410,23 @@ class _TorchExport:
             row_elems = sum(p + q for p, q in self.slot_dims)
             self.inplace_width = None
         self.names = names
+        # warns about examples whose loss is NaN or infinite, from each batch's per-example losses (compute_rows.losses)
+        self.watch = LossWatch(
+            "autograd",
+            "a per-example mean over tokens whose labels are all -100, 0 / 0, cross_entropy's gradient being 0 "
+            "at an ignored label",
+        )
         self.fingerprints = {"model": model_digest(model), "loss": callable_identity(loss_fn), **extra}
         batches.max_rows = batch_size or max(1, min(_MAX_DEFAULT_BATCH, _BATCH_BYTES // (8 * row_elems)))
         self._batches = batches
         self.n_rows, self.one_shot = self._batches.n_rows, self._batches.one_shot
 
     def batches(self) -> Iterator[_Batch]:
+        """The data's batches, once per pass; at the end of a pass, the one warning about the rows whose loss
+        was not finite in it (LossWatch.flush)."""
         for start, inputs, targets in self._batches:
             yield _Batch(start, batch_rows(targets, "targets"), inputs, targets)
+        self.watch.flush()
 
     def fingerprint_arrays(self, batch: _Batch) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return host_arrays(batch.targets), host_arrays(batch.inputs)
@@ -428,6 +440,7 @@ class _TorchExport:
     def load(self, source: Any, index: int) -> dict[str, torch.Tensor]:
         state = load_checkpoint(source, index, self.reference, self.tied, self.written, self.frozen, self.ignored)
         self.buffers.keep(state)  # each forward starts from the checkpoint's buffers
+        self.watch.checkpoint = index
         if isinstance(self.compute_rows, KroneckerRows):
             self.compute_rows.begin(index)
         return state
@@ -492,7 +505,11 @@ class _TorchExport:
         the passes over the batch would see other targets, and the next checkpoint other data)."""
         inputs, targets = self._on_device(batch)
         with targets_unchanged(targets):
-            return self.compute_rows(state, inputs, targets, **({} if out is None else {"out": out}))
+            rows = self.compute_rows(state, inputs, targets, **({} if out is None else {"out": out}))
+        losses = self.compute_rows.losses  # (rows,) on the device: one small copy to the host a batch
+        if losses is not None:
+            self.watch(losses.cpu().double().numpy(), batch)
+        return rows
 
     def compute_into(self, state: dict[str, torch.Tensor], batch: _Batch, out: np.ndarray) -> None:
         """On the CPU straight into `out`; on another device computed there, then copied into `out`

@@ -60,7 +60,8 @@ class HookGradients:
         # than once in it: compared with the examples' outputs alone (per_example, which sets it to None once read)
         self.outputs: list[torch.Tensor] | None = None
         # the per-example losses of the last pass ((rows,), detached; None when loss_fn returned another shape):
-        # compared with each example's loss alone where an output's shape changes with the batch (per_example)
+        # compared with each example's loss alone where an output's shape changes with the batch (per_example), and
+        # checked for NaN or infinite losses by the export (_export.loss_watch)
         self.losses: torch.Tensor | None = None
         # {layer: (gap, tolerance)} of the last pass's layers whose rows do not sum to the batch's gradient (_unsummed)
         self.unsummed: dict[str, tuple[float, float]] = {}
@@ -139,13 +140,12 @@ class HookGradients:
         tokens: dict[str, int] = {}  # the positions those sums add up (examples x tokens, over the calls)
         dtypes: dict[str, torch.dtype] = {}  # the coarsest dtype of the output gradients they were computed from
         seen_losses: list[torch.Tensor] = []
-        loss_fn = _recording(self.loss_fn, seen_losses)
+        loss_fn = recording(self.loss_fn, seen_losses)
         with model_outputs(self.model, rows) as outputs:
             counts = stream(
                 self.model, self.layers, state, loss_fn, inputs, targets, consume, self.expanded, summed=summed
             )
-        if len(seen_losses) == 1 and isinstance(seen_losses[0], torch.Tensor) and seen_losses[0].shape == (rows,):
-            self.losses = seen_losses[0].detach().clone()
+        self.losses = recorded_losses(seen_losses, rows)
         self.outputs = outputs[0] if len(outputs) == 1 else None
         self.bytes_per_row = captured[0] / rows
         for name, holders in self.plan.items():
@@ -328,7 +328,7 @@ def _judged(
     return gap / scale, tolerance
 
 
-def _recording(loss_fn: LossFn, seen: list) -> LossFn:
+def recording(loss_fn: LossFn, seen: list) -> LossFn:
     """loss_fn, appending what each call returns to `seen`; functools.wraps of the function (a module's forward,
     unless the module overrides __call__) so that losses.loss_mismatch reads the user's signature and code."""
     target = loss_fn
@@ -342,6 +342,17 @@ def _recording(loss_fn: LossFn, seen: list) -> LossFn:
         return losses
 
     return recorded
+
+
+def recorded_losses(seen: list, rows: int) -> torch.Tensor | None:
+    """The per-example losses of `rows` examples that `recording` saw, detached (rows,) on their device: one call's,
+    or one call's per example (a (1,) each: one example at a time); None when the calls returned anything else."""
+    if not seen or not all(isinstance(t, torch.Tensor) for t in seen):
+        return None
+    shapes = [(rows,)] if len(seen) == 1 else [(1,)] * rows
+    if [tuple(t.shape) for t in seen] != shapes:
+        return None
+    return torch.cat([t.detach() for t in seen]) if len(seen) > 1 else seen[0].detach().clone()
 
 
 def output_leaves(output: object) -> list[torch.Tensor]:

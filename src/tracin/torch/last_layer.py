@@ -32,6 +32,7 @@ from .first_rows_check import (
     one_row_error,
     tolerances,
 )
+from .hook_gradients import recorded_losses, recording
 from .layer_rules import token_form
 from .layers import qualified, tied_first_names
 from .losses import LossFn, losses_of, random_forward
@@ -53,6 +54,9 @@ class LinearFactors:
         ]
         self.checked = False
         self.batches = 0  # calls so far, for the error naming a batch
+        # the last pass's per-example losses ((rows,), detached, on the device; None when unknown), for the export's
+        # warning about a NaN or infinite loss (_export.loss_watch)
+        self.losses: torch.Tensor | None = None
         # per layer, state names of its weight and bias: autograd's gradients of the batch's summed loss (_captured)
         self._summed: dict[str, torch.Tensor | None] = {}
         self._refuse_parametrized()
@@ -85,11 +89,12 @@ class LinearFactors:
         except NotCaptured as e:
             raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self._full_layers()!r}.") from None
         self.batches += 1
-        summed = self._summed  # this pass's (the first-rows check below runs passes of its own)
+        summed, losses = self._summed, self.losses  # this pass's (the first-rows check below runs passes of its own)
         if not self.checked:
             self._check(state, inputs, targets, factors)
             self.checked = True
         self._check_sums(factors, summed)
+        self.losses = losses
         return factors
 
     def _check_sums(
@@ -283,8 +288,10 @@ class LinearFactors:
             if getattr(layer, leaf) is not None
         ]
         self._summed = dict.fromkeys(n for n in names if n in state)
+        self.losses, losses = None, []
         try:
-            calls = capture(self.model, self.names, state, self.loss_fn, inputs, targets, expanded, self._summed)
+            loss_fn = recording(self.loss_fn, losses)
+            calls = capture(self.model, self.names, state, loss_fn, inputs, targets, expanded, self._summed)
         except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
             if not expanded or isinstance(e, NotCaptured):
                 raise
@@ -308,6 +315,7 @@ class LinearFactors:
                     f"outer-product form needs (batch, in_features) = ({rows}, {layer.in_features})"
                 )
             pairs.append((x[:, 0], dy[:, 0]))
+        self.losses = recorded_losses(losses, rows)
         return pairs
 
 

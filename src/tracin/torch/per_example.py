@@ -29,7 +29,7 @@ from .first_rows_check import (
     tokens_counted,
     tolerances,
 )
-from .hook_gradients import COMPARED_ELEMENTS, HookGradients, model_outputs
+from .hook_gradients import COMPARED_ELEMENTS, HookGradients, model_outputs, recorded_losses, recording
 from .layer_rules import mixes_examples, not_covered
 from .losses import LossFn, losses_of, model_caller, random_forward
 
@@ -75,7 +75,8 @@ class PerExampleGradients:
       outside its module's forward) sends every parameter to vmap, with a warning, where a float32 one is still
       there when the checked rows' hooked pass and autograd are run again in float64 (_disagree_in_float64: a
       well-fit regression's residuals differ by float32 rounding alone, batched vs alone); equal non-finite values on
-      both sides agree (an example with a NaN loss is exported as it is; scoring refuses it, naming its row).
+      both sides agree (an example with a NaN loss is exported as it is: a NaN row, or an all-0 one for a mean over
+      no tokens, 0 / 0; the export warns naming it, `losses`).
       Calls shared by the batch (batch size 1, broadcast later, as Hugging Face position embeddings)
       are covered; unbatched ones are not: an embedding whose 1-D ids do not grow from example 0 alone to
       example 0 twice (wpe(arange(T)), capture.ids_shared_by_the_batch) goes to vmap before the first check.
@@ -157,6 +158,9 @@ class PerExampleGradients:
         self._float64: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
         self._parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self._alone_losses: torch.Tensor | None = None  # vmap's per-example losses, (rows,), for _loss_differs
+        # the last call's per-example losses ((rows,), detached, on the device; None when unknown), for the export's
+        # warning about a NaN or infinite loss (_export.loss_watch)
+        self.losses: torch.Tensor | None = None
         self._vmapped = vmap(grad_and_value(self._loss_of_one, has_aux=True), in_dims=(None, None, 0, 0))
 
     def _loss_of_one(self, chosen: dict, rest: dict, x: Tree, y: Tree) -> tuple[torch.Tensor, tuple]:
@@ -187,6 +191,7 @@ class PerExampleGradients:
             self._float64 = {}  # another checkpoint's
         passes = 1 if self.hooks is None or out.device.type != "cpu" else -(-rows // self._pass_rows())
         batched = _Outputs(keep_all=bool(self.others))  # the hooked passes' outputs, for _depends_on_the_batch
+        self.losses, pass_losses = None, []
         for start, stop in itertools.pairwise(rows * k // passes for k in range(passes + 1)):
             if self.hooks is None:
                 break
@@ -195,6 +200,7 @@ class PerExampleGradients:
             leaves, self.hooks.outputs = self.hooks.outputs, None  # past the pass, `batched` keeps what it compares
             if hooked:
                 batched.add(leaves, stop - start, self.hooks.losses)
+                pass_losses.append(self.hooks.losses)
             del leaves
             if hooked is None:  # the first-rows check saw this batch's outputs depend on it: the next one checks
                 self._dependent(start + self._found[0], self._found[1], state, inputs, targets)
@@ -206,6 +212,8 @@ class PerExampleGradients:
                 return out
             if not hooked:
                 self.hooks, self.others = None, list(self.names)
+        if self.hooks is not None and len(pass_losses) == passes and all(t is not None for t in pass_losses):
+            self.losses = torch.cat(pass_losses)
         checked = self.hooks is not None and rows > 1 and batched.usable
         if self.others:
             self._alone_outputs = self._alone_losses = None
@@ -726,7 +734,7 @@ class PerExampleGradients:
                 for n in names:
                     offset, width = self.columns[n]
                     out[:, offset : offset + width].copy_(grads[n].reshape(out.shape[0], width))
-                self._alone_losses = losses.detach()
+                self.losses = self._alone_losses = losses.detach()
                 return list(outputs) if outputs else None
         return self._one_at_a_time(names, state, inputs, targets, out)
 
@@ -737,12 +745,15 @@ class PerExampleGradients:
         _by_autodiff does (None when the model ran more or less than once an example or their shapes differ)."""
         rows = out.shape[0]
         self._alone_outputs = None
+        losses: list = []
         with model_outputs(self.model, 1) as seen:  # each example's compared (small) outputs only
-            grads = example_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
+            loss_fn = recording(self.loss_fn, losses)
+            grads = example_gradients(self.model, state, names, loss_fn, inputs, targets, rows)
             for i, parts in enumerate(grads):
                 for n, g in zip(names, parts, strict=True):
                     offset, width = self.columns[n]
                     out[i, offset : offset + width].copy_(g.reshape(-1))
+        self.losses = recorded_losses(losses, rows)
         if len(seen) != rows or len({len(s) for s in seen}) != 1:
             return None
         try:

@@ -71,7 +71,7 @@ from .first_rows_check import (
     reference_gradients,
     tokens_counted,
 )
-from .hook_gradients import _unsummed, parameter_owners
+from .hook_gradients import _unsummed, parameter_owners, recorded_losses, recording
 from .layer_rules import _autocast_off, covers, token_form
 from .layers import qualified
 from .losses import LossFn
@@ -160,6 +160,9 @@ class KroneckerRows:
         # layers whose per-token rows of a batch did not sum up (_unsummed), computed from full gradients for it
         self._exact: dict[tuple[str, ...], PerExampleGradients] = {}
         self.batches = 0  # calls so far, for the warning naming a batch
+        # the last call's per-example losses ((rows,), detached, on the device; None when unknown), for the export's
+        # warning about a NaN or infinite loss (_export.loss_watch)
+        self.losses: torch.Tensor | None = None
         self.unsummed_batches = 0  # batches whose per-token rows of a layer did not sum to its summed-loss gradient
 
     # --- what the export records ---
@@ -228,6 +231,7 @@ class KroneckerRows:
         rows = batch_rows(targets, "targets")
         out = torch.empty((rows, self.projection.dim), dtype=torch.float32)
         self.batches += 1
+        self.losses = None
         if self.kron:
             blocks = self._projected(state, inputs, targets, rows, summing=True)
             for seg, block in zip(self.kron, blocks, strict=True):
@@ -236,6 +240,8 @@ class KroneckerRows:
                 out[:, used : seg.start + seg.dim] = 0  # a small layer's unused columns (kronecker_dims)
         if self._plain_rows is not None:
             self._plain(state, inputs, targets, out)
+            if self.losses is None:
+                self.losses = self._plain_rows.losses
         return out
 
     def check(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree) -> None:
@@ -452,12 +458,13 @@ class KroneckerRows:
         summed = (
             dict.fromkeys(n for m in streamed for n in by_module[self._segment_of[m]][0].names) if summing else None
         )
+        losses: list = []
         try:
             stream(
                 self.model,
                 streamed,
                 state,
-                self.loss_fn,
+                recording(self.loss_fn, losses),
                 inputs,
                 targets,
                 consume,
@@ -488,6 +495,7 @@ class KroneckerRows:
                 self._in_full(rest, f"the hooked pass failed ({type(e).__name__}: {first})", rows)
             return self._projected(state, inputs, targets, rows, summing)
         self._expanded = {self._segment_of[m] for m in expanded}
+        self.losses = recorded_losses(losses, rows)
         self._by_full_gradients({k: v for k, v in sorted(unbatched.items()) if k not in unusable})
         for layer, full in self._unbatched.items():
             totals.update(self._from_full([layer], full, state, inputs, targets, rows))

@@ -1,0 +1,67 @@
+"""LossWatch: one warning per checkpoint about the examples whose loss is NaN or infinite (tracin.torch and
+tracin.jax exports, from the per-example losses their gradient passes compute anyway)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Protocol
+
+import numpy as np
+
+from .._caller import user_stacklevel
+
+
+class _Rows(Protocol):
+    """Rows [start, start + count) of the data; a batch's rows past count are padding."""
+
+    start: int
+    count: int
+
+
+class LossWatch:
+    """Warns about the examples whose loss is NaN or infinite. Such a loss need not give a NaN row: an
+    ignored label read as no loss at all (a per-example mean over tokens whose labels are all -100: 0 / 0;
+    an out-of-range label read with take_along_axis) gives a NaN loss and a gradient of exactly 0, a row
+    that scoring takes as "no influence". One RuntimeWarning per checkpoint holding such rows (`flush`, at
+    the end of its pass), counting them and listing the first _SHOWN; each row is counted once per export
+    (rows of the data, the checkpoint `checkpoint`, set by the export as it loads each one).
+
+    grad: the framework's gradient, as the warning names it ("jax.grad"); zeros: the framework's cases
+    of a NaN loss with an all-0 gradient, as the warning lists them.
+    """
+
+    _SHOWN = 10
+
+    def __init__(self, grad: str, zeros: str) -> None:
+        self.grad, self.zeros = grad, zeros
+        self.checkpoint = 0
+        self._warned: set[int] = set()
+        self._count = 0  # rows found since the last flush
+        self._first: list[int] = []  # the first _SHOWN of them
+
+    def __call__(self, losses: Any, batch: _Rows) -> None:
+        """losses: the batch's per-example losses, (rows,), anything np.asarray reads."""
+        values = np.asarray(losses)[: batch.count]
+        new = [batch.start + int(i) for i in np.flatnonzero(~np.isfinite(values))]
+        new = [row for row in new if row not in self._warned]
+        self._warned.update(new)
+        self._count += len(new)
+        self._first.extend(new[: self._SHOWN - len(self._first)])
+
+    def flush(self) -> None:
+        """The warning about the rows found since the last flush (the checkpoint's pass), if any."""
+        count, first = self._count, self._first
+        self._count, self._first = 0, []
+        if not count:
+            return
+        listed = ", ".join(map(str, first))
+        more = f" and {count - len(first)} more" if count > len(first) else ""
+        rows = f"row {listed}" if count == 1 else f"{count} rows ({listed}{more})"
+        warnings.warn(
+            f"loss_fn gives a NaN or infinite loss for {rows} of the data at checkpoint {self.checkpoint}: "
+            f"their gradient rows are stored as {self.grad} gives them, which may be NaN (scoring then refuses the "
+            f"set, naming the rows) or all 0 ({self.zeros}: those examples then score as having no influence); "
+            "drop those examples or fix their targets",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )

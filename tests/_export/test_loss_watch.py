@@ -1,0 +1,71 @@
+"""LossWatch (tracin._export.loss_watch): the framework-free warning about examples whose loss is NaN or
+infinite, in the framework's words; tracin.jax's wording is the one it had before the move."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from tracin._export.loss_watch import LossWatch
+
+
+@dataclass
+class Rows:
+    start: int
+    count: int
+
+
+def test_the_warning_names_the_rows_the_checkpoint_and_the_frameworks_words():
+    watch = LossWatch("autograd", "a mean over no tokens")
+    watch.checkpoint = 2
+    watch(np.array([1.0, np.inf, 2.0]), Rows(5, 3))
+    with pytest.warns(RuntimeWarning) as caught:
+        watch.flush()
+    assert [str(w.message) for w in caught] == [
+        "loss_fn gives a NaN or infinite loss for row 6 of the data at checkpoint 2: their gradient rows are "
+        "stored as autograd gives them, which may be NaN (scoring then refuses the set, naming the rows) or all 0 "
+        "(a mean over no tokens: those examples then score as having no influence); drop those examples or fix "
+        "their targets"
+    ]
+    assert caught[0].filename == __file__  # the first frame outside tracin
+
+
+def test_rows_past_count_are_padding_and_a_flush_with_nothing_found_warns_nothing():
+    watch = LossWatch("autograd", "x")
+    watch(np.array([0.0, 1.0, np.nan]), Rows(0, 2))  # the NaN is padding
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        watch.flush()
+
+
+def test_two_rows_are_counted_and_listed_and_a_flush_forgets_them_but_not_that_they_were_warned_about():
+    watch = LossWatch("autograd", "x")
+    watch(np.array([np.nan, 0.0]), Rows(0, 2))
+    watch(np.array([-np.inf]), Rows(2, 1))
+    with pytest.warns(RuntimeWarning, match=r"for 2 rows \(0, 2\) of the data at checkpoint 0: "):
+        watch.flush()
+    watch.checkpoint = 1
+    watch(np.array([np.nan, 0.0, np.nan]), Rows(0, 3))  # row 0 again (not counted), row 2 again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        watch.flush()
+
+
+def test_the_jax_warning_is_worded_as_before_the_move():
+    from tracin.jax.batches import Batch
+    from tracin.jax.per_example import LossWatch as JaxLossWatch
+
+    watch = JaxLossWatch()
+    watch(np.array([np.nan, 1.0]), Batch(3, 2, None, None))
+    with pytest.warns(RuntimeWarning) as caught:
+        watch.flush()
+    assert [str(w.message) for w in caught] == [
+        "loss_fn gives a NaN or infinite loss for row 3 of the data at checkpoint 0: their gradient rows are "
+        "stored as jax.grad gives them, which may be NaN (scoring then refuses the set, naming the rows) or all 0 "
+        "(a label outside [0, classes) read with take_along_axis or optax's integer-label cross entropy, such as "
+        "the -100 'ignore' label: those examples then score as having no influence); drop those examples or fix "
+        "their targets"
+    ]

@@ -1,0 +1,158 @@
+"""review328 F2: tracin.torch warns about an example whose loss is NaN or infinite, on every path that computes
+per-example gradients (hooks, vmap, the per-example loop, Kronecker per-token and plain segments, factored
+layers), as tracin.jax does: a per-example mean over answer tokens whose labels are all -100 is 0 / 0 = NaN, while
+its gradient row is all 0 (cross_entropy's gradient at an ignored label), which scores as "no influence"."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tracin
+from tracin.torch import export_gradients
+
+N, T, V, C, BATCH = 6, 5, 7, 3, 4
+NAN_ROW = 4  # the second batch's first row: the warning numbers the data's rows, not the batch's
+NAN_LOSS = rf"loss_fn gives a NaN or infinite loss for row {NAN_ROW} of the data at checkpoint 0: .* as autograd gives"
+
+
+class Tokens(nn.Module):
+    """A token model (B, T) -> (B, T, V); with in_place, an in-place add into an unbatched tensor that vmap
+    refuses (the per-example loop runs it)."""
+
+    def __init__(self, in_place: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(V, 8), nn.Linear(8, V)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.register_buffer("offset", torch.full((8,), 0.1))
+        self.in_place = in_place
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        if self.in_place:
+            base = self.offset.clone().expand(*ids.shape, 8).contiguous()
+            base += h
+            h = base
+        return self.head(torch.tanh(h) * self.scale)
+
+
+class Heads(nn.Module):
+    """(B, 4) -> (B, T * C) through two Linears: T tokens of C classes, read by the loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, T * C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def answer_mean(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean cross entropy over each example's answer tokens (labels != -100); (B, T * C) outputs are T
+    tokens of C classes."""
+    logits = out.reshape(len(labels), T, -1)
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    return ce.sum(1) / (labels != -100).sum(1)
+
+
+def _labels(classes: int, truncated: bool) -> torch.Tensor:
+    """(N, T) labels, the first 2 tokens (the prompt) -100; with `truncated`, every token of NAN_ROW."""
+    labels = torch.randint(0, classes, (N, T), generator=torch.Generator().manual_seed(2))
+    labels[:, :2] = -100
+    if truncated:
+        labels[NAN_ROW] = -100
+    return labels
+
+
+def _tokens_export(in_place: bool, truncated: bool, **kwargs) -> tuple:
+    model = Tokens(in_place)
+    ids = torch.randint(0, V, (N, T), generator=torch.Generator().manual_seed(3))
+    data = (ids, _labels(V, truncated))
+    return export_gradients(model, [(model.state_dict(), 1.0)], data, answer_mean, batch_size=BATCH, **kwargs), data
+
+
+def _heads_export(truncated: bool, **kwargs) -> tuple:
+    model = Heads()
+    x = torch.randn(N, 4, generator=torch.Generator().manual_seed(4))
+    data = (x, _labels(C, truncated))
+    return export_gradients(model, [(model.state_dict(), 1.0)], data, answer_mean, batch_size=BATCH, **kwargs), data
+
+
+KRONECKER = {"projection": tracin.Projection(16, seed=0, per_layer=True, kronecker=True)}
+PATHS = {
+    "hooks": lambda truncated: _tokens_export(False, truncated, layers=["emb", "head"]),
+    "vmap": lambda truncated: _tokens_export(False, truncated, layers=["scale"]),
+    "loop": lambda truncated: _tokens_export(True, truncated, layers=["scale"]),
+    "kronecker": lambda truncated: _tokens_export(False, truncated, layers=["emb", "head"], **KRONECKER),
+    "kronecker_plain": lambda truncated: _tokens_export(False, truncated, layers=["scale"], **KRONECKER),
+    "last_layer": lambda truncated: _heads_export(truncated, mode="last_layer"),
+    "factored": lambda truncated: _heads_export(truncated, mode="factored"),
+}
+
+
+def _ours(caught: list) -> list:
+    return [w for w in caught if "NaN or infinite loss" in str(w.message)]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_an_example_whose_answer_was_truncated_away_is_warned_about_naming_its_row(path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g, _ = PATHS[path](True)
+    if path == "loop":  # the path this case is meant to take
+        assert any("slower per-example loop" in str(w.message) for w in caught)
+    else:
+        assert not any("slower per-example loop" in str(w.message) for w in caught)
+    ours = _ours(caught)
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert ours[0].category is RuntimeWarning
+    assert re.search(NAN_LOSS, str(ours[0].message))
+    assert ours[0].filename == __file__  # at the user's line: here, via PATHS
+    row = np.asarray(g.left[0] if hasattr(g, "left") else g.matrices[0])[NAN_ROW]  # factored: dL/dy's row
+    assert not row.any() or not np.isfinite(row).all()  # what the warning says: all 0 (silent before) or NaN
+
+
+def test_the_hooked_row_of_such_an_example_is_all_zero_scoring_as_no_influence():
+    """The case the warning exists for: the stored row is exactly 0, not NaN, so scoring cannot refuse it."""
+    with pytest.warns(RuntimeWarning, match=NAN_LOSS):
+        g, _ = PATHS["hooks"](True)
+    rows = np.asarray(g.matrices[0])
+    assert not rows[NAN_ROW].any() and np.delete(rows, NAN_ROW, 0).any(axis=1).all()
+    np.testing.assert_array_equal(tracin.scores(g, g)[NAN_ROW], 0)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_finite_losses_warn_nothing_about_losses(path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PATHS[path](False)
+    assert _ours(caught) == []
+
+
+def test_an_export_of_finite_losses_on_the_hooks_gives_no_runtime_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        PATHS["hooks"](False)
+
+
+def test_a_row_is_warned_about_once_an_export_at_the_first_checkpoint_holding_it():
+    """Two checkpoints: one warning, at checkpoint 0, as tracin.jax (LossWatch counts a row once an export)."""
+    model = Tokens()
+    ids = torch.randint(0, V, (N, T), generator=torch.Generator().manual_seed(3))
+    later = {k: v + 0.01 for k, v in model.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(
+            model, [(model.state_dict(), 1.0), (later, 1.0)], (ids, _labels(V, True)), answer_mean, progress=False
+        )
+    assert [str(w.message).split(":")[0] for w in _ours(caught)] == [
+        f"loss_fn gives a NaN or infinite loss for row {NAN_ROW} of the data at checkpoint 0"
+    ]
