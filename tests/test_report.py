@@ -969,3 +969,53 @@ def test_diagnostics_overlap_ranks_the_running_sum_of_the_checkpoints_not_each_a
     alone = [len(set(np.argsort(-terms[:, c], kind="stable")[:6]) & best) / 6 for c in range(4)]
     assert running != alone  # the data tell the two apart
     np.testing.assert_array_equal(diag.overlap, running)
+
+
+def test_checkpoint_contributions_warn_of_a_nan_in_result_values():
+    """A NaN score matches no parts' sum: warned like any other mismatch (r329 mutant: `diff > allowed`, False for
+    NaN, let it pass silently)."""
+    rng = np.random.default_rng(32)
+    dims, w = (8, 5), [1.0, 0.5]
+    test, train = tracin.Gradients(_full(rng, 3, dims), w), tracin.Gradients(_full(rng, 60, dims), w)
+    made = tracin.top_k(test, train, k=4)
+    values = made.values.copy()
+    values[1, 2] = np.nan
+    with pytest.warns(RuntimeWarning, match=r"\(1 of 12 pairs; largest difference nan at test row 1, rank 2"):
+        checkpoint_contributions(test, train, tracin.TopK(values, made.indices))
+
+
+def test_diagnostics_rank_tied_rows_smaller_index_first():
+    """Rows 0 and 1 tie over all checkpoints (4 + 0, 0 + 4): the top-1 row is row 0 (ties: smaller index first,
+    as the shares and the overlap are documented), whose self-influence is all checkpoint 0's, and which
+    checkpoint 0 alone also ranks first (r329 mutant: argsort ascending reversed took row 1)."""
+    mats = [np.array([[2.0], [0.0], [1.0]], np.float32), np.array([[0.0], [2.0], [1.0]], np.float32)]
+    diag = checkpoint_diagnostics(tracin.Gradients(mats, [1.0, 1.0]), top=1)
+    np.testing.assert_array_equal(diag.share_top, [1.0, 0.0])
+    np.testing.assert_array_equal(diag.overlap, [1.0, 1.0])
+
+
+def test_checkpoint_contributions_refuse_an_index_one_past_the_last_train_row():
+    """Index n_rows is out of range as the docs say (r329 mutant: `> n_rows` let it reach the gather)."""
+    rng = np.random.default_rng(33)
+    train, test = tracin.Gradients(_full(rng, 20)), tracin.Gradients(_full(rng, 3))
+    made = tracin.top_k(test, train, k=2)
+    indices = made.indices.copy()
+    indices[2, 1] = 20
+    with pytest.raises(ValueError, match=r"result.indices must lie in \[0, 20\) \(the train rows\), got values from"):
+        checkpoint_contributions(test, train, tracin.TopK(made.values, indices))
+
+
+def test_checkpoint_contributions_take_the_checkpoints_from_the_test_sides_metadata_alone():
+    """Only the test side records the 2 checkpoints x 2 layers (a train set rebuilt from arrays): one part per
+    checkpoint all the same (r329 mutant: the train side's metadata alone was read, and the 4 layer slots
+    came back as 4 'checkpoints')."""
+    rng = np.random.default_rng(34)
+    (left, right), (tl, tr) = _factored(rng, 40, dims=TWO_BY_TWO_DIMS), _factored(rng, 5, dims=TWO_BY_TWO_DIMS)
+    w = TWO_BY_TWO_WEIGHTS
+    test = tracin.FactoredGradients(tl, tr, w, metadata=TWO_BY_TWO_METADATA)
+    train = tracin.FactoredGradients(left, right, w)
+    result = tracin.top_k(test, train, k=3)
+    slots = _pair_terms(factored_to_full(tl, tr), factored_to_full(left, right), w, result.indices)
+    got = checkpoint_contributions(test, train, result)
+    assert got.shape == (5, 3, 2)
+    np.testing.assert_allclose(got, slots[:, :, 0::2] + slots[:, :, 1::2], rtol=1e-12, atol=1e-12)

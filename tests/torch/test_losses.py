@@ -479,3 +479,51 @@ def test_a_loss_fn_reading_a_buffer_the_checkpoint_holds_unchanged_is_not_refuse
     names = ["net.2.weight", "net.2.bias"] if mode == "last_layer" else None
     want = _reference(model, state, x, y, reference_loss, names)
     np.testing.assert_allclose(tracin.scores(got, got), want @ want.T, rtol=1e-4, atol=1e-5 * np.abs(want).max() ** 2)
+
+
+def test_a_loss_fn_adding_random_noise_is_neither_taken_for_coupling_nor_for_reading_a_buffer():
+    """A loss drawing random numbers (noise that carries no gradient) gives other losses on every call: the checks
+    comparing calls (a row alone against the batch, the buffers swapped to the checkpoint's) cannot judge it and must
+    not refuse it (r329 mutants: the coupling check without its _random_loss guard, the buffer check without its
+    changed() guard, refused it); its rows are the noise-free loss's, float64 reference."""
+    model = Prior()
+    state = _later(model)  # its buffer and frozen parameter differ from the live ones; loss_fn reads neither
+
+    def noisy(logits, targets):
+        return CE(logits, targets) + 0.5 * torch.rand(len(targets))
+
+    x, y = _data(10)
+    got = export_gradients(model, [(state, 1.0)], (x, y), noisy, progress=False, batch_size=4)
+    want = _reference(model, state, x, y, CE)
+    np.testing.assert_allclose(got.matrices[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_loss_fn_reading_a_buffer_the_checkpoint_holds_a_little_otherwise_is_refused():
+    """A prior up to 3e-4 off in the checkpoint (not a shift of all classes) moves the losses by less than 1e-3 of
+    their size, far beyond float32 rounding: still a loss reading the live buffer (r329 mutant: a 1e-3 relative
+    tolerance on the losses took it as unread)."""
+    model = Prior()
+    state = _later(model)
+    state["log_prior"] = model.log_prior + torch.tensor([3e-4, 0.0, -3e-4])
+    state["temperature"] = model.temperature.detach().clone()
+
+    def loss(logits, targets):
+        return CE(logits + model.log_prior, targets)
+
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"loss_fn reads the model's buffer or frozen parameter 'log_prior' directly"):
+        export_gradients(model, [(state, 1.0)], (x, y), loss, progress=False, batch_size=4)
+
+
+def test_a_coupled_loss_is_refused_when_another_checked_row_has_a_nan_loss():
+    """Row 1's input is NaN (its loss NaN in the batch and alone): row 0's coupling is still measured against the
+    finite losses' size (r329 mutant: the NaN taken into that size made every gap NaN, and the coupled loss
+    passed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = _data(12)
+    x[1] = float("nan")
+    with pytest.raises(ValueError, match=r"loss_fn's loss of one example depends .* row 0's loss"):
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], (x, y), _five_percent_heavier_in_a_batch, progress=False, batch_size=6
+        )
