@@ -3,8 +3,9 @@
 An example whose gradient holds NaN or Inf is kept in memory (a row of NaN), as exports without a
 projection keep it as it is, and scoring names it; a gradient store refuses it, naming the row in the
 data's numbering; a finite gradient whose projection overflows float32 fails the export, naming the
-row in the data's numbering (not the batch's) and the checkpoint. tracin.jax warns (RuntimeWarning)
-once about an example whose loss is NaN, naming its row.
+row in the data's numbering (not the batch's) and the checkpoint. Both warn (RuntimeWarning) once
+about an example whose loss is NaN, naming its row (tracin.jax's warning is tested here, tracin.torch's in
+tests/torch/test_nan_losses.py).
 """
 
 from __future__ import annotations

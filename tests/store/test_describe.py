@@ -70,6 +70,14 @@ def _factored_store(path, dims, weights, digests):
             "2 x 2 layers  (4 factor pairs; weights 0.5, 0.4, 0.2, 0.2)",
             "[2, 3], [4, 1], [2, 3], [4, 2]",
         ),
+        # only the first checkpoint's layers share a weight: every slot's weight, not one per checkpoint
+        (
+            [(2, 3), (4, 1)] * 2,
+            [0.5, 0.5, 0.2, 0.1],
+            ["a", "b"],
+            "2 x 2 layers  (4 factor pairs; weights 0.5, 0.5, 0.2, 0.1)",
+            "[2, 3], [4, 1] (each checkpoint's layers)",
+        ),
         # fingerprints that do not divide the slots, or none: plain checkpoints
         ([(2, 3)] * 3, [1.0, 2.0, 3.0], ["a", "b"], "3  (weights 1, 2, 3)", "[2, 3], [2, 3], [2, 3]"),
         ([(2, 3)] * 2, [1.0, 2.0], "not a list", "2  (weights 1, 2)", "[2, 3], [2, 3]"),

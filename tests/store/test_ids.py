@@ -304,3 +304,12 @@ def test_homogeneous_int_or_str_ids_round_trip(tmp_path, ids, dtype):
     got = w.finalize().ids
     assert got.dtype.type is dtype
     assert got.tolist() == [x.item() if isinstance(x, np.ndarray) else x for x in ids]
+
+
+@pytest.mark.parametrize("ids", [np.arange(3, dtype=np.float64), np.array([True, False, True])], ids=["float", "bool"])
+def test_an_id_array_of_floats_or_bools_is_refused_at_create_naming_its_dtype(tmp_path, ids):
+    """An array's dtype decides (its elements are not looked at): float ids were taken, written, and
+    then the store, every row written, could not be finalized or opened (ids.npy holds no ids)."""
+    with pytest.raises(TypeError, match=rf"ids must be all integers or all strings, got dtype {ids.dtype}$"):
+        tracin.GradientStore.create(tmp_path / "s", 3, [2], ids=ids)
+    assert not (tmp_path / "s" / "manifest.json").exists()

@@ -43,3 +43,35 @@ def test_a_resume_removes_the_marker_of_a_killed_create_and_the_store_stays_prot
     with pytest.raises(ValueError, match="but no manifest.json, so it is not a store tracin wrote"):
         tracin.GradientStore.create(path, 4, [3])
     assert np.load(path / "checkpoint_000.npy")[0].tolist() == [2.0] * 3
+
+
+_KILLED_REPLACING_THE_SECOND_DATA_FILE = textwrap.dedent(
+    """
+    import os, sys
+    real = os.unlink
+    def unlink(path, *args, **kwargs):
+        if str(path).endswith("checkpoint_001.npy"):
+            os._exit(9)  # as kill -9 while an overwrite removes the old store's files
+        return real(path, *args, **kwargs)
+    os.unlink = unlink
+    import tracin
+    tracin.GradientStore.create(sys.argv[1], 4, [5], overwrite=True)
+    """
+)
+
+
+def test_an_overwrite_killed_while_removing_the_old_files_removed_the_manifest_first(tmp_path):
+    path = tmp_path / "s"
+    old = tracin.GradientStore.create(path, 4, [3, 2])
+    old.write(0, 0, np.ones((4, 3), np.float32))
+    old.write(1, 0, np.ones((4, 2), np.float32))
+    old.finalize()
+    killed = subprocess.run([sys.executable, "-c", _KILLED_REPLACING_THE_SECOND_DATA_FILE, str(path)], timeout=120)
+    assert killed.returncode == 9
+    # the manifest went before any data file: no store whose manifest names a file that is gone
+    left = os.listdir(path)
+    assert "manifest.json" not in left and {"checkpoint_001.npy", "create-in-progress"} <= set(left)
+    assert _files.interrupted_create(path) is not None
+    w = tracin.GradientStore.create(path, 4, [5])  # the interrupted create is redone without overwrite=True
+    w.write(0, 0, np.full((4, 5), 2.0, np.float32))
+    np.testing.assert_array_equal(tracin.self_influence(w.finalize()), [20.0] * 4)

@@ -75,3 +75,16 @@ def test_info_of_a_store_re_created_or_stripped_after_opening_is_a_changed_store
     (path / "checkpoint_000.npy").unlink()
     with pytest.raises(StoreChangedError, match="checkpoint_000.npy was removed after the gradient store was opened"):
         store.info()
+
+
+def test_ids_of_a_store_whose_manifest_went_after_opening_are_a_changed_store(tmp_path):
+    """A re-create removes the old manifest first: .ids then says the store changed, even while the old
+    ids.npy (removed later) is still there unchanged."""
+    path = tmp_path / "s"
+    w = tracin.GradientStore.create(path, n_rows=4, dims=[3], ids=[10, 11, 12, 13])
+    w.write(0, 0, np.ones((4, 3), np.float32))
+    store = w.finalize()
+    assert store[1:3].ids.tolist() == [11, 12]
+    (path / "manifest.json").unlink()
+    with pytest.raises(StoreChangedError, match=rf"gradient store {path} was removed after it was opened"):
+        store.ids  # noqa: B018

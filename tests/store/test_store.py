@@ -128,6 +128,7 @@ def test_shard_and_slice_arguments(tmp_path):
     assert tracin.top_k(np.ones((2, 2), np.float32), empty, k=3).indices.shape == (2, 0)
     assert tracin.self_influence(empty).shape == (0,)
     assert store[1:3].n_rows == 2 and store[3:1].n_rows == 0 and store[-2:].shard_offset() == 3
+    assert (store[1:4:1].shard_offset(), store[1:4:1].n_rows) == (1, 3)  # an explicit step 1 is contiguous too
     for i, n in [(2, 2), (-1, 3), (0, 0)]:
         with pytest.raises(ValueError, match="0 <= i < n"):
             store.shard(i, n)
@@ -211,6 +212,8 @@ def test_describe_reports_the_facts(tmp_path):
     info = store.info()
     on_disk = sum(p.stat().st_size for p in store.path.iterdir())
     assert info["file_bytes"] == on_disk and info["disk_bytes"] > 0
+    # the blocks the files take (st_blocks counts 512-byte units), not a count of blocks
+    assert info["disk_bytes"] == sum(p.stat().st_blocks * 512 for p in store.path.iterdir())
     assert store.nbytes == 20 * (3 + 4 + 2 + 5) * 2 == store.shard(0, 1).nbytes
     w = tracin.GradientStore.create(tmp_path / "u", 9, [2, 2], dtype="bfloat16")
     w.write(1, 0, np.ones((5, 2), np.float32))

@@ -89,6 +89,9 @@ def test_a_refusal_by_range_writers_names_the_live_ones_only(tmp_path):
         json.dumps({"pid": "1", "host": "h", "since": "t"}).encode(),
         json.dumps({"pid": 1, "host": "h", "since": "t"}).encode() + b" " * 5000,  # over the 4 KiB read
         b"",
+        # pid 0 or below is no process (os.kill(0, 0) checks this process group, so it would look alive)
+        json.dumps({"pid": 0, "host": socket.gethostname(), "since": "2026-01-01T00:00:00Z"}).encode(),
+        json.dumps({"pid": -1, "host": socket.gethostname(), "since": "2026-01-01T00:00:00Z"}).encode(),
     ],
 )
 def test_a_garbled_record_is_left_out_of_the_refusal(tmp_path, record):
@@ -234,3 +237,17 @@ def test_a_long_host_name_in_a_record_is_cut_to_100_characters(tmp_path):
         tracin.GradientStore.create(path, **SPEC)
     assert f"held by pid 4242 on host {'h' * 100} since 2026-01-01T00:00:00Z" in str(e.value)
     w.close()
+
+
+def test_a_refusal_by_many_range_writers_names_five_and_counts_the_rest(tmp_path):
+    """Range writers may be thousands: the refusal names the first 5 holders, then how many more."""
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, **SPEC).close()
+    before = datetime.now(timezone.utc)
+    writers = [tracin.GradientStore.create(path, **SPEC, rows=(a, a + 50)) for a in range(0, 350, 50)]
+    with pytest.raises(RuntimeError, match="being written by another writer") as e:
+        tracin.GradientStore.create(path, **SPEC)
+    _assert_names_this_process(e.value, before, count=5)
+    assert str(e.value).endswith(" and 2 more); close that writer first")
+    for w in writers:
+        w.close()
