@@ -24,6 +24,7 @@ from distributed import Client, Event, LocalCluster
 import tracin
 import tracin.distributed as td
 from store_files import write_with_nonfinite
+from tracin.distributed import _tasks
 from tracin.distributed._cluster import local_client, slots_by_host
 from tracin.distributed._run import Job, TaskFailedError, _retrying
 from tracin.store import StoreChangedError, StoreFormatError
@@ -291,6 +292,25 @@ def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             call()
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_full_aggregate_names_non_finite_train_rows_in_a_shards_later_chunks(client, tmp_path, shards):
+    """Full gradients: a train shard's task takes its dot products chunk by chunk (chunks of 100 rows here): a
+    NaN/Inf error in a later chunk counts its train rows from the set's start, not from the chunk's (review332)."""
+    rng = np.random.default_rng(5)
+    rows = [rng.standard_normal((400, 16)).astype(np.float32)]
+    rows[0][[250, 251]] = np.nan
+    store = write_store(tmp_path / "bad", rows, None, chunk_bytes=100 * 64)
+    small = tracin.Gradients(rng.standard_normal((3, 16)).astype(np.float32))
+    message = r"train checkpoint 0 contains NaN or Inf values, first in rows \[250, 251\]"
+    with pytest.raises(ValueError, match=message):
+        tracin.aggregate(small, store)
+    with pytest.raises(ValueError, match=message):
+        td.aggregate(small, store, client=client, shards=shards)
+    sums = _tasks.column_sums_part(small, None, 1, 0)  # the task alone, without the cluster
+    with pytest.raises(ValueError, match=message):
+        _tasks.aggregate_sums_part(sums, store, [1.0], 1, 0)
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3])

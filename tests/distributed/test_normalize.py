@@ -100,3 +100,45 @@ def test_normalize_must_be_a_bool(client, factored):
         td.top_k(factored["test"]["memory"], factored["train"]["store"], 3, client=client, normalize="yes")
     with pytest.raises(TypeError, match="normalize must be True or False"):
         td.aggregate(factored["test"]["memory"], factored["train"]["store"], client=client, normalize=1)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Full gradients of 2 checkpoints: a 300-row train store, a 15-row test store in chunks of 4 rows, and their
+    in-memory sets, zero rows included."""
+    rng = np.random.default_rng(8)
+    dims, weights = [6, 4], [0.5, 2.0]
+    root = tmp_path_factory.mktemp("full_cosine")
+    sets = {}
+    for name, n in (("train", 300), ("test", 15)):
+        blocks = [rng.standard_normal((n, d)).astype(np.float32) for d in dims]
+        blocks[0][3] = 0  # row 3 is zero in checkpoint 0 only
+        writer = tracin.GradientStore.create(root / name, n, dims, weights)
+        for c, b in enumerate(blocks):
+            writer.write(c, 0, b)
+        writer.finalize()
+        store = tracin.GradientStore.open(root / name)
+        if name == "test":
+            store = tracin.GradientStore.open(root / name, chunk_bytes=4 * store.row_bytes)
+        sets[name] = {"store": store, "memory": tracin.Gradients(blocks, weights), "blocks": blocks}
+    exact = _cosines(sets["test"]["blocks"], sets["train"]["blocks"], weights, 1)
+    return {**sets, "exact": exact, "scale": 1e-5 * sum(weights)}
+
+
+@pytest.mark.parametrize("cut", ["train", "test"])
+def test_full_gradients_cosine_aggregate_and_top_k(client, full, cut):
+    """normalize=True on full gradients (the tests above are of factored ones): the test side's column sums are
+    taken of cosine-scaled rows, in one task or a chain over the test shards, and the train rows scaled too: one
+    process's result bit for bit, within the bound of the float64 reference (review332)."""
+    test = full["test"]["store"]
+    train = full["train"]["store"] if cut == "train" else full["train"]["memory"]
+    found = td.aggregate(test, train, client=client, shards=3, normalize=True)
+    np.testing.assert_array_equal(found, tracin.aggregate(test, train, normalize=True))
+    exact = full["exact"].sum(0)
+    assert np.all(np.abs(found - exact) <= 15 * full["scale"] + 1e-6 * np.abs(exact))
+    plain = td.aggregate(test, train, client=client, shards=3)
+    assert not np.allclose(plain, found)
+    top = td.top_k(test, train, 5, "both", client=client, shards=3, normalize=True)
+    for f, one in zip(top, tracin.top_k(test, train, 5, "both", normalize=True), strict=True):
+        _same(f, one)
+        assert np.all(np.abs(f.values - np.take_along_axis(full["exact"], f.indices, 1)) <= full["scale"])

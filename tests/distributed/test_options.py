@@ -42,6 +42,21 @@ def test_bad_options(tied, kwargs, error, words):
         td.top_k(tied["test"], tied["store"], **kwargs)
 
 
+def test_a_bad_side_is_refused_on_the_client(tied, monkeypatch):
+    """tracin.top_k's ValueError for side, before any cluster is started (each task would raise it on its
+    worker, after a LocalCluster was started for the call) (review332)."""
+
+    def no_cluster(client):
+        raise AssertionError("a cluster was used for a bad side")
+
+    monkeypatch.setattr(td._api, "client_for", no_cluster)
+    with pytest.raises(ValueError, match="side must be") as local:
+        tracin.top_k(tied["test"], tied["store"], 3, "best")
+    with pytest.raises(ValueError, match="side must be") as distributed:
+        td.top_k(tied["test"], tied["store"], 3, "best")
+    assert str(distributed.value) == str(local.value)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [

@@ -288,3 +288,105 @@ def test_job_task_keys_are_not_reused_after_a_release(client):
     assert len({first.key, second.key, third.key}) == 3
     assert (second.result(), third.result()) == (4, 200)
     job.release(second, third)
+
+
+def _factored_store(path, left: np.ndarray, right: np.ndarray, **open_kw) -> tracin.GradientStore:
+    writer = tracin.GradientStore.create(path, len(left), [(left.shape[1], right.shape[1])], None, factored=True)
+    writer.write(0, 0, (left, right))
+    writer.finalize()
+    return tracin.GradientStore.open(path, **open_kw)
+
+
+def test_factored_aggregate_over_test_shards_frees_each_partial_once_added(client, tmp_path, monkeypatch):
+    """Factored gradients cut on the test side: each shard's (test chunks, n) float64 partial is released once its
+    link of the chain has added it; when the result is in, the cluster holds none of them, and of the chain only
+    its last link (review332)."""
+    rng = np.random.default_rng(9)
+    left, right = rng.standard_normal((40, 3)).astype(np.float32), rng.standard_normal((40, 2)).astype(np.float32)
+    test = _factored_store(tmp_path / "test", left, right, chunk_bytes=5 * 20)
+    train = tracin.FactoredGradients(
+        rng.standard_normal((200, 3)).astype(np.float32), rng.standard_normal((200, 2)).astype(np.float32)
+    )
+    done = {"aggregate_part": 0, "add_in_order": 1}
+
+    def held() -> dict[str, int]:
+        def count(dask_scheduler) -> dict[str, int]:
+            found = dict.fromkeys(done, 0)
+            for ts in dask_scheduler.tasks.values():
+                for name in found:
+                    found[name] += ts.state == "memory" and str(ts.key).startswith(f"tracin_{name}-")
+            return found
+
+        return client.run_on_scheduler(count)
+
+    seen = []
+    result = Future.result
+
+    def measured_result(future, *args, **kwargs):  # Job.wait's final.result(): the result is in
+        found = result(future, *args, **kwargs)
+        deadline = time.monotonic() + 10
+        while (now := held()) != done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append(now)
+        return found
+
+    monkeypatch.setattr(Future, "result", measured_result)
+    found = td.aggregate(test, train, client=client, shards=4)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(found, tracin.aggregate(test, train))
+    assert seen == [done]
+
+
+def test_factored_test_shards_start_on_the_stores_row_chunks(client, tmp_path):
+    """Test rows 1e20, -1e20 and 1 (scores against one train row of ones) in chunks of 2 rows: one process sums
+    the first chunk to 1e20 (the 1 lost in float64), then adds -1e20: 0. Two test shards must be rows [0, 2) and
+    [2, 3), on the chunks; [0, 1) and [1, 3) would sum 1 + (1e20 - 1e20) = 1, not tracin.aggregate's bits
+    (review332)."""
+    left = np.array([[1.0], [1e10], [-1e10]], np.float32)
+    right = np.array([[1.0], [1e10], [1e10]], np.float32)
+    test = _factored_store(tmp_path / "test", left, right, chunk_bytes=2 * 8)
+    train = tracin.FactoredGradients(np.ones((2, 1), np.float32), np.ones((2, 1), np.float32))
+    expected = tracin.aggregate(test, train)
+    np.testing.assert_array_equal(expected, [0.0, 0.0])
+    np.testing.assert_array_equal(td.aggregate(test, train, client=client, shards=2), expected)
+
+
+def test_merge_task_blocks_are_bounded_by_the_merged_columns(monkeypatch):
+    """A merge task takes MERGE_BLOCK // (columns of all its parts) test rows at a time: each merge_top_k call
+    sees at most MERGE_BLOCK entries, however few the test rows (a block sized by the rows, or by one part's
+    columns, would merge all 64 rows of 8 x 50 columns at once) (review332)."""
+    rng = np.random.default_rng(3)
+    parts = []
+    for i in range(8):
+        values = -np.sort(-rng.integers(-3, 4, (64, 50)).astype(np.float32), axis=1)
+        parts.append((tracin.TopK(values, np.broadcast_to(np.arange(50) + 50 * i, (64, 50)).copy()),))
+    expected = tracin.merge_top_k([p[0] for p in parts], [0] * 8, k=50)
+    entries = []
+    merge = _tasks.merge_top_k
+
+    def counted(found, offsets, **kwargs):
+        entries.append(sum(f.values.size for f in found))
+        return merge(found, offsets, **kwargs)
+
+    monkeypatch.setattr(_tasks, "MERGE_BLOCK", 2**12)
+    monkeypatch.setattr(_tasks, "merge_top_k", counted)
+    (found,) = _tasks.merge_parts(parts, 50, "proponents")
+    _same(found, expected)
+    assert len(entries) == 7 and max(entries) <= 2**12, entries  # 10 rows of 400 columns a call, 4 left at the end
+
+
+def test_workers_read_a_store_in_the_clients_chunks(client, tmp_path):
+    """Test rows 1e20, 1, -1e20, 1 (scores against train rows of ones) in chunks of 2 rows: one process sums
+    (1e20 + 1) + (-1e20 + 1) = 0, one chunk of 4 rows would sum 1. Each task opens the test store with the
+    client's chunk_bytes (the one cut, in one shard, and the one sent whole to train shards) (review332)."""
+    left = np.array([[1e10], [1.0], [-1e10], [1.0]], np.float32)
+    right = np.array([[1e10], [1.0], [1e10], [1.0]], np.float32)
+    test = _factored_store(tmp_path / "test", left, right, chunk_bytes=2 * 8)
+    ones = np.ones((4, 1), np.float32)
+    train = _factored_store(tmp_path / "train", ones, ones)
+    expected = tracin.aggregate(test, train)
+    np.testing.assert_array_equal(expected, np.zeros(4))
+    np.testing.assert_array_equal(tracin.aggregate(_factored_store(tmp_path / "whole", left, right), train), np.ones(4))
+    np.testing.assert_array_equal(td.aggregate(test, train, client=client, shards=2), expected)
+    memory = tracin.FactoredGradients(ones, ones)
+    np.testing.assert_array_equal(td.aggregate(test, memory, client=client, shards=1), expected)
