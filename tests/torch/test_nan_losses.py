@@ -156,3 +156,31 @@ def test_a_row_is_warned_about_once_an_export_at_the_first_checkpoint_holding_it
     assert [str(w.message).split(":")[0] for w in _ours(caught)] == [
         f"loss_fn gives a NaN or infinite loss for row {NAN_ROW} of the data at checkpoint 0"
     ]
+
+
+@pytest.mark.parametrize("mode", ["last_layer", "factored"])
+def test_the_first_rows_checks_own_passes_leave_the_batchs_losses(mode, monkeypatch):
+    """The first-rows check's widened look re-captures the checked rows (LinearFactors._captured, setting its
+    `losses`): the batch's losses, saved before the check, are what the export reads; a NaN row of the first batch
+    past the checked rows is still named."""
+    from tracin.torch import last_layer
+
+    verdict, calls = last_layer.LinearFactors._verdict, []
+
+    def disagreeing_once(self, *args, **kwargs):  # the widened look runs as for a well-fit float32 regression
+        bad, random = verdict(self, *args, **kwargs)
+        calls.append(bad)
+        return (bad or [self.names[0]]) if len(calls) == 1 else bad, random
+
+    monkeypatch.setattr(last_layer.LinearFactors, "_verdict", disagreeing_once)
+    model = Heads()
+    labels = _labels(C, False)
+    labels[BATCH - 1] = -100  # the first batch's last row, past the CHECKED_ROWS (2) the check looks at
+    x = torch.randn(N, 4, generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(model, [(model.state_dict(), 1.0)], (x, labels), answer_mean, batch_size=BATCH, mode=mode)
+    assert len(calls) >= 2  # the widened look ran
+    assert [str(w.message).split(":")[0] for w in _ours(caught)] == [
+        f"loss_fn gives a NaN or infinite loss for row {BATCH - 1} of the data at checkpoint 0"
+    ]
