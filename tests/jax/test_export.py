@@ -651,3 +651,23 @@ def test_in_memory_params_with_every_leaf_at_value_warn_as_a_saved_nnx_state_and
             warnings.simplefilter("error")
             got = export_gradients(_leaves_loss, [(params, 1.0)], (x, y), progress=False)
         assert got.matrices[0].shape == (4, 8), name
+
+
+def test_an_interrupted_pass_warns_of_the_non_finite_losses_it_stored(mlp, data, tmp_path):
+    """The warning came at the end of a pass only: rows stored before an interruption were never named, as
+    the resume does not compute them again (fr335)."""
+    x, y = data
+    y = y[:24].copy()
+    y[3] = -100  # a NaN loss, a zero row, in the first batch
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
+    checkpoints = list(zip(mlp.params, mlp.lrs, strict=True))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(Killed):
+        warnings.simplefilter("always")  # pass 1 fingerprints the data; dies in checkpoint 0's after 2 batches
+        export_gradients(mlp.loss_fn, checkpoints, FailingBatches(batches, on=2, after=2), store=tmp_path / "s")
+    ours = [str(w.message) for w in caught if "NaN or infinite loss" in str(w.message)]
+    assert ["loss for row 3 of the data at checkpoint 0: " in m for m in ours] == [True]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(mlp.loss_fn, checkpoints, batches, store=tmp_path / "s", progress=False)
+    ours = [str(w.message) for w in caught if "NaN or infinite loss" in str(w.message)]
+    assert ["for row 3 of the data at checkpoint 1: " in m for m in ours] == [True]  # checkpoint 0's not again

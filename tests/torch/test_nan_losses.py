@@ -184,3 +184,39 @@ def test_the_first_rows_checks_own_passes_leave_the_batchs_losses(mode, monkeypa
     assert [str(w.message).split(":")[0] for w in _ours(caught)] == [
         f"loss_fn gives a NaN or infinite loss for row {BATCH - 1} of the data at checkpoint 0"
     ]
+
+
+_INTERRUPT = {"at_call": 0, "calls": 0}  # the loss call raising KeyboardInterrupt (0: none)
+
+
+def _interrupting_answer_mean(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """answer_mean, raising KeyboardInterrupt at its _INTERRUPT["at_call"]-th call (the same function on resume)."""
+    _INTERRUPT["calls"] += 1
+    if _INTERRUPT["calls"] == _INTERRUPT["at_call"]:
+        raise KeyboardInterrupt
+    return answer_mean(out, labels)
+
+
+def test_an_interrupted_pass_warns_of_the_rows_it_stored_which_its_resume_skips(tmp_path):
+    """The warning came at the end of a pass only: rows stored before a Ctrl-C were never named, as the
+    resume does not compute them again (fr335)."""
+    model = Tokens()
+    ids = torch.randint(0, V, (N, T), generator=torch.Generator().manual_seed(3))
+    labels = _labels(V, truncated=False)
+    labels[1] = -100  # in the first batch, stored before the interruption
+    export = (model, [(model.state_dict(), 1.0)], (ids, labels), _interrupting_answer_mean)
+    kwargs = {"batch_size": BATCH, "store": tmp_path / "s", "layers": ["emb", "head"]}
+    _INTERRUPT.update(calls=0, at_call=0)
+    export_gradients(*export, batch_size=BATCH, layers=["emb", "head"])  # counts the loss calls of a whole export
+    last = _INTERRUPT["calls"]  # the second (last) batch's pass
+    _INTERRUPT.update(calls=0, at_call=last)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(KeyboardInterrupt):
+        warnings.simplefilter("always")
+        export_gradients(*export, **kwargs)
+    assert ["loss for row 1 of the data at checkpoint 0: " in str(w.message) for w in _ours(caught)] == [True]
+    _INTERRUPT.update(calls=0, at_call=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(*export, **kwargs)
+    assert _ours(caught) == []  # row 1 not computed again
+    assert tracin.GradientStore.open(tmp_path / "s").n_rows == N

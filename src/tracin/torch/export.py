@@ -424,9 +424,11 @@ class _TorchExport:
     def batches(self) -> Iterator[_Batch]:
         """The data's batches, once per pass; at the end of a pass, the one warning about the rows whose loss
         was not finite in it (LossWatch.flush)."""
-        for start, inputs, targets in self._batches:
-            yield _Batch(start, batch_rows(targets, "targets"), inputs, targets)
-        self.watch.flush()
+        try:
+            for start, inputs, targets in self._batches:
+                yield _Batch(start, batch_rows(targets, "targets"), inputs, targets)
+        finally:  # an interrupted pass too: its stored rows are not computed again on resume
+            self.watch.flush()
 
     def fingerprint_arrays(self, batch: _Batch) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return host_arrays(batch.targets), host_arrays(batch.inputs)
