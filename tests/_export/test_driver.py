@@ -564,3 +564,13 @@ def test_a_resumed_batchs_non_finite_projection_is_named_by_its_data_row(tmp_pat
     refusing.armed = True
     with pytest.raises(ValueError, match=r"^checkpoint 0: the projection of row 7 is not finite$"):
         export(_Scaled(_data()), CKPTS, _options(tmp_path / "g"), [refusing])
+
+
+def test_a_recorded_step_gives_its_own_widths_and_passes_rows_unchanged():
+    """transforms.Recorded (a step the adapter took already) maps any width to the width it recorded."""
+    from tracin._export.transforms import Recorded, apply_all, chained_dims
+
+    steps = [Recorded("preconditioner", {"kind": "adam"}, 64), Recorded("projection", {"dim": 8}, 8)]
+    assert chained_dims(steps, 1000) == 8 and steps[1].to_dict() == {"dim": 8}
+    block = np.ones((2, 8), np.float32)
+    assert apply_all(steps, block, 0, 0) is block

@@ -416,3 +416,26 @@ def test_rank_one_does_not_warn_about_a_spread_of_scales_under_the_bound():
     np.testing.assert_allclose(left, np.sqrt(r.sum() / r), rtol=1e-12)
     np.testing.assert_allclose(right, 1 / np.sqrt(c), rtol=1e-12)
     assert 1 < left[1] * right[3] * 1e-3 < 100
+
+
+def test_a_weight_one_column_short_needs_its_own_bias_after_it():
+    """A (p, q - 1) weight is a (p, q) slot only with a (p,) bias after it: not with the next layer's weight."""
+    with pytest.raises(ValueError, match=r"factored layer of dims \(4, 4\) has no \(out, in\) weight"):
+        layer_groups([("a.weight", (4, 3)), ("b.weight", (2, 4))], [(4, 4), (2, 4)])
+    with pytest.raises(ValueError, match=r"factored layer of dims \(4, 4\) has no \(out, in\) weight"):
+        layer_groups([("a.weight", (4, 3)), ("a.bias", (3,))], [(4, 4)])
+
+
+def test_the_padding_row_is_left_out_of_the_warning_about_scales_over_adams():
+    """The padding_idx row's v near 0 (not exactly) beside a column near 0: the caller masks that row, so no
+    warning about its scale, though the same v on another row is warned about."""
+    rng = np.random.default_rng(9)
+    (emb,) = _moments(rng, [(6, 3)])
+    v = emb.v.reshape(6, 3).copy()
+    v[0], v[:, 2] = 1e-30, 1e-30
+    near = AdamMoments(emb.m, v.reshape(-1), emb.step, emb.b1, emb.b2, emb.eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _scales([near], 0, False, 6, "'emb.weight'", 0, True, padding_row=0)
+    with pytest.warns(RuntimeWarning, match=r"weighs gradient entries in 1 of 6 rows"):
+        _scales([near], 0, False, 6, "'emb.weight'", 0, True)

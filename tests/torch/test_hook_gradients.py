@@ -828,3 +828,69 @@ def test_the_sketched_sum_check_measures_a_miss_at_its_own_size(times):
         assert found is None
     else:
         assert found is not None and found[1] == pytest.approx(tol) and found[0] == pytest.approx(times * tol, rel=0.2)
+
+
+def test_only_the_layer_types_own_forward_is_covered():
+    """A Linear subclass overriding forward, and a user's own class named Conv1D (not transformers'), compute
+    something else from their weight: neither is covered, so neither gets the Linear / Conv1D rule's rows."""
+    from tracin.torch.layer_rules import covers
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Conv1D(nn.Module):  # a 1-D convolution by that name, weight (out, in, kernel)
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(2, 3, 1)), nn.Parameter(torch.randn(2))
+
+        def forward(self, x):
+            return nn.functional.conv1d(x, self.weight, self.bias)
+
+    class Kept(nn.Linear):  # a subclass keeping Linear's forward is covered
+        pass
+
+    assert covers(Kept(3, 2)) and not covers(Doubled(3, 2)) and not covers(Conv1D())
+
+
+def test_a_sync_batch_norm_without_running_stats_leaves_the_hook_path_and_stays_per_example():
+    """nn.SyncBatchNorm (convert_sync_batchnorm's) normalises with batch statistics as BatchNorm1d does."""
+    torch.manual_seed(0)
+    mixer = nn.Sequential(nn.Unflatten(1, (2, 4)), nn.SyncBatchNorm(2, track_running_stats=False), nn.Flatten())
+    model = nn.Sequential(nn.Linear(6, 8), mixer, nn.Tanh(), nn.Linear(8, 4)).double().eval()
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(10, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (10,), generator=g)
+    names = [n for n, _ in model.named_parameters()]
+    _, got, caught = hook_rows(model, names, CE, {"input": x}, y)
+    assert any("mix the examples of a batch even in eval mode" in str(w.message) for w in caught)
+    want = autograd_rows(model, names, CE, {"input": x}, y)  # each example alone, as TracIn defines it
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+
+
+def test_an_unreached_calls_gradient_is_zeros_and_a_keyword_input_is_captured():
+    """The loss never sees `unused`'s output: its call gets zeros, not uninitialised memory (deterministic mode
+    fills torch.empty with NaN, so an empty tensor handed over shows); a layer called by keyword (fc(input=x))
+    is captured with that input, not refused."""
+
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(input=x)
+
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    model = TwiceAndUnused().double()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        calls = capture(model, ["unused", "head"], state, CE, x, y)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert torch.equal(calls["unused"][0].grad, torch.zeros(5, 2, dtype=torch.float64))
+    keyword = ByKeyword().double()
+    calls = capture(keyword, ["fc"], {k: v.detach() for k, v in keyword.state_dict().items()}, CE, x, y)
+    assert torch.equal(calls["fc"][0].input, x) and calls["fc"][0].grad.shape == (5, 3)

@@ -268,3 +268,17 @@ def test_a_pattern_not_matching_a_tied_second_name_does_not_warn_about_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert select_parameters(TiedLM(), ["head.bias"]) == ["head.bias"]
+
+
+def test_factored_mode_names_a_tied_bias_as_a_tie():
+    """A Linear whose bias is another Linear's (tied): the refusal names the tie, as for a tied weight."""
+    from tracin.torch.layers import linear_modules_of
+
+    class TiedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.b.bias = self.a.bias
+
+    with pytest.raises(ValueError, match=r"cannot factor 'b': 'b.bias' is tied to 'a.bias'"):
+        linear_modules_of(TiedBias(), ["b.weight"])
