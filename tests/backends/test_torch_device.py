@@ -1533,3 +1533,95 @@ def test_an_overflow_in_the_second_half_of_the_kernels_first_pass_is_named(rng):
             tracin.scores(test, train, device=device, progress=False)
         named.append(_overflow_pair(str(error.value)))
     assert named == [(300, 0), (300, 0)]
+
+
+def test_scores_of_rows_lifted_beyond_float64s_range_are_zero_as_on_the_cpu_kernel():
+    """review333 (mutant: no clamp of e_r in _product): weighted values near 2^-1146 (subnormal rows
+    under weight 1e-300) lift their rows by 2^-e_r beyond float64's range; the scores underflow to 0
+    on both backends, not a product with the bits of 2^-1050 read as -2^998 (the overflow error)."""
+    test, train = np.full((2, 4), 1e-45, dtype=np.float32), np.ones((3, 4), dtype=np.float32)
+    t, x = tracin.Gradients([test], [1e-300]), tracin.Gradients([train], [1e-300])
+    for device in ("cpu", "torch:cpu"):
+        np.testing.assert_array_equal(tracin.scores(t, x, device=device), np.zeros((2, 3), np.float32), err_msg=device)
+
+
+def test_a_weight_just_below_2_to_the_minus_24_goes_on_the_test_rows():
+    """review333 (mutant: weights within 2^+-25 of 1 left to the GEMM): the dot product of rows near
+    2^63 (2^128) exceeds float32 while the score under weight 2^-25 (2^103) does not; the weight is
+    folded into the test rows first, as on the C++ kernel."""
+    test, train = np.full((1, 4), 2.0**63, dtype=np.float32), np.full((2, 4), 2.0**63, dtype=np.float32)
+    t, x = tracin.Gradients([test], [2.0**-25]), tracin.Gradients([train], [2.0**-25])
+    for device in ("cpu", "torch:cpu"):
+        np.testing.assert_array_equal(tracin.scores(t, x, device=device), np.full((1, 2), 2.0**103, np.float32))
+
+
+def test_a_row_whose_largest_weighted_value_is_2_to_the_127_is_lowered():
+    """review333 (mutant: rows lowered only from 2^128): a test row (2^127, -2^127) against (2, 2)
+    scores 0 on the C++ kernel, which lowers it to 2^100 first; unlowered, its float32 products
+    overflow (inf - inf) and the call was the overflow error."""
+    test = np.array([[2.0**127, -(2.0**127)]], dtype=np.float32)
+    train = np.array([[2.0, 2.0], [1.0, 0.5]], dtype=np.float32)
+    want = np.array([[0.0, 2.0**126]], dtype=np.float32)
+    for device in ("cpu", "torch:cpu"):
+        np.testing.assert_array_equal(tracin.scores(test, train, device=device), want, err_msg=device)
+
+
+def test_a_factored_aggregate_sums_each_train_rows_float32_scores_in_float64():
+    """review333 (mutant: scores summed over the test rows in float32): scores 2^40, 1 and -2^40 of
+    one train row sum to 1 in float64 (as the C++ kernel), to 0 in float32."""
+    left_t = np.array([[2.0**40], [1.0], [-(2.0**40)]], np.float32)
+    t = tracin.FactoredGradients([left_t], [np.ones((3, 1), np.float32)], [1.0])
+    x = tracin.FactoredGradients([np.ones((2, 1), np.float32)], [np.array([[1.0], [0.5]], np.float32)], [1.0])
+    for device in ("cpu", "torch:cpu"):
+        np.testing.assert_array_equal(tracin.aggregate(t, x, device=device), [1.0, 0.5], err_msg=device)
+
+
+@pytest.mark.parametrize("first", [0, 1, 3, 50])
+def test_a_shifted_copy_of_a_blocks_rows_starts_where_a_whole_copy_would(first):
+    """review333 (mutant: offset 0): _shifted's copy of rows first: of a block starts at first x d
+    values modulo 128 (512 bytes) into its buffer, where those rows lie in a copy of the whole block,
+    so that CPU GEMMs, which round by alignment, give the same bits."""
+    block = torch.arange(60 * 7, dtype=torch.float32).reshape(60, 7)[first:]
+    shift = torch.full((block.shape[0],), 3, dtype=torch.int64)
+    out = torch_device._shifted(block, shift, first)
+    assert out.storage_offset() == first * 7 % 128
+    torch.testing.assert_close(out, block * 8, rtol=0, atol=0)
+
+
+def test_an_overflow_names_the_cpu_kernels_pair_in_its_thin_passes_of_very_wide_rows():
+    """review333 (mutant: _KERNEL_THIN_LANES 4): test rows of 64 MiB / 13 bytes leave room for 13 in
+    the C++ kernel's packing budget, fewer than a pass row quantum (32), so its passes hold 8 rows (its
+    AVX2 / AVX-512 kernels' thin lanes), not 12. Overflowing pairs (test 9, train 0) and (test 3, train
+    1): the first pass [0, 8) holds only the second, which both backends name."""
+    columns = 64 * 2**20 // 4 // 13
+    assert torch_device._kernel_pass_rows(4 * columns) == 8
+    test, train = np.zeros((14, columns), np.float32), np.zeros((2, columns), np.float32)
+    test[9, :2], train[0, :2], test[3, :2], train[1, :2] = [1e20, 0], [1e20, 0], [0, 1e20], [0, 1e20]
+    kernel = ("cpu",) if tracin._core.detect_isa() != "generic" else ()  # the generic kernel's lanes are 4
+    for device in (*kernel, "torch:cpu"):
+        with pytest.raises(ValueError, match="overflowed float32 although every input is finite") as error:
+            tracin.scores(test, train, device=device, progress=False)
+        assert _overflow_pair(str(error.value)) == (3, 1), device
+
+
+def test_a_test_row_whose_packing_overflows_is_no_error_against_no_train_rows():
+    """review333 (mutant: the packing overflow flagged whatever the train rows): a test row kept
+    unlowered (3e38 x 4 overflows; lowering would lose 1e-37 x 4) scores nothing against an empty
+    train side, which the C++ kernel answers with an empty matrix, not the overflow error."""
+    side = lambda rows: KernelSide._make(tracin.Gradients([rows], [4.0]).kernel_side())  # noqa: E731
+    test, train = np.array([[3e38, 1e-37]], np.float32), np.zeros((0, 2), np.float32)
+    for device in ("cpu", "torch:cpu"):
+        got = backends.get(device).scores(side(test), side(train), [4.0], num_threads=1)
+        assert got.shape == (1, 0), device
+    prepared = torch_device._DeviceTest.upload(side(test), torch.device("cpu"), 0, [4.0])
+    assert prepared.overflowing.tolist() == [0]  # the row is kept unlowered: its packing overflows
+
+
+def test_an_aggregate_of_full_rows_takes_the_float64_column_sums_whole():
+    """review333 (mutant: the float64 column sums rounded to float32 before the products): test rows
+    (2^30, 2^30) and (1, 0) sum to (2^30 + 1, 2^30); against the train row (1, -1) the aggregate is 1
+    on both backends (0 from float32 sums)."""
+    test = np.array([[2.0**30, 2.0**30], [1.0, 0.0]], np.float32)
+    train = np.array([[1.0, -1.0], [0.5, 0.0]], np.float32)
+    for device in ("cpu", "torch:cpu"):
+        np.testing.assert_array_equal(tracin.aggregate(test, train, device=device), [1.0, 2.0**29], err_msg=device)

@@ -328,3 +328,22 @@ def test_a_pass_left_unfinished_does_not_carry_into_the_next_one_at_row_0(rng, s
         side(test[0]), side(train[0]), [1.0], 5, "both", first=0, last=True, num_threads=1, cache=cache
     )
     assert_same_bits(out, backend.top_k(side(test[0]), side(train[0]), [1.0], 5, "both", num_threads=1))
+
+
+def test_a_piece_whose_global_rows_pass_the_keys_low_half_is_refused(rng, monkeypatch):
+    """review333 (mutant: the piece's own row count checked): top_k_running's train indices are global
+    (first + local), so the limit of the keys' low half holds for first + the piece's rows, whatever
+    the piece's size (here the limit lowered to 50 for a piece of rows [40, 60))."""
+    monkeypatch.setattr(torch_device, "_LOW", 51)
+    backend = backends.get("torch:cpu")
+    test, train = tied(rng, 4, [3]), tied(rng, 60, [3])
+    side = lambda rows: KernelSide._make(tracin.Gradients([rows], [1.0]).kernel_side())  # noqa: E731
+    cache = ChunkCache()
+    cache.use((0, 4))
+    kwargs = {"last": False, "num_threads": 1, "cache": cache}
+    assert backend.top_k_running(side(test[0]), side(train[0][:40]), [1.0], 3, "both", first=0, **kwargs) is None
+    with pytest.raises(ValueError, match="at most 50 train rows, got 60"):
+        backend.top_k_running(side(test[0]), side(train[0][40:]), [1.0], 3, "both", first=40, **kwargs)
+    with pytest.raises(ValueError, match="at most 50 train rows, got 51"):  # indices below 51 - 1 only
+        backend.top_k(side(test[0]), side(train[0][:51]), [1.0], 3, "both", num_threads=1)
+    assert backend.top_k(side(test[0]), side(train[0][:50]), [1.0], 3, "both", num_threads=1)[0].indices.shape == (4, 3)
