@@ -172,15 +172,14 @@ def test_aggregate_sends_the_client_one_float64_per_train_row(client, floats, mo
     assert received == [train.n_rows * 8]
 
 
-def test_aggregate_over_test_shards_frees_each_partial_once_added(client, floats, monkeypatch):
-    """Full gradients: when the result is in, the cluster holds none of the chain's column sums (one
-    link per test shard, each adding its rows to the sums before it), only the train rows' result
-    (the one task after the chain): each link was released once used."""
-    done = {"column_sums_part": 0, "aggregate_sums_part": 1}
+def _held_when_the_result_is_in(client, monkeypatch, done: dict[str, int]) -> list[dict[str, int]]:
+    """Patches Future.result (Job.wait's final.result(): the result is in) to append to the returned list the
+    count of tasks of each name in `done` the cluster holds in memory then, waiting up to 10 s for `done` (the
+    scheduler frees what was released a moment later)."""
 
     def held() -> dict[str, int]:
         def count(dask_scheduler) -> dict[str, int]:
-            found = {"column_sums_part": 0, "aggregate_sums_part": 0}
+            found = dict.fromkeys(done, 0)
             for ts in dask_scheduler.tasks.values():
                 for name in found:
                     found[name] += ts.state == "memory" and str(ts.key).startswith(f"tracin_{name}-")
@@ -191,16 +190,25 @@ def test_aggregate_over_test_shards_frees_each_partial_once_added(client, floats
     seen = []
     result = Future.result
 
-    def measured_result(future, *args, **kwargs):  # Job.wait's final.result(): the result is in
+    def measured_result(future, *args, **kwargs):
         found = result(future, *args, **kwargs)
-        deadline = time.monotonic() + 10  # the scheduler frees what was released a moment later
+        deadline = time.monotonic() + 10
         while (now := held()) != done and time.monotonic() < deadline:
             time.sleep(0.05)
         seen.append(now)
         return found
 
-    train = tracin.Gradients(floats["train"], floats["weights"])
     monkeypatch.setattr(Future, "result", measured_result)
+    return seen
+
+
+def test_aggregate_over_test_shards_frees_each_partial_once_added(client, floats, monkeypatch):
+    """Full gradients: when the result is in, the cluster holds none of the chain's column sums (one
+    link per test shard, each adding its rows to the sums before it), only the train rows' result
+    (the one task after the chain): each link was released once used."""
+    done = {"column_sums_part": 0, "aggregate_sums_part": 1}
+    train = tracin.Gradients(floats["train"], floats["weights"])
+    seen = _held_when_the_result_is_in(client, monkeypatch, done)
     found = td.aggregate(floats["test_store"], train, client=client, shards=4)
     np.testing.assert_array_equal(found, tracin.aggregate(floats["test_store"], train))
     assert seen == [done]
@@ -308,29 +316,7 @@ def test_factored_aggregate_over_test_shards_frees_each_partial_once_added(clien
         rng.standard_normal((200, 3)).astype(np.float32), rng.standard_normal((200, 2)).astype(np.float32)
     )
     done = {"aggregate_part": 0, "add_in_order": 1}
-
-    def held() -> dict[str, int]:
-        def count(dask_scheduler) -> dict[str, int]:
-            found = dict.fromkeys(done, 0)
-            for ts in dask_scheduler.tasks.values():
-                for name in found:
-                    found[name] += ts.state == "memory" and str(ts.key).startswith(f"tracin_{name}-")
-            return found
-
-        return client.run_on_scheduler(count)
-
-    seen = []
-    result = Future.result
-
-    def measured_result(future, *args, **kwargs):  # Job.wait's final.result(): the result is in
-        found = result(future, *args, **kwargs)
-        deadline = time.monotonic() + 10
-        while (now := held()) != done and time.monotonic() < deadline:
-            time.sleep(0.05)
-        seen.append(now)
-        return found
-
-    monkeypatch.setattr(Future, "result", measured_result)
+    seen = _held_when_the_result_is_in(client, monkeypatch, done)
     found = td.aggregate(test, train, client=client, shards=4)
     monkeypatch.undo()
     np.testing.assert_array_equal(found, tracin.aggregate(test, train))
