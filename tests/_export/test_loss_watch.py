@@ -69,3 +69,15 @@ def test_the_jax_warning_is_worded_as_before_the_move():
         "the -100 'ignore' label: those examples then score as having no influence); drop those examples or fix "
         "their targets"
     ]
+
+
+def test_the_first_ten_rows_are_listed_over_several_batches_and_the_rest_counted():
+    watch = LossWatch("autograd", "x")
+    watch(np.full(8, np.nan), Rows(0, 8))
+    watch(np.array([np.inf, np.nan, -np.inf, np.nan, 1.0]), Rows(8, 5))  # rows 8..11 not finite, 12 finite
+    with pytest.warns(RuntimeWarning) as caught:
+        watch.flush()
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "loss_fn gives a NaN or infinite loss for 12 rows (0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more) of the data at "
+        "checkpoint 0"
+    ]

@@ -220,3 +220,55 @@ def test_an_interrupted_pass_warns_of_the_rows_it_stored_which_its_resume_skips(
         export_gradients(*export, **kwargs)
     assert _ours(caught) == []  # row 1 not computed again
     assert tracin.GradientStore.open(tmp_path / "s").n_rows == N
+
+
+def test_a_batch_cut_into_hook_passes_names_a_row_of_its_last_pass(monkeypatch):
+    """PerExampleGradients joins the losses of a batch's hook passes (a batch over _PASS_BYTES is cut into
+    several): a NaN row in the batch's second pass is named, not only the first pass's rows."""
+    from tracin.torch import per_example
+
+    passes = []
+    by_hooks = per_example.PerExampleGradients._by_hooks
+
+    def counted(self, state, inputs, targets, out):
+        passes.append(out.shape[0])
+        return by_hooks(self, state, inputs, targets, out)
+
+    monkeypatch.setattr(per_example.PerExampleGradients, "_pass_rows", lambda self: 2)
+    monkeypatch.setattr(per_example.PerExampleGradients, "_by_hooks", counted)
+    model = Tokens()
+    ids = torch.randint(0, V, (N, T), generator=torch.Generator().manual_seed(3))
+    labels = _labels(V, truncated=False)
+    labels[BATCH - 1] = -100  # the first batch's last row: its second pass
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], (ids, labels), answer_mean, batch_size=BATCH, layers=["emb", "head"]
+        )
+    assert passes == [2, 2, 2]  # the batches of 4 and 2 rows in passes of 2
+    assert [str(w.message).split(":")[0] for w in _ours(caught)] == [
+        f"loss_fn gives a NaN or infinite loss for row {BATCH - 1} of the data at checkpoint 0"
+    ]
+
+
+def test_a_row_first_not_finite_at_a_later_checkpoint_is_named_at_that_checkpoint():
+    """LossWatch.checkpoint is set as the export loads each checkpoint: a row whose loss is finite at
+    checkpoint 0 and NaN at checkpoint 1 (a NaN embedding of a token only that row reads) is named at 1."""
+    model = Tokens()
+    ids = torch.randint(1, V, (N, T), generator=torch.Generator().manual_seed(3))
+    ids[NAN_ROW, 2] = 0  # token 0: only this row, an answer token
+    later = {k: v.clone() for k, v in model.state_dict().items()}
+    later["emb.weight"][0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(
+            model,
+            [(model.state_dict(), 1.0), (later, 1.0)],
+            (ids, _labels(V, False)),
+            answer_mean,
+            batch_size=BATCH,
+            layers=["emb", "head"],
+        )
+    assert [str(w.message).split(":")[0] for w in _ours(caught)] == [
+        f"loss_fn gives a NaN or infinite loss for row {NAN_ROW} of the data at checkpoint 1"
+    ]
