@@ -99,3 +99,17 @@ def test_held_range_locks_may_be_a_running_export(tmp_path):
     finally:
         writer.close()
     assert "another tracin.distributed export of this store still running, wait for that call to end" in message
+
+
+def test_no_held_range_lock_does_not_advise_waiting_for_running_tasks(tmp_path):
+    """Only held range locks may be a running export's tasks: with none held (stale ones only) the error does
+    not tell of tasks still running."""
+    path = tmp_path / "store"
+    tracin.GradientStore.create(path, **SPEC).close()
+    (path / "rows-0-20.lock").touch()
+    held = locks.DirectoryLock(path, shared=True)
+    try:
+        message = _refused(path)
+    finally:
+        held.release()
+    assert "still running, wait for that call to end instead" not in message, message

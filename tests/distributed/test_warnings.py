@@ -399,3 +399,68 @@ def test_two_exports_client_passes_in_two_threads_leave_the_warnings_as_they_wer
     assert warnings.showwarning is show and warnings.filters == filters
     with pytest.warns(UserWarning, match=message):
         warnings.warn(message, UserWarning, stacklevel=1)
+
+
+def test_other_shards_copies_are_listed_in_shard_order_and_a_merging_tasks_is_named():
+    """The other shards' differing numbers are listed in the order of the shards (not as they came back),
+    and a copy from a task that is no shard is named as a merging task's."""
+    labels = {f"t{i}": f"rows [{10 * i}, {10 * i + 10})" for i in range(3)}
+    category = ("builtins", "RuntimeWarning", "RuntimeWarning")
+    raised = [
+        _warnings.Raised(category, f"NaN loss for row {row}", "x.py", 3, None, task, "w")
+        for row, task in ((25, "t2"), (99, "merge"), (1, "t0"), (15, "t1"))
+    ]
+    with pytest.warns(RuntimeWarning) as record:
+        _warnings.show(raised, 0, "test", labels, 3)
+    assert [str(w.message) for w in record] == [
+        "tracin.distributed test, rows [0, 10) on worker w (from 3 of 3 shards; other shards' copies name other "
+        "numbers: rows [10, 20): '15'; rows [20, 30): '25'; a task merging shard results: '99'): NaN loss for row 1"
+    ]
+
+
+def test_shown_once_nested_in_a_thread_restores_the_outer_seen_and_leaves_a_replaced_showwarning():
+    """A pass nested in another (same thread) gives back the outer pass's `seen` when it ends; a showwarning
+    installed while a pass runs (a catch_warnings entered there) is left when the last pass ends."""
+    from tracin.distributed._export import _shown_once
+
+    show, shown = warnings.showwarning, []
+    warnings.showwarning = lambda message, *args: shown.append(str(message))
+    try:
+        with _shown_once({(UserWarning, "outer's")}):
+            with _shown_once(set()):
+                pass
+            warnings.warn("outer's", UserWarning, stacklevel=1)  # the outer pass showed it already
+            warnings.warn("new", UserWarning, stacklevel=1)
+        assert shown == ["new"]
+
+        def replaced(message: object, *args: object) -> None:
+            shown.append(f"replaced: {message}")
+
+        with _shown_once(set()):
+            warnings.showwarning = replaced
+        assert warnings.showwarning is replaced
+    finally:
+        warnings.showwarning = show
+
+
+def test_a_showwarning_left_wrapped_by_another_threads_catch_warnings_does_not_recurse():
+    """_shown left as warnings.showwarning when no pass runs (a catch_warnings another thread entered during
+    a pass, left after it) is not taken for the showwarning to wrap: a warning in the next pass is shown, not
+    a RecursionError; another thread's warnings (no pass of its own) are shown even if a pass saw them."""
+    from tracin.distributed._export import _shown, _shown_once
+
+    show, shown = warnings.showwarning, []
+    warnings.showwarning = lambda message, *args: shown.append(str(message))
+    try:
+        with _shown_once(set()):
+            pass
+        warnings.showwarning = _shown  # as a catch_warnings entered during that pass leaves it
+        seen = {(UserWarning, "seen by the pass")}
+        with _shown_once(seen):
+            warnings.warn("in the next pass", UserWarning, stacklevel=1)
+            thread = threading.Thread(target=lambda: warnings.warn("seen by the pass", UserWarning, stacklevel=1))
+            thread.start()
+            thread.join(30)
+        assert shown == ["in the next pass", "seen by the pass"]
+    finally:
+        warnings.showwarning = show
