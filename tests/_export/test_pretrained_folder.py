@@ -53,3 +53,26 @@ def test_an_index_listing_the_folder_itself_or_its_parent_as_a_shard_is_refused_
         (tmp_path / "s-1.safetensors").write_bytes(b"x")
         with pytest.raises(ValueError, match=rf"lists the shard '{re.escape(bad)}', which is not a file name"):
             weight_files(tmp_path, "checkpoints[0]")
+
+
+def test_a_dcp_folder_is_told_apart_by_its_metadata_and_its_distcp_files_together(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint.save writes .metadata and *.distcp: the DCP hint needs both, and a folder
+    that cannot be listed is not named DCP (its own error goes on without the hint)."""
+    from tracin._export.pretrained_folder import DCP_HINT, is_dcp_folder
+
+    assert not is_dcp_folder(tmp_path / "missing")
+    (tmp_path / ".metadata").write_bytes(b"x")
+    assert not is_dcp_folder(tmp_path)  # .metadata alone: some other tool's
+    assert DCP_HINT not in str(without_weights(tmp_path, "checkpoints[0]"))
+    (tmp_path / "__0_0.distcp").write_bytes(b"x")
+    assert is_dcp_folder(tmp_path)
+    assert f". {DCP_HINT}" in str(without_weights(tmp_path, "checkpoints[0]"))
+    os.remove(tmp_path / ".metadata")
+    assert not is_dcp_folder(tmp_path)  # shards without their .metadata
+    (tmp_path / ".metadata").write_bytes(b"x")
+
+    def unlistable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "listdir", unlistable)
+    assert not is_dcp_folder(tmp_path)

@@ -1085,3 +1085,37 @@ def test_a_state_whose_only_group_is_empty_says_it_holds_no_parameters():
         ValueError, match=r"holds 0 parameters, the model has 6 \(6 trainable\): without parameter names"
     ):
         export_gradients(model, [(state, 0.05, empty)], (x, y), _loss, preconditioner="adam", progress=False)
+
+
+# review338: the all-zero Adam moments refusal looks at the whole optimizer state, not at the layers exported
+
+
+def test_layers_whose_moments_are_all_zero_in_a_trained_state_are_taken_not_refused():
+    """A layer that no gradient reached (its exp_avg and exp_avg_sq 0) while the others trained: the state is
+    not a never-stepped one (the others' exp_avg_sq are not 0), so layers= naming only that layer is divided by
+    eps, not refused; the refusal (every moment 0) is for the state as a whole, with its non-Adam entries left out."""
+    model, x, y = _square_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.85, 0.99), eps=1e-6)
+    state = _stepped(opt, model, x, y)
+    opt_state = copy.deepcopy(opt.state_dict())
+    for k, e in opt_state["state"].items():  # 0.weight, 0.bias: no moments; the others: exp_avg decayed to 0 alone
+        for m in ("exp_avg", "exp_avg_sq") if k in (0, 1) else ("exp_avg",):
+            e[m].zero_()
+    with pytest.warns(RuntimeWarning, match=r"second moment \(v\) of '0\.weight' is 0 .*16 of 16 entries"):
+        got = export_gradients(
+            model, [(state, 0.05, opt_state)], (x, y), _loss, layers=["0.weight"], preconditioner="adam", progress=False
+        )
+    expected = _reference_grads(model, state, x, y)[:, :16] / 1e-6
+    np.testing.assert_allclose(
+        np.asarray(got.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+    )
+    for e in opt_state["state"].values():
+        for m in ("exp_avg", "exp_avg_sq"):
+            e[m].zero_()
+    opt_state["state"][5] = {"step": torch.tensor(3.0)}  # an entry without moments: not Adam's, not counted
+    with pytest.raises(
+        ValueError, match=r"every Adam moment \(exp_avg, exp_avg_sq\) of every parameter is 0 \(step 3\)"
+    ):
+        export_gradients(
+            model, [(state, 0.05, opt_state)], (x, y), _loss, layers=["0.weight"], preconditioner="adam", progress=False
+        )
