@@ -21,6 +21,19 @@ def _refused(path: Path) -> str:
     return str(raised.value)
 
 
+def _refused_while_the_directory_is_held(path: Path, stale: tuple[str, ...] = ()) -> str:
+    """_refused for a new store at `path` holding the `stale` lock files (held by no process), its directory
+    held shared as another export's client holds it, none of its range locks."""
+    tracin.GradientStore.create(path, **SPEC).close()
+    for name in stale:
+        (path / name).touch()
+    held = locks.DirectoryLock(path, shared=True)
+    try:
+        return _refused(path)
+    finally:
+        held.release()
+
+
 @pytest.mark.parametrize("stale", [["rows-40-60.lock"], ["rows-0-20.lock", "rows-40-60.lock"]])
 def test_only_held_range_locks_are_named_and_stale_ones_counted(tmp_path, stale):
     path = tmp_path / "store"
@@ -46,14 +59,7 @@ def test_only_held_range_locks_are_named_and_stale_ones_counted(tmp_path, stale)
 def test_no_held_range_lock_names_none_and_counts_the_stale_ones(tmp_path):
     """The store's directory held, none of its lock files: by another call's client while its tasks are queued
     (or a range writer between its locks), which the error names."""
-    path = tmp_path / "store"
-    tracin.GradientStore.create(path, **SPEC).close()
-    (path / "rows-0-20.lock").touch()
-    held = locks.DirectoryLock(path, shared=True)
-    try:
-        message = _refused(path)
-    finally:
-        held.release()
+    message = _refused_while_the_directory_is_held(tmp_path / "store", ("rows-0-20.lock",))
     assert "Range writers of this store" not in message, message
     assert ". It may be held by another tracin.distributed export of this store (its client holds it" in message
     assert "or by the tasks of an interrupted or failed tracin.distributed export" in message
@@ -65,26 +71,14 @@ def test_no_held_range_lock_names_none_and_counts_the_stale_ones(tmp_path):
 
 
 def test_without_range_lock_files_the_error_is_the_stores(tmp_path):
-    path = tmp_path / "store"
-    tracin.GradientStore.create(path, **SPEC).close()
-    held = locks.DirectoryLock(path, shared=True)
-    try:
-        message = _refused(path)
-    finally:
-        held.release()
+    message = _refused_while_the_directory_is_held(tmp_path / "store")
     assert "Range writers" not in message and "is being written by" in message
 
 
 def test_another_exports_client_holding_the_store_is_named_without_lock_files(tmp_path):
     """Another export's client holds the store while its tasks are queued, no rows-*.lock file there yet (the
     usual case): the error names that export, not only 'close that writer first' (review327 F4)."""
-    path = tmp_path / "store"
-    tracin.GradientStore.create(path, **SPEC).close()
-    held = locks.DirectoryLock(path, shared=True)
-    try:
-        message = _refused(path)
-    finally:
-        held.release()
+    message = _refused_while_the_directory_is_held(tmp_path / "store")
     assert ". It may be held by another tracin.distributed export of this store (its client holds it" in message
 
 
@@ -104,12 +98,5 @@ def test_held_range_locks_may_be_a_running_export(tmp_path):
 def test_no_held_range_lock_does_not_advise_waiting_for_running_tasks(tmp_path):
     """Only held range locks may be a running export's tasks: with none held (stale ones only) the error does
     not tell of tasks still running."""
-    path = tmp_path / "store"
-    tracin.GradientStore.create(path, **SPEC).close()
-    (path / "rows-0-20.lock").touch()
-    held = locks.DirectoryLock(path, shared=True)
-    try:
-        message = _refused(path)
-    finally:
-        held.release()
+    message = _refused_while_the_directory_is_held(tmp_path / "store", ("rows-0-20.lock",))
     assert "still running, wait for that call to end instead" not in message, message
