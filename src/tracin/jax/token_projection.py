@@ -247,9 +247,9 @@ def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...
         selected = _merge(mapped, mapped_leaves, plain_leaves)
         example = _avals((inputs, targets), strip=1)
         closed, sites, _ = trace_sites(loss_fn, layout, _avals(selected), _avals(arrays), example)
-        found = {(k, site.split) for k, site in sites.items()}
-        if found != set(zip(mapped, splits, strict=True)):
-            paths = [layout.describe()[k][0] for k, _ in sorted(found ^ set(zip(mapped, splits, strict=True)))]
+        found, fixed = {(k, site.split) for k, site in sites.items()}, set(zip(mapped, splits, strict=True))
+        if found != fixed:  # a weight mapped as another matrix is named once
+            paths = [layout.describe()[k][0] for k in sorted({k for k, _ in found ^ fixed})]
             raise ValueError(
                 f"projection with kronecker=True: a batch of input shapes {jax.tree_util.tree_leaves(example)} "
                 f"maps other weights per token than the first batch did ({paths}): give every batch the same shapes"
