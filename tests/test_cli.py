@@ -2352,7 +2352,9 @@ def test_whitening_files_that_do_not_load_are_named_by_the_option(stores, tmp_pa
     text.write_text("not a whitening\n")
     cases = {
         "": "--whitening: expected a file written by tracin.Whitening.save, got ''",
-        str(tmp_path / "gone.npz"): f"--whitening: no such file {tmp_path}/gone.npz",
+        str(tmp_path / "gone.npz"): f"--whitening: no such file {tmp_path}/gone.npz (it takes a file written by "
+        "tracin.Whitening.save, fitted on the train gradients: tracin.Whitening.fit(tracin.GradientStore.open(TRAIN))"
+        f".save({str(tmp_path / 'gone.npz')!r}) in Python)",
         str(text): f"--whitening: {text} is not a saved tracin.Whitening (not a complete .npz archive)",
         str(tmp_path): f"--whitening: {tmp_path} is not a saved tracin.Whitening (not a regular file)",
     }

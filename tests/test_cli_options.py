@@ -179,3 +179,164 @@ def test_a_store_without_an_id_is_not_warned_about_as_another_whitenings(two, tm
     monkeypatch.setattr(tracin.GradientStore, "store_id", property(lambda self: None))
     assert main(["self-influence", two[1], "--whitening", str(white), "-o", str(tmp_path / "r.csv")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+# -- a NumPy user's first mistakes (r344): every message names the option, the path and what to do ----------
+def _line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tracin {command}: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".bin"])
+def test_a_numpy_file_given_for_a_store_says_how_to_make_a_store_of_it(suffix, two, tmp_path, rng, capsys):
+    """Gradients saved with np.save (or np.savez) given where a store folder goes: the error names the option,
+    says the file is a NumPy array and not a store, and names the call that makes a store of it (it said only
+    '(not a directory)'). A file that holds no NumPy array keeps the plain message."""
+    grads = tmp_path / f"grads{suffix}"
+    if suffix == ".npz":
+        np.savez(grads, g=rng.standard_normal((5, 4)).astype(np.float32))
+    else:
+        with open(grads, "wb") as f:  # .bin: np.save's bytes under another name
+            np.save(f, rng.standard_normal((5, 4)).astype(np.float32))
+    test, train = two
+    for command, option in (
+        (["info", str(grads)], None),
+        (["score", "--test", str(grads), "--train", train], "--test"),
+        (["score", "--test", test, "--train", str(grads)], "--train"),
+        (["self-influence", str(grads)], "path"),
+    ):
+        assert main(command) == 1
+        line = _line(capsys.readouterr().err, command[0])
+        head = f"tracin {command[0]}: error: " + ("" if option is None else f"{option}: ")
+        assert line.startswith(head + f"{grads} is a NumPy "), line
+        assert "not a gradient store" in line and "tracin.GradientStore.create(" in line, line
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    assert main(["self-influence", str(other)]) == 1
+    line = _line(capsys.readouterr().err, "self-influence")
+    assert "(not a directory)" in line and "NumPy" not in line
+
+
+def _nan_store(path, mat, row):
+    _store(path, mat)
+    data = np.load(next(path.glob("*.npy")), mmap_mode="r+")
+    data[row] = np.nan
+    data.flush()
+    return str(path)
+
+
+def test_stores_that_do_not_match_or_hold_nan_name_the_options_and_paths(tmp_path, rng, capsys):
+    """Library refusals reached the shell in the library's words ('test dims [3] differ from train dims [4]',
+    'train checkpoint 0 contains NaN ...'), naming neither option nor store: they now name both, and what to do."""
+    test = _store(tmp_path / "test", rng.standard_normal((3, 4)).astype(np.float32))
+    train = _store(tmp_path / "train", rng.standard_normal((6, 4)).astype(np.float32))
+    narrow = _store(tmp_path / "narrow", rng.standard_normal((3, 3)).astype(np.float32))
+    w = tracin.GradientStore.create(tmp_path / "two", 3, [4, 4], weights=[0.5, 0.5])
+    for c in range(2):
+        w.write(c, 0, rng.standard_normal((3, 4)).astype(np.float32))
+    w.finalize()
+    nan_train = _nan_store(tmp_path / "nan train", rng.standard_normal((6, 4)).astype(np.float32), 4)
+    nan_test = _nan_store(tmp_path / "nan test", rng.standard_normal((3, 4)).astype(np.float32), 1)
+    for t, tr, words in (
+        (narrow, train, "test dims [3] differ from train dims [4]"),
+        (str(tmp_path / "two"), train, "test has 2 checkpoints but train has 1 checkpoint"),
+    ):
+        assert main(["score", "--test", t, "--train", tr]) == 1
+        line = _line(capsys.readouterr().err, "score")
+        assert f"--test {t} and --train {tr} do not match: {words}" in line, line
+        assert line.endswith("score stores exported the same way (model, checkpoints, layers, mode, projection)")
+    for command, option, path, row in (
+        (["score", "--test", test, "--train", nan_train], "--train", nan_train, 4),
+        (["score", "--test", nan_test, "--train", train], "--test", nan_test, 1),
+        (["self-influence", nan_train], "path", nan_train, 4),
+    ):
+        assert main(command) == 1
+        line = _line(capsys.readouterr().err, command[0])
+        assert f"{option} {path}: checkpoint 0 holds NaN or Inf values, first in rows [{row}]" in line, line
+        assert "export those examples again" in line
+
+
+def test_a_missing_whitening_file_says_how_to_write_one(two, tmp_path, capsys):
+    """`--whitening white.npz` as the README shows it, without the file: the error says what file it wants
+    and how to write one (it said only 'no such file white.npz')."""
+    test, train = two
+    missing = tmp_path / "white.npz"
+    assert main(["score", "--test", test, "--train", train, "--whitening", str(missing)]) == 1
+    line = _line(capsys.readouterr().err, "score")
+    assert line.startswith(f"tracin score: error: --whitening: no such file {missing}")
+    assert "tracin.Whitening.fit(tracin.GradientStore.open(" in line and ".save(" in line, line
+
+
+def _two_checkpoint_store(path, mats, weights):
+    w = tracin.GradientStore.create(path, len(mats[0]), [m.shape[1] for m in mats], weights=weights)
+    for c, m in enumerate(mats):
+        w.write(c, 0, m)
+    w.finalize()
+    return str(path)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_aggregate_ranks_train_rows_by_their_influence_on_the_whole_test_set(normalize, tmp_path, rng, capsys):
+    """`tracin aggregate` (there was no command for a target set's influence, tracin.aggregate): each train row's
+    influence summed over the --test rows, ranked highest first (equal sums in row order), against float64 NumPy;
+    --top keeps the first N; without -o the CSV goes to stdout."""
+    weights = [0.5, 0.1]
+    test = [rng.standard_normal((4, d)).astype(np.float32) for d in (6, 3)]
+    train = [rng.standard_normal((30, d)).astype(np.float32) for d in (6, 3)]
+    train = [np.concatenate([m, m[:5]]) for m in train]  # rows 30..34 repeat rows 0..4: equal sums
+    paths = [_two_checkpoint_store(tmp_path / name, m, weights) for name, m in (("te", test), ("tr", train))]
+
+    def rows64(m):
+        m = m.astype(np.float64)
+        return m / np.linalg.norm(m, axis=1, keepdims=True) if normalize else m
+
+    exact = sum(w * (rows64(a) @ rows64(b).T).sum(0) for w, a, b in zip(weights, test, train, strict=True))
+    extra = ["--normalize"] if normalize else []
+    out = tmp_path / "utility.csv"
+    assert main(["aggregate", "--test", paths[0], "--train", paths[1], "-o", str(out), *extra]) == 0
+    assert capsys.readouterr().err.strip().endswith(f"wrote {out}")
+    ranked = list(csv.DictReader(open(out)))
+    assert list(ranked[0]) == ["rank", "train_row", "train_id", "influence"]
+    assert [int(r["rank"]) for r in ranked] == list(range(1, 36))
+    got = np.array([int(r["train_row"]) for r in ranked])
+    values = np.array([float(r["influence"]) for r in ranked])
+    pairs = list(zip(weights, test, train, strict=True))
+    scale = sum(w * (np.abs(rows64(a)) @ np.abs(rows64(b)).T).sum(0) for w, a, b in pairs)
+    np.testing.assert_allclose(values, exact[got], rtol=0, atol=1e-5 * scale.max())
+    assert np.all(np.diff(values) <= 0)  # highest first
+    order = np.argsort(-np.round(exact, 9), kind="stable")  # ties (the repeated rows) in row order
+    assert got.tolist() == order.tolist()
+    assert main(["aggregate", "--test", paths[0], "--train", paths[1], "--top", "3", *extra]) == 0
+    captured = capsys.readouterr()
+    listed = list(csv.DictReader(captured.out.splitlines()))
+    assert [int(r["train_row"]) for r in listed] == order[:3].tolist()
+    assert captured.err.strip() == (
+        f"aggregate{' (cosine scores)' if normalize else ''} influence of 4 test rows on 35 train rows, 3 ranked"
+    )
+
+
+def test_aggregate_refusals_name_their_options(tmp_path, rng, capsys):
+    """aggregate's mistakes as score's: a .npy for a store, stores that do not match, an -o of another suffix."""
+    test = _store(tmp_path / "test", rng.standard_normal((3, 4)).astype(np.float32))
+    narrow = _store(tmp_path / "narrow", rng.standard_normal((6, 3)).astype(np.float32))
+    np.save(tmp_path / "g.npy", np.zeros((3, 4), np.float32))
+    assert main(["aggregate", "--test", str(tmp_path / "g.npy"), "--train", narrow]) == 1
+    assert "--test: " in _line(capsys.readouterr().err, "aggregate")
+    assert main(["aggregate", "--test", test, "--train", narrow]) == 1
+    assert f"--test {test} and --train {narrow} do not match" in _line(capsys.readouterr().err, "aggregate")
+    assert main(["aggregate", "--test", test, "--train", test, "-o", str(tmp_path / "x.npz")]) == 2
+    assert "--output must end in .csv" in _line(capsys.readouterr().err, "aggregate")
+    help_text = build_parser().format_help()
+    assert "aggregate" in help_text and "tracin aggregate --test" in help_text
+
+
+def test_self_influence_given_test_and_train_says_it_reads_one_store(two, capsys):
+    """`tracin self-influence --test T --train S` (score's options) suggested --threads; it now says self-influence
+    reads one store, given as its path."""
+    test, train = two
+    with pytest.raises(SystemExit) as e:
+        main(["self-influence", "--test", test, "--train", train])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "did you mean --threads" not in err
+    assert "self-influence reads one store, given as its path: tracin self-influence STORE" in err, err

@@ -1,4 +1,4 @@
-"""The `tracin` command line: info, score, self-influence, bench, demo.
+"""The `tracin` command line: info, score, self-influence, aggregate, bench, demo.
 
 Every warning is one line on stderr, `tracin COMMAND: warning: ...` (once per command; dropped where
 stderr fails), and every failure too, `tracin COMMAND: error: ...` (also a warning made an error,
@@ -61,6 +61,7 @@ EXAMPLES = """examples:
   tracin score --test grads/test --train grads/train --scheduler local --workers 4   # on a Dask LocalCluster
   tracin score --test grads/test --train grads/train --device cuda                   # on the GPU (torch)
   tracin score --test grads/test --train grads/train --whitening white.npz           # whitened TracIn
+  tracin aggregate --test grads/test --train grads/train --top 100                   # helped the whole test set most
   tracin bench                                  # tracin.top_k against NumPy on this machine
 """
 
@@ -107,6 +108,8 @@ def _open_store(path: str, option: str, allow_partial: bool):
         raise UsageError(f"{option}: expected a gradient store folder, got ''")
     if not Path(path).exists():
         raise CommandError(f"{option}: no gradient store at {path}")
+    if (numpy_file := _numpy_file_advice(path)) is not None:
+        raise CommandError(f"{option}: {numpy_file}")
     from .store import StoreChangedError
 
     store, held = _opened(path, option, allow_partial)
@@ -152,6 +155,32 @@ def _open_store(path: str, option: str, allow_partial: bool):
     for shown in held:
         warnings.warn_explicit(shown.message, shown.category, shown.filename, shown.lineno)
     return store
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # how an .npz (np.savez) starts
+
+
+def _numpy_file_advice(path: str) -> str | None:
+    """Where `path` is a file np.save or np.savez wrote (per-example gradients as a NumPy user has them) and not a
+    store's folder: that, and the Python that makes a one-checkpoint store of it; else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError:  # a folder, an unreadable file: opening the store names the problem
+        return None
+    if head == NPY_MAGIC:
+        what, rows = "array file (np.save)", f"np.load({str(path)!r}, mmap_mode='r')"
+    elif head.startswith(ZIP_MAGIC) and path.lower().endswith(".npz"):
+        what, rows = "archive (np.savez)", f"np.load({str(path)!r})[NAME]"
+    else:
+        return None
+    folder = str(Path(path).with_suffix("")) if Path(path).suffix else f"{path}-store"
+    return (
+        f"{path} is a NumPy {what}, not a gradient store (a folder holding a manifest.json and .npy files): make "
+        f"one of its (rows, dims) gradients in Python, g = {rows}; w = tracin.GradientStore.create({folder!r}, "
+        "n_rows=len(g), dims=[g.shape[1]]); w.write(0, 0, g.astype(np.float32)); w.finalize(), and give that "
+        "folder (several checkpoints: README, Command line)"
+    )
 
 
 def _opened(path: str, option: str, allow_partial: bool) -> tuple[Any, list[warnings.WarningMessage]]:
@@ -459,6 +488,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         raise UsageError("expected a gradient store folder, got ''")
     if not Path(args.path).exists():
         raise CommandError(f"no gradient store at {args.path}")
+    if (numpy_file := _numpy_file_advice(args.path)) is not None:
+        raise CommandError(numpy_file)
     if (interrupted := interrupted_create(args.path)) is not None:
         raise CommandError(interrupted)
     text = describe(args.path)
@@ -540,7 +571,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         ) from e
     except ValueError as e:  # another record of the fitted-on gradients than --train's (mode, projection, params)
         if FITTED_ON not in str(e):
-            raise
+            raise _sides_named(e, {"test": f"--test {args.test}", "train": f"--train {args.train}"}) from e
         said = _one_line(e).replace(FITTED_ON, f"the gradients {owner} was fitted on")
         raise CommandError(f"{owner} does not fit --train: {said}; {_refit_advice(whitening)}") from e
     sides = result._asdict() if args.side == "both" else {args.side: result}
@@ -578,6 +609,31 @@ def cmd_score(args: argparse.Namespace) -> None:
             write_csv(f)
         # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
         print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
+
+
+# the library's refusals of a pair of sides that do not match (scoring._pair, _weights), in its words
+_UNMATCHED = ("test dims ", "test has ", "test is ", "test and train carry ")
+
+
+def _sides_named(e: ValueError, names: dict[str, str]) -> Exception:
+    """The library's refusal `e` of the rows it was given, its "test" / "train" named as `names` says (an
+    option and its store's path) with what to do from a shell: rows holding NaN or Inf, sides that do not
+    match; `e` itself for other refusals."""
+    from .scoring import _NON_FINITE
+
+    text = _one_line(e)
+    if (found := _NON_FINITE.match(text)) is not None:
+        side, block, rows = found.groups()
+        return CommandError(
+            f"{names[side]}: {block} holds NaN or Inf values, first in rows [{rows}], so nothing was scored: export "
+            "those examples again (a NaN or infinite loss?) or write a store without them"
+        )
+    if "test" in names and text.startswith(_UNMATCHED):
+        return CommandError(
+            f"{names['test']} and {names['train']} do not match: {text}; score stores exported the same way "
+            "(model, checkpoints, layers, mode, projection)"
+        )
+    return e
 
 
 def _refit_advice(whitening: Any) -> str:
@@ -676,7 +732,10 @@ def _load_whitening(path: str) -> Any:
     from .whitening import Whitening
 
     if not os.path.lexists(path):
-        raise CommandError(f"--whitening: no such file {path}")
+        raise CommandError(
+            f"--whitening: no such file {path} (it takes a file written by tracin.Whitening.save, fitted on the train "
+            f"gradients: tracin.Whitening.fit(tracin.GradientStore.open(TRAIN)).save({str(path)!r}) in Python)"
+        )
     try:
         return Whitening.load(path)
     except OSError as e:
@@ -772,6 +831,7 @@ def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
 
 PAIRS_HEADER = ["test_row", "test_id", "side", "rank", "train_row", "train_id", "influence"]
 RANKING_HEADER = ["rank", "train_row", "train_id", "self_influence"]  # self-influence's; train_* as in PAIRS_HEADER
+AGGREGATE_HEADER = ["rank", "train_row", "train_id", "influence"]  # aggregate's: influence summed over --test
 
 
 def _pair_rows(sides: dict, test_ids: list | None, train_ids: list | None) -> Iterator[list]:
@@ -785,8 +845,6 @@ def _pair_rows(sides: dict, test_ids: list | None, train_ids: list | None) -> It
 
 def cmd_self_influence(args: argparse.Namespace) -> None:
     import numpy as np
-
-    import tracin
 
     if args.whitening is not None and args.scheduler is not None:
         raise UsageError(
@@ -809,16 +867,11 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     with _cluster(args) as client:
         if whitening is not None:
             scores = _whitened_self_influence(whitening, store, args)
-        elif client is None:
-            scores = tracin.self_influence(
-                store, num_threads=args.threads, progress=_progress(args), device=args.device
-            )
         else:
-            from . import distributed
-
-            scores = distributed.self_influence(
-                store, client=client, num_threads=args.threads, progress=_progress(args)
-            )
+            try:
+                scores = _self_influence(store, client, args)
+            except ValueError as e:
+                raise _sides_named(e, {"train": f"path {args.path}"}) from e
     order = np.argsort(-scores, kind="stable")[: args.top]
     ids = _ids(store, "path")  # before the output is opened
     whitened = "whitened " if whitening is not None else ""
@@ -827,6 +880,61 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     def write(f: IO[str]) -> None:
         rows = ([rank, i, ids[i] if ids else i, f"{scores[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
         _write_csv(f, RANKING_HEADER, rows, len(order), _progress(args), ids=(ids,))
+
+    if out is None:
+        with _stdout(WRITE_A_FILE) as f:
+            write(f)
+        print(summary, file=sys.stderr)
+    else:
+        with _output_file(out) as f:
+            write(f)
+        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
+        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
+
+
+def _self_influence(store: Any, client: Any, args: argparse.Namespace) -> Any:
+    """tracin.self_influence of the store, or tracin.distributed.self_influence on the cluster `client`."""
+    import tracin
+
+    if client is None:
+        return tracin.self_influence(store, num_threads=args.threads, progress=_progress(args), device=args.device)
+    from . import distributed
+
+    return distributed.self_influence(store, client=client, num_threads=args.threads, progress=_progress(args))
+
+
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    import tracin
+
+    _check_scheduler(args)
+    out = _check_output(args.output, (".csv",))
+    _check_not_read(out, {"--test": args.test, "--train": args.train})
+    _check_stdout(out)  # not after the whole pass
+    _check_device(args)
+    test = _open_store(args.test, "--test", args.allow_partial)
+    train = _open_store(args.train, "--train", args.allow_partial)
+    options = {"num_threads": args.threads, "progress": _progress(args), "normalize": args.normalize}
+    try:
+        with _cluster(args) as client:
+            if client is None:
+                sums = tracin.aggregate(test, train, device=args.device, **options)
+            else:
+                from . import distributed
+
+                sums = distributed.aggregate(test, train, client=client, **options)
+    except ValueError as e:
+        raise _sides_named(e, {"test": f"--test {args.test}", "train": f"--train {args.train}"}) from e
+    order = np.argsort(-sums, kind="stable")[: args.top]
+    ids = _ids(train, "--train")  # before the output is opened
+    cosine = " (cosine scores)" if args.normalize else ""
+    rows = f"{test.n_rows} test rows on {train.n_rows} train rows"
+    summary = f"aggregate{cosine} influence of {rows}, {len(order)} ranked"
+
+    def write(f: IO[str]) -> None:
+        rows = ([rank, i, ids[i] if ids else i, f"{sums[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
+        _write_csv(f, AGGREGATE_HEADER, rows, len(order), _progress(args), ids=(ids,))
 
     if out is None:
         with _stdout(WRITE_A_FILE) as f:
@@ -1085,6 +1193,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="whitened self-influence, sum_c w_c g_c^T (R_c + lambda_c I)^-1 g_c: FILE is a tracin.Whitening "
         "saved with Whitening.save, fitted on these gradients (tracin.self_influence(whitening=)); float64 on "
         "this machine's CPU: not with --scheduler or --device cuda",
+    )
+    _scoring_options(p)
+
+    p = command(
+        "aggregate",
+        "rank train rows by their influence summed over all test rows (a target set: data selection)",
+        cmd_aggregate,
+    )
+    p.add_argument("--test", required=True, help="test (target set) gradient store")
+    p.add_argument("--train", required=True, help="train gradient store")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="CSV ranking (.csv, or a FIFO or a device), highest first (default: stdout)",
+    )
+    p.add_argument("--top", type=positive_int, default=None, help="keep only the first N rows (default: all)")
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="cosine scores: each gradient unit-normalised per checkpoint, then weighted and summed "
+        "(tracin.aggregate(normalize=True))",
     )
     _scoring_options(p)
 
@@ -1424,6 +1554,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if extra:
         close = difflib.get_close_matches(extra[0], list(command._option_string_actions), n=1)
         hint = f" (did you mean {close[0]}?)" if close and extra[0].startswith("-") else ""
+        if args.command == "self-influence" and {"--test", "--train"} & set(extra):  # score's options
+            hint = " (self-influence reads one store, given as its path: tracin self-influence STORE)"
         command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     del args.commands
     return args
