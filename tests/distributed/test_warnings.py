@@ -464,3 +464,82 @@ def test_a_showwarning_left_wrapped_by_another_threads_catch_warnings_does_not_r
         assert shown == ["in the next pass", "seen by the pass"]
     finally:
         warnings.showwarning = show
+
+
+def _interleaved_pass_and_recording(warn_in_last_pass) -> None:
+    """review343 H1's order, forced with events (no sleeps): a client pass (_shown_once) begins; a task on a
+    worker thread of this process (Client(processes=False)) starts recording; that pass ends and another
+    begins while the task still records; `warn_in_last_pass()` runs in that pass; the task then ends."""
+    from tracin.distributed._export import _shown_once
+
+    recording, done = threading.Event(), threading.Event()
+
+    def task() -> None:
+        with _warnings.recorded():
+            recording.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=task)
+    try:
+        with _shown_once(set()):  # export B's first client pass
+            thread.start()
+            assert recording.wait(30)  # export A's task records meanwhile
+        with _shown_once(set()):  # a later client pass, the task still recording
+            warn_in_last_pass()
+    finally:
+        done.set()
+        thread.join(30)
+
+
+def test_a_client_pass_and_a_task_recording_interleaved_never_hand_warnings_to_each_other():
+    """review343 H1: each of _shown_once and recorded() saved the other's showwarning as the one to hand
+    warnings to: the client's warnings in the later pass were dropped, and afterwards every warnings.warn
+    in any thread raised RecursionError. Now the client's and another thread's warnings are shown, and
+    once both end warnings.showwarning is the very object it was before."""
+    show, filters, shown = warnings.showwarning, list(warnings.filters), []
+
+    def user_hook(message: object, *args: object) -> None:
+        shown.append(str(message))
+
+    def in_last_pass() -> None:
+        warnings.warn("the client's, in the later pass", UserWarning, stacklevel=1)
+        other = threading.Thread(target=lambda: warnings.warn("another thread's", UserWarning, stacklevel=1))
+        other.start()
+        other.join(30)
+
+    warnings.showwarning = user_hook
+    try:
+        _interleaved_pass_and_recording(in_last_pass)
+        assert warnings.showwarning is user_hook and warnings.filters == filters
+        warnings.warn("after both ended", UserWarning, stacklevel=1)  # RecursionError before the fix
+    finally:
+        warnings.showwarning, warnings.filters[:] = show, filters
+    assert shown == ["the client's, in the later pass", "another thread's", "after both ended"]
+
+
+def test_a_showwarning_handing_warnings_back_to_the_wrapper_falls_back_to_the_original():
+    """A showwarning installed by someone else that hands warnings back to the one tracin installed (each
+    the other's next) does not recurse: a warning re-entering in its thread is shown by
+    warnings._showwarning_orig."""
+    from tracin.distributed._export import _shown_once
+
+    show, shown, printed = warnings.showwarning, [], []
+
+    def loop(message: object, *args: object) -> None:
+        shown.append(str(message))
+        wrapper(message, *args)
+
+    def original(message: object, *args: object) -> None:
+        printed.append(str(message))
+
+    try:
+        warnings.showwarning = loop
+        with _shown_once(set()):
+            wrapper = warnings.showwarning
+            warnings.showwarning = loop  # now loop -> wrapper -> loop ...
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(warnings, "_showwarning_orig", original)
+                warnings.warn("looped", UserWarning, stacklevel=1)
+    finally:
+        warnings.showwarning = show
+    assert shown == ["looped", "looped"] and printed == ["looped"]

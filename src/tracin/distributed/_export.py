@@ -14,7 +14,6 @@ import re
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..store import GradientStore, _locks
 from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
 from ..store._format import Manifest, merge_ranges, strict_json
 from ..store._locks import DirectoryLock, range_files
+from . import _warnings
 from ._cluster import (
     check_client,
     check_worker_timeout,
@@ -578,43 +578,26 @@ def _noted(e: BaseException, note: str) -> None:
         print(note, file=sys.stderr)
 
 
-_SHOWN_LOCK = threading.Lock()
-_shown_state: dict[str, Any] = {"users": 0, "show": None}  # the showwarning _shown_once wrapped, while any pass runs
-_passes = threading.local()  # .seen: the `seen` of the _shown_once running in this thread
-
-
 @contextmanager
 def _shown_once(seen: set[tuple[type[Warning], str]]) -> Iterator[None]:
     """Warnings this thread shows inside are added to `seen` (category, message), and those in it already
     are not shown: the client's first and last passes over the data raise the same warnings of the
-    arguments. warnings.showwarning is wrapped once while any thread's pass runs, and the filters are left
-    alone: catch_warnings is not thread-safe (two exports' passes in two threads would leave one's)."""
-    with _SHOWN_LOCK:
-        if _shown_state["users"] == 0:
-            if warnings.showwarning is not _shown:  # else left by a catch_warnings another thread entered in a pass
-                _shown_state["show"] = warnings.showwarning
-            warnings.showwarning = _shown
-        _shown_state["users"] += 1
-    outer = getattr(_passes, "seen", None)
-    _passes.seen = seen
-    try:
-        yield
-    finally:
-        _passes.seen = outer
-        with _SHOWN_LOCK:
-            _shown_state["users"] -= 1
-            if _shown_state["users"] == 0 and warnings.showwarning is _shown:  # else replaced since: left
-                warnings.showwarning = _shown_state["show"]
+    arguments. The filters are left alone (catch_warnings is not thread-safe: two exports' passes in two
+    threads would leave one's); warnings.showwarning is the one _warnings.handled() installs while any
+    thread's pass or task recording runs (never one handing warnings to another: review343 H1)."""
 
-
-def _shown(message: Any, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
-    seen = getattr(_passes, "seen", None)
-    if seen is not None:  # else another thread's (a worker's in this process): shown as before
+    def once(message: Any, category: type[Warning], filename: str, lineno: int) -> bool:
         key = (category, str(message))
         if key in seen:
-            return
+            return True  # shown already: dropped
         seen.add(key)
-    _shown_state["show"](message, category, filename, lineno, *rest)
+        return False
+
+    with _warnings.handled(once):
+        yield
+
+
+_shown = _warnings._show  # warnings.showwarning while a pass runs
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -26,8 +26,8 @@ _NUMBERS = re.compile(r"\d+")  # what tells apart the shards' copies of one warn
 _OTHERS = 5  # other shards' copies of a warning whose differing words are listed with the first's
 
 _LOCK = threading.Lock()
-_local = threading.local()  # .caught: the Caught of the innermost recorded() of this thread
-_state: dict[str, Any] = {"users": 0, "saved": None, "show": None}  # the catch_warnings all recorders share
+_local = threading.local()  # .handlers: this thread's handlers, innermost last; .showing: inside _show
+_state: dict[str, Any] = {"users": 0, "next": None, "recorders": 0, "saved": None}  # see handled(), recorded()
 
 
 class Raised(NamedTuple):
@@ -85,46 +85,94 @@ class Caught:
 
 
 @contextmanager
-def recorded() -> Iterator[Caught]:
-    """Every warning raised on this thread inside, whatever the filters (as simplefilter("always")),
-    added to the Caught yielded instead of shown (its first occurrence, see Caught).
-    warnings.catch_warnings changes the whole process, and a worker runs tasks on several threads at
-    once: the first thread in enters one catch_warnings for all (the "always" filter, and a showwarning
-    handing each warning to its thread's Caught, or to the showwarning before for a thread recording
-    none), the last one out leaves it. The warnings state is the process's: a warnings.catch_warnings()
-    another thread (one recording none: the client's, with Client(processes=False)) is in meanwhile
-    takes or drops these threads' warnings while it lasts."""
-    caught = Caught()
+def handled(handler: Callable[[Any, type[Warning], str, int], bool]) -> Iterator[None]:
+    """Every warning this thread shows inside passed to `handler(message, category, filename, lineno)`
+    first, which returns True to take it (recorded, or dropped) or False to let it be shown as before (by
+    the thread's outer handlers, innermost first, then by the showwarning there was).
+    warnings.showwarning is replaced by one function, _show, while any thread of the process is inside
+    (the first in installs it, the last out puts back the showwarning before it, unless replaced since):
+    the client's passes (_export._shown_once) and the tasks' recordings (recorded(), on a worker thread
+    of the client's process with Client(processes=False)) share it, so that neither ever hands warnings
+    to the other's (each saving the other's as the one before made a cycle: review343 H1)."""
     with _LOCK:
         if _state["users"] == 0:
-            saved = warnings.catch_warnings()
-            saved.__enter__()
-            warnings.simplefilter("always")
-            _state["saved"] = saved
-            if warnings.showwarning is not _show:  # else left by another thread's catch_warnings (not thread-safe)
-                _state["show"] = warnings.showwarning
+            if warnings.showwarning is not _show:  # else left by a catch_warnings another thread entered meanwhile
+                _state["next"] = warnings.showwarning
             warnings.showwarning = _show
         _state["users"] += 1
-    outer = getattr(_local, "caught", None)
-    _local.caught = caught
+    handlers = getattr(_local, "handlers", None)
+    if handlers is None:
+        handlers = _local.handlers = []
+    handlers.append(handler)
     try:
-        yield caught
+        yield
     finally:
-        _local.caught = outer
+        handlers.pop()
         with _LOCK:
-            _state["users"] -= 1
-            if _state["users"] == 0:
-                _state["saved"].__exit__(None, None, None)
+            _release()
+
+
+def _release() -> None:
+    """One user of _show less (under _LOCK): the last puts back the showwarning before it, unless replaced."""
+    _state["users"] -= 1
+    if _state["users"] == 0 and warnings.showwarning is _show:
+        warnings.showwarning = _state["next"]
 
 
 def _show(
     message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
 ) -> None:
-    caught = getattr(_local, "caught", None)
-    if caught is None:  # a thread recording nothing (the worker's own): shown as before
-        _state["show"](message, category, filename, lineno, file, line)
-    else:
+    """warnings.showwarning while handled() is used: the thread's handlers, innermost first, then the
+    showwarning before. A warning shown while this thread is in here already (a showwarning installed since,
+    handing warnings back to this one) is shown by Python's own showwarning instead: never a loop."""
+    if getattr(_local, "showing", False):
+        warnings._showwarning_orig(message, category, filename, lineno, file, line)  # type: ignore[attr-defined]
+        return
+    _local.showing = True
+    try:
+        for handler in reversed(getattr(_local, "handlers", None) or ()):
+            if handler(message, category, filename, lineno):
+                return
+        show = _state["next"]
+        (warnings._showwarning_orig if show is None or show is _show else show)(  # type: ignore[attr-defined]
+            message, category, filename, lineno, file, line
+        )
+    finally:
+        _local.showing = False
+
+
+@contextmanager
+def recorded() -> Iterator[Caught]:
+    """Every warning raised on this thread inside, whatever the filters (as simplefilter("always")),
+    added to the Caught yielded instead of shown (its first occurrence, see Caught).
+    warnings.catch_warnings changes the whole process, and a worker runs tasks on several threads at
+    once: the first thread in enters one catch_warnings for all (the "always" filter; its showwarning is
+    handled()'s, shared with the client's passes), the last one out leaves it. The warnings state is the
+    process's: a warnings.catch_warnings() another thread (one recording none: the client's, with
+    Client(processes=False)) is in meanwhile takes or drops these threads' warnings while it lasts."""
+    caught = Caught()
+    with _LOCK:
+        if _state["recorders"] == 0:
+            saved = warnings.catch_warnings()
+            saved.__enter__()
+            warnings.simplefilter("always")
+            _state["saved"] = saved
+        _state["recorders"] += 1
+
+    def record(message: Any, category: type[Warning], filename: str, lineno: int) -> bool:
         caught.add(message, category, filename, lineno)
+        return True
+
+    try:
+        with handled(record):
+            yield caught
+    finally:
+        with _LOCK:
+            _state["recorders"] -= 1
+            if _state["recorders"] == 0:
+                show = warnings.showwarning  # the filters only: catch_warnings would put back its entry's
+                _state["saved"].__exit__(None, None, None)
+                warnings.showwarning = show
 
 
 def unwrapped(args: tuple) -> tuple[tuple, list[Raised], int]:
