@@ -262,7 +262,8 @@ def _unsummed(
     hook) that the hooks do not see. Rounding makes about eps times that scale (random
     signs over the rows; the norm of `total` where the rows point one way), while a use missed in one row of a batch
     of B rows misses about that row's norm, ~1 / sqrt(B) of the rows' norm (at least 1 / B of the scale): in float32
-    one row of up to ~8000 is seen. None when they agree or either side is not finite (a NaN example: scoring names
+    one row of up to ~8000 is seen (a gap over the floor where the rows and `total` are all zero: math.inf, not a
+    ZeroDivisionError). None when they agree or either side is not finite (a NaN example: scoring names
     it). Costs one GEMM-sized sum per call (no pass over `rows`) and the parameter's gradient in the hooked backward
     pass; the rows' norms (one pass over them) only where the gap is over the tolerance times |total| (rows that
     cancel: a well-fit batch). `dtype`: the dtype whose tolerances apply, where the gradients were computed in a
@@ -325,7 +326,7 @@ def _judged(
     scale = max(torch.linalg.vector_norm(norms).item(), size)
     if not math.isfinite(scale) or gap <= tolerance * scale + floor:
         return None
-    return gap / scale, tolerance
+    return (gap / scale if scale > 0 else math.inf), tolerance  # zero rows and total: a gap over the floor is all miss
 
 
 def recording(loss_fn: LossFn, seen: list) -> LossFn:
