@@ -272,3 +272,39 @@ def test_a_row_first_not_finite_at_a_later_checkpoint_is_named_at_that_checkpoin
     assert [str(w.message).split(":")[0] for w in _ours(caught)] == [
         f"loss_fn gives a NaN or infinite loss for row {NAN_ROW} of the data at checkpoint 1"
     ]
+
+
+class _Interrupted:
+    """Two batches of three rows: the first with a NaN-loss row (target -1), then `error` raised (a Ctrl-C,
+    a disk gone while reading) before the second."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+        torch.manual_seed(0)
+        self.x, self.y = torch.randn(6, 4), torch.tensor([0, -1, 2, 0, 1, 2])
+
+    def __len__(self) -> int:
+        return 6
+
+    def __iter__(self):
+        yield self.x[:3], self.y[:3]
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError("disk gone while reading batch 2")])
+def test_an_interrupted_pass_raises_its_own_error_when_warnings_are_errors(error):
+    """review343 M1: the NaN-loss warning of an interrupted pass (flushed so that its stored rows are told
+    about) replaced the pass's own error when warnings were errors (pytest's filterwarnings=error): Ctrl-C
+    arrived as a RuntimeWarning, an Exception. The pass's error is raised, the warning not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, C))
+
+    def nan_at_negative(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(out, y.clamp(min=0), reduction="none")
+        return torch.where(y < 0, torch.full_like(losses, float("nan")), losses)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(type(error)) as raised:
+            export_gradients(model, [(model.state_dict(), 1.0)], _Interrupted(error), nan_at_negative, progress=False)
+    assert raised.value is error

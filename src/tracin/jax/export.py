@@ -386,13 +386,11 @@ class _JaxExport:
         """The data's batches, once per pass; at the end of a pass, the one warning about the rows whose loss
         was not finite in it (LossWatch.flush)."""
         pending, self._pending = self._pending, None
-        try:
+        with self.watch.flushed():  # an interrupted pass too, raising its own error
             for batch in pending if pending is not None else self.plan:
                 if self.kronecker is not None:
                     self.kronecker.prepare(batch, self.plan.note)  # the first batch fixes the layout
                 yield batch
-        finally:  # an interrupted pass too: its stored rows are not computed again on resume
-            self.watch.flush()
 
     def fingerprint_arrays(self, batch: Batch) -> tuple[list[np.ndarray] | None, list[np.ndarray]]:
         """(targets, inputs) for the fingerprint; targets None when they hold no arrays (DataFingerprint

@@ -424,11 +424,9 @@ class _TorchExport:
     def batches(self) -> Iterator[_Batch]:
         """The data's batches, once per pass; at the end of a pass, the one warning about the rows whose loss
         was not finite in it (LossWatch.flush)."""
-        try:
+        with self.watch.flushed():  # an interrupted pass too, raising its own error
             for start, inputs, targets in self._batches:
                 yield _Batch(start, batch_rows(targets, "targets"), inputs, targets)
-        finally:  # an interrupted pass too: its stored rows are not computed again on resume
-            self.watch.flush()
 
     def fingerprint_arrays(self, batch: _Batch) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return host_arrays(batch.targets), host_arrays(batch.inputs)
