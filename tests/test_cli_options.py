@@ -340,3 +340,19 @@ def test_self_influence_given_test_and_train_says_it_reads_one_store(two, capsys
     err = capsys.readouterr().err
     assert e.value.code == 2 and "did you mean --threads" not in err
     assert "self-influence reads one store, given as its path: tracin self-influence STORE" in err, err
+
+
+def test_aggregate_opponents_ranks_the_most_harmful_train_rows_first(tmp_path, rng, capsys):
+    """--side opponents: the train rows whose summed influence on the test set is lowest (most negative) first,
+    equal sums in row order, against float64 NumPy (a target set's most harmful rows: data cleaning)."""
+    test = rng.standard_normal((5, 4)).astype(np.float32)
+    train = rng.standard_normal((20, 4)).astype(np.float32)
+    train = np.concatenate([train, train[:3]])
+    paths = _store(tmp_path / "te", test), _store(tmp_path / "tr", train)
+    exact = 0.5 * (test.astype(np.float64) @ train.astype(np.float64).T).sum(0)
+    assert main(["aggregate", "--test", paths[0], "--train", paths[1], "--side", "opponents", "--top", "6"]) == 0
+    captured = capsys.readouterr()
+    listed = list(csv.DictReader(captured.out.splitlines()))
+    assert [int(r["train_row"]) for r in listed] == np.argsort(np.round(exact, 9), kind="stable")[:6].tolist()
+    np.testing.assert_allclose([float(r["influence"]) for r in listed], np.sort(exact)[:6], rtol=1e-5, atol=1e-5)
+    assert captured.err.strip() == "aggregate influence of 5 test rows on 23 train rows, 6 ranked, lowest first"

@@ -926,11 +926,12 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
                 sums = distributed.aggregate(test, train, client=client, **options)
     except ValueError as e:
         raise _sides_named(e, {"test": f"--test {args.test}", "train": f"--train {args.train}"}) from e
-    order = np.argsort(-sums, kind="stable")[: args.top]
+    lowest = args.side == "opponents"
+    order = np.argsort(sums if lowest else -sums, kind="stable")[: args.top]
     ids = _ids(train, "--train")  # before the output is opened
     cosine = " (cosine scores)" if args.normalize else ""
     rows = f"{test.n_rows} test rows on {train.n_rows} train rows"
-    summary = f"aggregate{cosine} influence of {rows}, {len(order)} ranked"
+    summary = f"aggregate{cosine} influence of {rows}, {len(order)} ranked{', lowest first' if lowest else ''}"
 
     def write(f: IO[str]) -> None:
         rows = ([rank, i, ids[i] if ids else i, f"{sums[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
@@ -1204,10 +1205,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", required=True, help="test (target set) gradient store")
     p.add_argument("--train", required=True, help="train gradient store")
     p.add_argument(
+        "--side",
+        choices=["proponents", "opponents"],
+        default="proponents",
+        help="proponents: the highest sums first (the rows that helped the test set most); opponents: the lowest "
+        "first, most negative first (the rows that hurt it most: mislabelled or harmful data)",
+    )
+    p.add_argument(
         "-o",
         "--output",
         default=None,
-        help="CSV ranking (.csv, or a FIFO or a device), highest first (default: stdout)",
+        help="CSV ranking (.csv, or a FIFO or a device), in --side's order (default: stdout)",
     )
     p.add_argument("--top", type=positive_int, default=None, help="keep only the first N rows (default: all)")
     p.add_argument(

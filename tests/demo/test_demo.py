@@ -552,8 +552,8 @@ def test_demo_writes_figures_and_stores_that_open(default_demo):
 def test_the_printed_next_commands_run_as_printed(default_demo, tmp_path):
     out, result, lines = default_demo
     printed = [line.strip() for line in lines if line.startswith("  tracin ")]
-    assert printed == result.next_commands and len(printed) == 3
-    assert [shlex.split(c)[1] for c in printed] == ["info", "self-influence", "score"]
+    assert printed == result.next_commands and len(printed) == 4
+    assert [shlex.split(c)[1] for c in printed] == ["info", "self-influence", "score", "aggregate"]
     report = (out / "report.md").read_text()
     assert f"cd {shlex.quote(str(out.resolve()))}\ntracin info grads/train\n" in report
     for command in printed:
@@ -565,6 +565,10 @@ def test_the_printed_next_commands_run_as_printed(default_demo, tmp_path):
         assert "error" not in done.stderr.lower(), (command, done.stderr)
         if argv[1] == "info":
             assert "1400" in done.stdout
+        if argv[1] == "aggregate":  # the rows that hurt the test set most: the flipped labels (r344)
+            ranking = {r["train_row"]: r["flipped"] for r in csv.DictReader(open(out / "self_influence_ranking.csv"))}
+            harmful = [r["train_row"] for r in csv.DictReader(done.stdout.splitlines())]
+            assert len(harmful) == 20 and sum(ranking[i] == "True" for i in harmful) >= 18, done.stdout
 
 
 def test_demo_with_a_path_that_needs_quoting_prints_runnable_commands(tmp_path):
@@ -595,7 +599,7 @@ def test_the_reports_next_commands_run_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_demo(_small(Path("my out")), **QUIET)
     block = _report_block((tmp_path / "my out" / "report.md").read_text())
-    assert block[0] == f"cd {shlex.quote(str(tmp_path / 'my out'))}" and len(block) == 4
+    assert block[0] == f"cd {shlex.quote(str(tmp_path / 'my out'))}" and len(block) == 5
     script = 'tracin() { "$PYTHON" -m tracin "$@"; }\nset -e\n' + "\n".join(block) + "\n"
     info = script.split("tracin self-influence")[0]  # the cd and `tracin info` only (fewer interpreters)
     for cwd, lines in ((Path("/"), script), (tmp_path / "my out", info), (tmp_path / "my out" / "grads", info)):

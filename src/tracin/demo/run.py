@@ -344,6 +344,7 @@ def _next_commands(out: Path) -> list[str]:
         f"tracin info {train}",
         f"tracin self-influence {train} --top 20",
         f"tracin score --test {test} --train {train} -k 5 --side both",
+        f"tracin aggregate --test {test} --train {train} --side opponents --top 20",
     ]
 
 
