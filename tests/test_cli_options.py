@@ -356,3 +356,32 @@ def test_aggregate_opponents_ranks_the_most_harmful_train_rows_first(tmp_path, r
     assert [int(r["train_row"]) for r in listed] == np.argsort(np.round(exact, 9), kind="stable")[:6].tolist()
     np.testing.assert_allclose([float(r["influence"]) for r in listed], np.sort(exact)[:6], rtol=1e-5, atol=1e-5)
     assert captured.err.strip() == "aggregate influence of 5 test rows on 23 train rows, 6 ranked, lowest first"
+
+
+def test_a_folder_that_is_not_a_store_says_what_it_holds(two, tmp_path, rng, capsys):
+    """A folder of np.save files (one per checkpoint), or the folder above the stores (grads/ for grads/train):
+    the error said only '(no manifest.json)'; it now says what the folder holds and what to give instead."""
+    test, train = two
+    npys = tmp_path / "npys"
+    npys.mkdir()
+    for c in range(2):
+        np.save(npys / f"ckpt{c}.npy", rng.standard_normal((5, 4)).astype(np.float32))
+    above = tmp_path  # holds the stores test and train of `two`
+    for folder, words in (
+        (npys, [f"{npys} holds .npy files (ckpt0.npy, ckpt1.npy) but no manifest.json", "GradientStore.create("]),
+        (above, [f"{above} is no gradient store but holds some: {above / 'test'}, {above / 'train'}"]),
+    ):
+        for command, option in (
+            (["info", str(folder)], None),
+            (["score", "--test", str(folder), "--train", train], "--test"),
+            (["self-influence", str(folder)], "path"),
+            (["aggregate", "--test", test, "--train", str(folder)], "--train"),
+        ):
+            assert main(command) == 1
+            line = _line(capsys.readouterr().err, command[0])
+            assert line.startswith(f"tracin {command[0]}: error: " + ("" if option is None else f"{option}: ")), line
+            assert all(w in line for w in words), line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["info", str(empty)]) == 1
+    assert _line(capsys.readouterr().err, "info").endswith("(no manifest.json)")

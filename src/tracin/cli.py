@@ -162,7 +162,10 @@ ZIP_MAGIC = b"PK\x03\x04"  # how an .npz (np.savez) starts
 
 def _numpy_file_advice(path: str) -> str | None:
     """Where `path` is a file np.save or np.savez wrote (per-example gradients as a NumPy user has them) and not a
-    store's folder: that, and the Python that makes a one-checkpoint store of it; else None."""
+    store's folder: that, and the Python that makes a one-checkpoint store of it; for a folder, _folder_advice;
+    else None."""
+    if os.path.isdir(path):
+        return _folder_advice(path)
     try:
         with open(path, "rb") as f:
             head = f.read(len(NPY_MAGIC))
@@ -181,6 +184,38 @@ def _numpy_file_advice(path: str) -> str | None:
         "n_rows=len(g), dims=[g.shape[1]]); w.write(0, 0, g.astype(np.float32)); w.finalize(), and give that "
         "folder (several checkpoints: README, Command line)"
     )
+
+
+FOLDER_NAMES_SHOWN = 3  # entries a folder that is not a store is described by
+
+
+def _folder_advice(path: str) -> str | None:
+    """Where the folder `path` has no manifest (and no interrupted create's marker: opening it says that) but holds
+    .npy files (np.save's, one per checkpoint, say) or gradient stores one level down (grads/ for grads/train):
+    what it holds and what to give instead; else None."""
+    from .store._format import CREATING, MANIFEST
+
+    folder = Path(path)
+    try:
+        if os.path.lexists(folder / MANIFEST) or os.path.lexists(folder / CREATING):
+            return None
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        npys = [e.name for e in entries if e.name.endswith(".npy") and e.is_file()]
+        stores = [e.path for e in entries if e.is_dir() and os.path.isfile(os.path.join(e.path, MANIFEST))]
+    except OSError:  # unreadable: opening the store names the problem
+        return None
+    if stores:
+        shown = ", ".join(stores[:FOLDER_NAMES_SHOWN]) + (", ..." if len(stores) > FOLDER_NAMES_SHOWN else "")
+        return f"{path} is no gradient store but holds some: {shown}; give one of those"
+    if npys:
+        shown = ", ".join(npys[:FOLDER_NAMES_SHOWN]) + (", ..." if len(npys) > FOLDER_NAMES_SHOWN else "")
+        return (
+            f"{path} holds .npy files ({shown}) but no {MANIFEST}, so it is not a gradient store: make one of "
+            "them in Python, w = tracin.GradientStore.create(FOLDER, n_rows=n, dims=[d_0, d_1, ...], "
+            "weights=[lr_0, lr_1, ...]); w.write(c, 0, g_c.astype(np.float32)) for each checkpoint c's (n, d_c) "
+            "array g_c; w.finalize(), and give that folder (README: Command line)"
+        )
+    return None
 
 
 def _opened(path: str, option: str, allow_partial: bool) -> tuple[Any, list[warnings.WarningMessage]]:
