@@ -25,10 +25,10 @@ def test_the_warning_names_the_rows_the_checkpoint_and_the_frameworks_words():
     with pytest.warns(RuntimeWarning) as caught:
         watch.flush()
     assert [str(w.message) for w in caught] == [
-        "loss_fn gives a NaN or infinite loss for row 6 of the data at checkpoint 2: their gradient rows are "
-        "stored as autograd gives them, which may be NaN (scoring then refuses the set, naming the rows) or all 0 "
-        "(a mean over no tokens: those examples then score as having no influence); drop those examples or fix "
-        "their targets"
+        "loss_fn gives a NaN or infinite loss for row 6 of the data at checkpoint 2: its gradient row is "
+        "stored as autograd gives it, which may be NaN (scoring then refuses the set, naming the row) or all 0 "
+        "(a mean over no tokens: that example then scores as having no influence); drop that example or fix "
+        "its targets"
     ]
     assert caught[0].filename == __file__  # the first frame outside tracin
 
@@ -63,11 +63,11 @@ def test_the_jax_warning_is_worded_as_before_the_move():
     with pytest.warns(RuntimeWarning) as caught:
         watch.flush()
     assert [str(w.message) for w in caught] == [
-        "loss_fn gives a NaN or infinite loss for row 3 of the data at checkpoint 0: their gradient rows are "
-        "stored as jax.grad gives them, which may be NaN (scoring then refuses the set, naming the rows) or all 0 "
+        "loss_fn gives a NaN or infinite loss for row 3 of the data at checkpoint 0: its gradient row is "
+        "stored as jax.grad gives it, which may be NaN (scoring then refuses the set, naming the row) or all 0 "
         "(a label outside [0, classes) read with take_along_axis or optax's integer-label cross entropy, such as "
-        "the -100 'ignore' label: those examples then score as having no influence); drop those examples or fix "
-        "their targets"
+        "the -100 'ignore' label: that example then scores as having no influence); drop that example or fix "
+        "its targets"
     ]
 
 
@@ -81,3 +81,40 @@ def test_the_first_ten_rows_are_listed_over_several_batches_and_the_rest_counted
         "loss_fn gives a NaN or infinite loss for 12 rows (0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more) of the data at "
         "checkpoint 0"
     ]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_an_infinite_16_bit_loss_may_be_an_overflow_with_a_right_gradient_and_float32_is_advised(dtype):
+    """review343 L1: a float16 loss above 65504 is inf while its gradient row is finite and right; the warning
+    said only that the row may be NaN or all 0, and to drop the example. A 16-bit infinite loss (as given, or
+    named by `dtype` where the adapter passes a float64 copy) now says it may be an overflow, and to compute
+    loss_fn in float32."""
+    import ml_dtypes
+
+    given = np.array([1.0, np.inf], dtype=np.float16 if dtype == "float16" else ml_dtypes.bfloat16)
+    for watch_it in (lambda w: w(given, Rows(0, 2)), lambda w: w(given.astype(np.float64), Rows(0, 2), dtype=dtype)):
+        watch = LossWatch("autograd", "x")
+        watch_it(watch)
+        with pytest.warns(RuntimeWarning) as caught:
+            watch.flush()
+        assert [str(w.message) for w in caught] == [
+            "loss_fn gives a NaN or infinite loss for row 1 of the data at checkpoint 0: its gradient row is "
+            "stored as autograd gives it, which may be NaN (scoring then refuses the set, naming the row) or all 0 "
+            f"(x: that example then scores as having no influence), or finite and right (a {dtype} loss that "
+            "overflowed to infinity); compute loss_fn in float32 if it overflowed, else drop that example or fix "
+            "its targets"
+        ]
+
+
+def test_a_nan_16_bit_loss_or_an_infinite_float32_one_is_not_called_an_overflow():
+    watch = LossWatch("autograd", "x")
+    watch(np.array([np.nan, 1.0], dtype=np.float16), Rows(0, 2))
+    watch(np.array([np.inf, np.inf]), Rows(2, 2))
+    with pytest.warns(RuntimeWarning) as caught:
+        watch.flush()
+    assert [str(w.message) for w in caught] == [
+        "loss_fn gives a NaN or infinite loss for 3 rows (0, 2, 3) of the data at checkpoint 0: their gradient rows "
+        "are stored as autograd gives them, which may be NaN (scoring then refuses the set, naming the rows) or all "
+        "0 (x: those examples then score as having no influence); drop those examples or fix their targets"
+    ]
+

@@ -308,3 +308,32 @@ def test_an_interrupted_pass_raises_its_own_error_when_warnings_are_errors(error
         with pytest.raises(type(error)) as raised:
             export_gradients(model, [(model.state_dict(), 1.0)], _Interrupted(error), nan_at_negative, progress=False)
     assert raised.value is error
+
+
+def test_a_float16_loss_that_overflows_is_said_to_be_one_and_its_finite_row_is_stored():
+    """review343 L1: a float16 squared residual above 65504 is inf while its gradient row is finite and right
+    (against float64 NumPy); the warning says it may be an overflow and to compute loss_fn in float32, not
+    only to drop the example."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).half()
+    x, y = torch.randn(4, 3).half(), torch.zeros(4, 1).half()
+    y[2] = 300.0
+
+    def squared(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ((out - t) ** 2).sum(1)
+
+    with pytest.warns(RuntimeWarning, match="NaN or infinite loss") as caught:
+        grads = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), squared, progress=False)
+    ours = [str(w.message) for w in caught if "NaN or infinite loss" in str(w.message)]
+    assert len(ours) == 1 and ours[0].startswith("loss_fn gives a NaN or infinite loss for row 2 of the data")
+    assert ours[0].endswith(
+        "or finite and right (a float16 loss that overflowed to infinity); compute loss_fn in float32 if it "
+        "overflowed, else drop that example or fix its targets"
+    )
+    w, b = (model.weight.detach().double().numpy(), model.bias.detach().double().numpy())
+    xs = x.double().numpy()
+    residual = xs[2] @ w[0] + b[0] - 300.0
+    exact = np.concatenate([2 * residual * xs[2], [2 * residual]])  # d/dw, d/db of (w.x + b - t)^2, float64
+    row = np.asarray(grads.matrices[0], np.float64)[2]
+    assert np.isfinite(row).all()
+    np.testing.assert_allclose(row, exact, rtol=2e-2)

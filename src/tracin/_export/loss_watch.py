@@ -19,6 +19,9 @@ class _Rows(Protocol):
     count: int
 
 
+_SIXTEEN_BIT = ("float16", "bfloat16")  # dtypes whose losses overflow to infinity from 65504 or ~3.4e38
+
+
 class LossWatch:
     """Warns about the examples whose loss is NaN or infinite. Such a loss need not give a NaN row: an
     ignored label read as no loss at all (a per-example mean over tokens whose labels are all -100: 0 / 0;
@@ -39,15 +42,21 @@ class LossWatch:
         self._warned: set[int] = set()
         self._count = 0  # rows found since the last flush
         self._first: list[int] = []  # the first _SHOWN of them
+        self._overflowed: str | None = None  # the 16-bit dtype of an infinite loss among them, if any
 
-    def __call__(self, losses: Any, batch: _Rows) -> None:
-        """losses: the batch's per-example losses, (rows,), anything np.asarray reads."""
+    def __call__(self, losses: Any, batch: _Rows, dtype: str | None = None) -> None:
+        """losses: the batch's per-example losses, (rows,), anything np.asarray reads; dtype: the name of the
+        dtype loss_fn gave them in ("float16"), where `losses` is a copy in another (default: theirs)."""
         values = np.asarray(losses)[: batch.count]
-        new = [batch.start + int(i) for i in np.flatnonzero(~np.isfinite(values))]
+        bad = ~np.isfinite(values)
+        new = [batch.start + int(i) for i in np.flatnonzero(bad)]
         new = [row for row in new if row not in self._warned]
         self._warned.update(new)
         self._count += len(new)
         self._first.extend(new[: self._SHOWN - len(self._first)])
+        name = dtype or values.dtype.name
+        if name in _SIXTEEN_BIT and np.isinf(values[bad].astype(np.float32)).any():
+            self._overflowed = name  # an infinite 16-bit loss may be an overflow, its gradient finite and right
 
     def flushed(self) -> _Flushed:
         """flush() when the pass inside ends, an interrupted one too (its stored rows are not computed again
@@ -58,18 +67,26 @@ class LossWatch:
 
     def flush(self) -> None:
         """The warning about the rows found since the last flush (the checkpoint's pass), if any."""
-        count, first = self._count, self._first
-        self._count, self._first = 0, []
+        count, first, overflowed = self._count, self._first, self._overflowed
+        self._count, self._first, self._overflowed = 0, [], None
         if not count:
             return
         listed = ", ".join(map(str, first))
         more = f" and {count - len(first)} more" if count > len(first) else ""
-        rows = f"row {listed}" if count == 1 else f"{count} rows ({listed}{more})"
+        if count == 1:
+            rows, its, row, gives, example, scores = f"row {listed}", "its", "row is", "it", "that example", "scores"
+        else:
+            rows, its, row, gives = f"{count} rows ({listed}{more})", "their", "rows are", "them"
+            example, scores = "those examples", "score"
+        finite = f", or finite and right (a {overflowed} loss that overflowed to infinity)" if overflowed else ""
+        advice = (
+            f"compute loss_fn in float32 if it overflowed, else drop {example}" if overflowed else f"drop {example}"
+        )
         warnings.warn(
             f"loss_fn gives a NaN or infinite loss for {rows} of the data at checkpoint {self.checkpoint}: "
-            f"their gradient rows are stored as {self.grad} gives them, which may be NaN (scoring then refuses the "
-            f"set, naming the rows) or all 0 ({self.zeros}: those examples then score as having no influence); "
-            "drop those examples or fix their targets",
+            f"{its} gradient {row} stored as {self.grad} gives {gives}, which may be NaN (scoring then refuses the "
+            f"set, naming the {row.split()[0]}) or all 0 ({self.zeros}: {example} then {scores} as having no "
+            f"influence){finite}; {advice} or fix {its} targets",
             RuntimeWarning,
             stacklevel=user_stacklevel(),
         )

@@ -508,7 +508,7 @@ class _TorchExport:
             rows = self.compute_rows(state, inputs, targets, **({} if out is None else {"out": out}))
         losses = self.compute_rows.losses  # (rows,) on the device: one small copy to the host a batch
         if losses is not None:
-            self.watch(losses.cpu().double().numpy(), batch)
+            self.watch(losses.cpu().double().numpy(), batch, dtype=str(losses.dtype).removeprefix("torch."))
         return rows
 
     def compute_into(self, state: dict[str, torch.Tensor], batch: _Batch, out: np.ndarray) -> None:
