@@ -118,3 +118,28 @@ def test_a_nan_16_bit_loss_or_an_infinite_float32_one_is_not_called_an_overflow(
         "0 (x: those examples then score as having no influence); drop those examples or fix their targets"
     ]
 
+
+def test_rows_far_apart_and_in_any_order_are_warned_about_once_per_export():
+    """review343 L3 (the rows warned about kept compactly): rows found in any order, far apart (the record
+    grown past them), at its edges, are each counted once over the export's checkpoints, and a row next
+    to one warned about is still new."""
+    watch = LossWatch("autograd", "x")
+    watch(np.array([np.nan, 1.0, 1.0, 1.0, 1.0, np.inf]), Rows(0, 6))  # rows 0 and 5
+    watch(np.array([1.0, np.nan, 1.0]), Rows(1_000_000, 3))  # row 1000001
+    watch(np.array([np.nan, np.nan]), Rows(63, 2))  # rows 63, 64
+    with pytest.warns(RuntimeWarning, match=r"for 5 rows \(0, 5, 1000001, 63, 64\) of the data at checkpoint 0"):
+        watch.flush()
+    watch.checkpoint = 1
+    watch(np.array([np.nan, np.nan, np.nan]), Rows(1_000_000, 3))  # 1000001 again; 1000000, 1000002 new
+    watch(np.array([np.nan] * 7), Rows(0, 7))  # 0, 5 again; 1..4, 6 new
+    watch(np.array([np.nan, np.nan, np.nan]), Rows(62, 3))  # 63, 64 again; 62 new
+    with pytest.warns(RuntimeWarning) as caught:
+        watch.flush()
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "loss_fn gives a NaN or infinite loss for 8 rows (1000000, 1000002, 1, 2, 3, 4, 6, 62) of the data at "
+        "checkpoint 1"
+    ]
+    watch(np.array([np.nan] * 5), Rows(1_999_998, 5))  # 1999998..2000002, past everything so far
+    watch(np.array([np.nan] * 2), Rows(2_000_001, 2))  # 2000001 again, 2000002 again
+    with pytest.warns(RuntimeWarning, match=r"for 5 rows \(1999998, 1999999, 2000000, 2000001, 2000002\) "):
+        watch.flush()

@@ -39,7 +39,7 @@ class LossWatch:
     def __init__(self, grad: str, zeros: str) -> None:
         self.grad, self.zeros = grad, zeros
         self.checkpoint = 0
-        self._warned: set[int] = set()
+        self._warned = np.zeros(0, dtype=bool)  # by row of the data: warned about (1 byte a row, not a set's ~70)
         self._count = 0  # rows found since the last flush
         self._first: list[int] = []  # the first _SHOWN of them
         self._overflowed: str | None = None  # the 16-bit dtype of an infinite loss among them, if any
@@ -49,11 +49,15 @@ class LossWatch:
         dtype loss_fn gave them in ("float16"), where `losses` is a copy in another (default: theirs)."""
         values = np.asarray(losses)[: batch.count]
         bad = ~np.isfinite(values)
-        new = [batch.start + int(i) for i in np.flatnonzero(bad)]
-        new = [row for row in new if row not in self._warned]
-        self._warned.update(new)
+        rows = batch.start + np.flatnonzero(bad)
+        if rows.size and rows[-1] >= len(self._warned):  # grown past it, at least twice (amortised)
+            grown = np.zeros(max(int(rows[-1]) + 1, 2 * len(self._warned)), dtype=bool)
+            grown[: len(self._warned)] = self._warned
+            self._warned = grown
+        new = rows[~self._warned[rows]]
+        self._warned[new] = True
         self._count += len(new)
-        self._first.extend(new[: self._SHOWN - len(self._first)])
+        self._first.extend(int(row) for row in new[: self._SHOWN - len(self._first)])
         name = dtype or values.dtype.name
         if name in _SIXTEEN_BIT and np.isinf(values[bad].astype(np.float32)).any():
             self._overflowed = name  # an infinite 16-bit loss may be an overflow, its gradient finite and right
