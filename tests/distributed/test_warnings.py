@@ -543,3 +543,37 @@ def test_a_showwarning_handing_warnings_back_to_the_wrapper_falls_back_to_the_or
     finally:
         warnings.showwarning = show
     assert shown == ["looped", "looped"] and printed == ["looped"]
+
+
+def test_every_shards_nan_loss_rows_are_named_however_many_shards():
+    """review343 L2: the shards' copies of the NaN-loss warning (LossWatch's) were merged listing five other
+    shards' rows, the rest counted ("and 1 more"): the rows to fix went unnamed. All seven shards' rows are
+    named, in shard order; other warnings still list five."""
+    labels = {f"t{i}": f"rows [{100 * i}, {100 * i + 100})" for i in range(7)}
+    category = ("builtins", "RuntimeWarning", "RuntimeWarning")
+    tail = "of the data at checkpoint 0: its gradient row is stored as autograd gives it"
+    raised = [
+        _warnings.Raised(
+            category,
+            f"loss_fn gives a NaN or infinite loss for row {100 * i + 7} {tail}",
+            "x.py",
+            3,
+            None,
+            f"t{i}",
+            "w",
+        )
+        for i in reversed(range(7))
+    ]
+    raised += [
+        _warnings.Raised(category, f"rows {100 * i} to {100 * i + 99} tiny", "x.py", 3, None, f"t{i}", "w")
+        for i in range(7)
+    ]
+    with pytest.warns(RuntimeWarning) as record:
+        _warnings.show(raised, 0, "test", labels, 7)
+    nan_loss, tiny = (str(w.message) for w in record)
+    others = "; ".join(f"rows [{100 * i}, {100 * i + 100}): '{100 * i + 7}'" for i in range(1, 7))
+    assert nan_loss == (
+        "tracin.distributed test, rows [0, 100) on worker w (from 7 of 7 shards; other shards' copies name other "
+        f"numbers: {others}): loss_fn gives a NaN or infinite loss for row 7 {tail}"
+    )
+    assert tiny.endswith("rows [500, 600): '500 to 599' and 1 more): rows 0 to 99 tiny")

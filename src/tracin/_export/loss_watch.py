@@ -19,6 +19,7 @@ class _Rows(Protocol):
     count: int
 
 
+STARTS = "loss_fn gives a NaN or infinite loss for "  # how the warning starts (merged across shards by it)
 _SIXTEEN_BIT = ("float16", "bfloat16")  # dtypes whose losses overflow to infinity from 65504 or ~3.4e38
 
 
@@ -87,7 +88,7 @@ class LossWatch:
             f"compute loss_fn in float32 if it overflowed, else drop {example}" if overflowed else f"drop {example}"
         )
         warnings.warn(
-            f"loss_fn gives a NaN or infinite loss for {rows} of the data at checkpoint {self.checkpoint}: "
+            f"{STARTS}{rows} of the data at checkpoint {self.checkpoint}: "
             f"{its} gradient {row} stored as {self.grad} gives {gives}, which may be NaN (scoring then refuses the "
             f"set, naming the {row.split()[0]}) or all 0 ({self.zeros}: {example} then {scores} as having no "
             f"influence){finite}; {advice} or fix {its} targets",

@@ -17,6 +17,7 @@ from dask.sizeof import sizeof
 from distributed import get_worker
 
 from .._caller import user_stacklevel
+from .._export.loss_watch import STARTS as _LOSS_WATCH_STARTS
 from ._cluster import worker_name
 
 KEPT = 100  # distinct warnings a task keeps and sends back; more are counted (Warned.more), not kept
@@ -24,6 +25,7 @@ COUNTED = 10_000  # distinct warnings beyond KEPT a task tells apart (by hash) t
 NOTED = 10  # warnings a failed task's error lists in its note
 _NUMBERS = re.compile(r"\d+")  # what tells apart the shards' copies of one warning (the rows each names)
 _OTHERS = 5  # other shards' copies of a warning whose differing words are listed with the first's
+# (all of them for the NaN-loss warning: the rows it names are what the user must fix, review343 L2)
 
 _LOCK = threading.Lock()
 _local = threading.local()  # .handlers: this thread's handlers, innermost last; .showing: inside _show
@@ -272,19 +274,22 @@ def _modules_by_file() -> dict[str, str]:
 def _others(found: list[Raised], firsts: dict[str, Raised], labels: dict[str, str], order: dict[str, int]) -> str:
     """What the other shards' copies of a warning (`found`, its copies differing in numbers only) say
     that the first shard's (`firsts`) do not: the words around their numbers that differ, a few shards'
-    (the rows or checkpoints each names may be what the user must act on)."""
+    (the rows or checkpoints each names may be what the user must act on), every shard's for the NaN-loss
+    warning (LossWatch's, which exists to name the rows to fix)."""
     seen: dict[str, str] = {}
     for r in sorted(found, key=lambda r: order.get(labels.get(r.task, ""), len(order))):
         if r.message not in firsts:
             seen.setdefault(r.message, labels.get(r.task, "a task merging shard results"))
-    base = next(iter(firsts)).split(" ")
+    first = next(iter(firsts))
+    limit = len(seen) if first.startswith(_LOSS_WATCH_STARTS) else _OTHERS
+    base = first.split(" ")
     listed = []
-    for message, where in list(seen.items())[:_OTHERS]:
+    for message, where in list(seen.items())[:limit]:
         words = message.split(" ")
         start = next((i for i, (a, b) in enumerate(zip(base, words, strict=True)) if a != b), 0)
         end = next((i for i, (a, b) in enumerate(zip(reversed(base), reversed(words), strict=True)) if a != b), 0)
         listed.append(f"{where}: '{' '.join(words[start : len(words) - end])}'")
-    more = f" and {len(seen) - _OTHERS} more" if len(seen) > _OTHERS else ""
+    more = f" and {len(seen) - limit} more" if len(seen) > limit else ""
     return f"other shards' copies name other numbers: {'; '.join(listed)}{more}"
 
 
