@@ -577,3 +577,21 @@ def test_every_shards_nan_loss_rows_are_named_however_many_shards():
         f"numbers: {others}): loss_fn gives a NaN or infinite loss for row 7 {tail}"
     )
     assert tiny.endswith("rows [500, 600): '500 to 599' and 1 more): rows 0 to 99 tiny")
+
+
+def test_a_warning_located_in_dask_on_the_worker_is_shown_at_the_users_call():
+    """review343 L4: a tracin warning on a worker points at the first frame outside tracin, there Dask's task
+    runner (dask/_task_spec.py): shown there on the client, it named no line of the user's. It is shown at
+    the user's line that called into tracin.distributed, as a local export's is; others stay where raised."""
+    import dask
+
+    category = ("builtins", "RuntimeWarning", "RuntimeWarning")
+    runner = dask.__file__.replace("__init__.py", "_task_spec.py")
+    raised = [
+        _warnings.Raised(category, "NaN loss for row 1", runner, 768, "dask._task_spec", "t0", "w"),
+        _warnings.Raised(category, "from the user's loss_fn", "user.py", 3, None, "t0", "w"),
+    ]
+    with pytest.warns(RuntimeWarning) as record:
+        line = sys._getframe().f_lineno + 1
+        _warnings.show(raised, 0, "test", {"t0": "rows [0, 10)"}, 1)
+    assert [(w.filename, w.lineno) for w in record] == [(__file__, line), ("user.py", 3)]

@@ -4,6 +4,7 @@ shown on the client once per distinct warning, naming the shards and worker that
 from __future__ import annotations
 
 import builtins
+import os
 import re
 import sys
 import threading
@@ -271,6 +272,30 @@ def _modules_by_file() -> dict[str, str]:
     return found
 
 
+def _located(r: Raised, call: Any) -> tuple[str, int, str | None]:
+    """Where to show `r` on the client: (file, line, module) where it was raised on the worker, or, for a
+    file of Dask's or distributed's (a tracin warning pointing at the first frame outside tracin, on a worker
+    Dask's task runner: review343 L4), the user's line that called into tracin (`call`, a frame), as a local
+    export's warning is shown."""
+    top = (r.module or "").partition(".")[0]
+    if top not in _DASK and not any(r.filename.startswith(d) for d in _dask_folders()):
+        return r.filename, r.lineno, r.module
+    return call.f_code.co_filename, call.f_lineno, call.f_globals.get("__name__")
+
+
+_DASK = ("dask", "distributed")
+
+
+def _dask_folders() -> list[str]:
+    """The folders of the dask and distributed packages imported here (with a trailing separator)."""
+    found = []
+    for name in _DASK:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(file, str):
+            found.append(os.path.dirname(file) + os.sep)
+    return found
+
+
 def _others(found: list[Raised], firsts: dict[str, Raised], labels: dict[str, str], order: dict[str, int]) -> str:
     """What the other shards' copies of a warning (`found`, its copies differing in numbers only) say
     that the first shard's (`firsts`) do not: the words around their numbers that differ, a few shards'
@@ -295,10 +320,12 @@ def _others(found: list[Raised], firsts: dict[str, Raised], labels: dict[str, st
 
 def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], shards: int) -> None:
     """Each distinct (category, message) of `raised` warned once on the client, with warn_explicit at
-    the line that raised it on the worker (so that the client's filters by category and module apply),
+    the line that raised it on the worker (so that the client's filters by category and module apply;
+    one located in Dask's task runner, a tracin warning's on a worker, at the user's call, see _located),
     the message prefixed with the call (`what`), the first shard in the call's order that raised it
     (`labels`: task key -> shard, in the order submitted), its worker, and how many of the call's
     `shards` shard tasks raised it."""
+    call = sys._getframe(user_stacklevel() - 1)  # the user's line that called into tracin
     order: dict[str, int] = {}  # shard -> its place among the call's (a chain's links share their part's)
     for label in labels.values():
         order.setdefault(label, len(order))
@@ -316,12 +343,13 @@ def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], sha
         told += [_others(found, firsts, labels, order)] if len(firsts) < len({r.message for r in found}) else []
         count = f" ({'; '.join(told)})" if told else ""
         for first in firsts.values():
+            filename, lineno, module = _located(first, call)
             warnings.warn_explicit(
                 f"tracin.distributed {what}, {where} on worker {first.worker}{count}: {first.message}",
                 _category(category),
-                first.filename,
-                first.lineno,
-                **({} if first.module is None else {"module": first.module}),  # module=None would drop it
+                filename,
+                lineno,
+                **({} if module is None else {"module": module}),  # module=None would drop it
             )
     if more:
         warnings.warn(
