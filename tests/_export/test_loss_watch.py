@@ -143,3 +143,21 @@ def test_rows_far_apart_and_in_any_order_are_warned_about_once_per_export():
     watch(np.array([np.nan] * 2), Rows(2_000_001, 2))  # 2000001 again, 2000002 again
     with pytest.warns(RuntimeWarning, match=r"for 5 rows \(1999998, 1999999, 2000000, 2000001, 2000002\) "):
         watch.flush()
+
+
+def test_a_row_warned_about_before_does_not_make_a_new_nan_row_an_overflow():
+    """An infinite float16 loss warned about at checkpoint 0 and still infinite at checkpoint 1 is not named
+    again: a row newly NaN there (a float16 NaN, no overflow) is not said to be one that overflowed."""
+    watch = LossWatch("autograd", "x")
+    watch(np.array([np.inf, 1.0], dtype=np.float16), Rows(0, 2))
+    with pytest.warns(RuntimeWarning, match="overflowed to infinity"):
+        watch.flush()
+    watch.checkpoint = 1
+    watch(np.array([np.inf, np.nan], dtype=np.float16), Rows(0, 2))
+    with pytest.warns(RuntimeWarning) as caught:
+        watch.flush()
+    assert [str(w.message) for w in caught] == [
+        "loss_fn gives a NaN or infinite loss for row 1 of the data at checkpoint 1: its gradient row is stored as "
+        "autograd gives it, which may be NaN (scoring then refuses the set, naming the row) or all 0 (x: that "
+        "example then scores as having no influence); drop that example or fix its targets"
+    ]

@@ -60,8 +60,8 @@ class LossWatch:
         self._count += len(new)
         self._first.extend(int(row) for row in new[: self._SHOWN - len(self._first)])
         name = dtype or values.dtype.name
-        if name in _SIXTEEN_BIT and np.isinf(values[bad].astype(np.float32)).any():
-            self._overflowed = name  # an infinite 16-bit loss may be an overflow, its gradient finite and right
+        if name in _SIXTEEN_BIT and np.isinf(values[new - batch.start].astype(np.float32)).any():
+            self._overflowed = name  # a new infinite 16-bit loss may be an overflow, its gradient finite and right
 
     def flushed(self) -> _Flushed:
         """flush() when the pass inside ends, an interrupted one too (its stored rows are not computed again
