@@ -588,10 +588,45 @@ def test_a_warning_located_in_dask_on_the_worker_is_shown_at_the_users_call():
     category = ("builtins", "RuntimeWarning", "RuntimeWarning")
     runner = dask.__file__.replace("__init__.py", "_task_spec.py")
     raised = [
-        _warnings.Raised(category, "NaN loss for row 1", runner, 768, "dask._task_spec", "t0", "w"),
+        _warnings.Raised(category, "NaN loss for row 1", runner, 768, "dask._task_spec", "t0", "w", ours=True),
         _warnings.Raised(category, "from the user's loss_fn", "user.py", 3, None, "t0", "w"),
     ]
     with pytest.warns(RuntimeWarning) as record:
         line = sys._getframe().f_lineno + 1
         _warnings.show(raised, 0, "test", {"t0": "rows [0, 10)"}, 1)
     assert [(w.filename, w.lineno) for w in record] == [(__file__, line), ("user.py", 3)]
+
+
+def test_only_tracins_own_warnings_located_in_dask_are_shown_at_the_users_call():
+    """A warning Dask itself raises in a task, located in Dask's files, is not tracin's pointing at Dask's task
+    runner: it stays where raised, with its module, so that the client's filters by module still apply (it was
+    shown at the user's line, in the user's module: a filter ignoring module 'dask' let it through). A tracin
+    warning located in the runner (LossWatch's, its first frame outside tracin there) is still moved."""
+    import dask
+
+    from tracin._export.loss_watch import LossWatch
+
+    runner = dask.__file__.replace("__init__.py", "_task_spec.py")
+    in_runner: dict = {}
+    exec(compile("def run(f):\n    return f()\n", runner, "exec"), in_runner)  # a frame of Dask's task runner
+    watch = LossWatch("autograd", "x")
+    watch(np.array([np.nan]), type("Rows", (), {"start": 0, "count": 1})())
+
+    def dasks_own() -> None:
+        warnings.warn_explicit("Dask's own", FutureWarning, runner, 99, module="dask._task_spec")
+
+    with _warnings.recorded() as caught:
+        in_runner["run"](watch.flush)
+        in_runner["run"](dasks_own)
+    raised = _warnings._distinct(caught)
+    for ignored, expected in (([], 2), (["dask"], 1)):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for module in ignored:
+                warnings.filterwarnings("ignore", module=module)
+            line = sys._getframe().f_lineno + 1
+            _warnings.show(raised, 0, "test", {}, 1)
+        assert [(w.category, w.filename, w.lineno) for w in record] == [
+            (RuntimeWarning, __file__, line),
+            (FutureWarning, runner, 99),
+        ][:expected]

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from dask.sizeof import sizeof
 from distributed import get_worker
 
-from .._caller import user_stacklevel
+from .._caller import _PACKAGE, user_stacklevel
 from .._export.loss_watch import STARTS as _LOSS_WATCH_STARTS
 from ._cluster import worker_name
 
@@ -36,7 +36,8 @@ _state: dict[str, Any] = {"users": 0, "next": None, "recorders": 0, "saved": Non
 class Raised(NamedTuple):
     """A distinct warning a task raised: its category as (module, qualified name, the nearest built-in
     warning class above it), its message, where it was raised (file, line, module name or None), and the
-    key of the task and the worker that raised it (None: a task not on a Dask worker)."""
+    key of the task and the worker that raised it (None: a task not on a Dask worker); `ours`: raised by
+    tracin's own code (a warning Dask's task runner may be the first frame outside tracin of, see _located)."""
 
     category: tuple[str, str, str]
     message: str
@@ -45,6 +46,7 @@ class Raised(NamedTuple):
     module: str | None
     task: str | None
     worker: str
+    ours: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,21 @@ class Caught:
 
     def __init__(self) -> None:
         self.kept: dict[tuple[type[Warning], str], warnings.WarningMessage] = {}
+        self.ours: set[tuple[type[Warning], str]] = set()  # keys of `kept` that tracin's own code raised
         self._beyond: set[int] = set()
 
     @property
     def more(self) -> int:
         return len(self._beyond)
 
-    def add(self, message: Any, category: type[Warning], filename: str, lineno: int) -> None:
+    def add(self, message: Any, category: type[Warning], filename: str, lineno: int, ours: bool = False) -> None:
         key = (category, str(message))
         if key in self.kept:
             return
         if len(self.kept) < KEPT:
             self.kept[key] = warnings.WarningMessage(message, category, filename, lineno)
+            if ours:
+                self.ours.add(key)
         elif len(self._beyond) < COUNTED:
             self._beyond.add(hash(key))
 
@@ -163,7 +168,7 @@ def recorded() -> Iterator[Caught]:
         _state["recorders"] += 1
 
     def record(message: Any, category: type[Warning], filename: str, lineno: int) -> bool:
-        caught.add(message, category, filename, lineno)
+        caught.add(message, category, filename, lineno, ours=_warned_by_tracin())
         return True
 
     try:
@@ -176,6 +181,15 @@ def recorded() -> Iterator[Caught]:
                 show = warnings.showwarning  # the filters only: catch_warnings would put back its entry's
                 _state["saved"].__exit__(None, None, None)
                 warnings.showwarning = show
+
+
+def _warned_by_tracin() -> bool:
+    """Whether the code that called warnings.warn (the first frame above this module's and the warnings
+    module's) is tracin's: its warnings may point at Dask's task runner, the first frame outside tracin."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename in (__file__, warnings.__file__):
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.startswith(_PACKAGE)
 
 
 def unwrapped(args: tuple) -> tuple[tuple, list[Raised], int]:
@@ -239,8 +253,17 @@ def _distinct(caught: Caught) -> list[Raised]:
         task, worker = None, worker_name()
     modules = _modules_by_file()
     return [
-        Raised(_category_named(w.category), message, w.filename, w.lineno, modules.get(w.filename), task, worker)
-        for (_, message), w in caught.kept.items()
+        Raised(
+            _category_named(w.category),
+            key[1],
+            w.filename,
+            w.lineno,
+            modules.get(w.filename),
+            task,
+            worker,
+            key in caught.ours,
+        )
+        for key, w in caught.kept.items()
     ]
 
 
@@ -274,11 +297,11 @@ def _modules_by_file() -> dict[str, str]:
 
 def _located(r: Raised, call: Any) -> tuple[str, int, str | None]:
     """Where to show `r` on the client: (file, line, module) where it was raised on the worker, or, for a
-    file of Dask's or distributed's (a tracin warning pointing at the first frame outside tracin, on a worker
-    Dask's task runner: review343 L4), the user's line that called into tracin (`call`, a frame), as a local
-    export's warning is shown."""
+    tracin warning located in a file of Dask's or distributed's (pointing at the first frame outside tracin,
+    on a worker Dask's task runner: review343 L4), the user's line that called into tracin (`call`, a frame),
+    as a local export's warning is shown. Dask's own warnings stay where raised (filters by module apply)."""
     top = (r.module or "").partition(".")[0]
-    if top not in _DASK and not any(r.filename.startswith(d) for d in _dask_folders()):
+    if not r.ours or (top not in _DASK and not any(r.filename.startswith(d) for d in _dask_folders())):
         return r.filename, r.lineno, r.module
     return call.f_code.co_filename, call.f_lineno, call.f_globals.get("__name__")
 
