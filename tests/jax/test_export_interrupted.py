@@ -54,3 +54,17 @@ def test_an_interrupted_pass_still_warns_of_its_nan_rows():
         with pytest.raises(OSError) as raised:
             export_gradients(_taken, [(params, 1.0)], _Interrupted(error), batch_size=4, progress=False)
     assert raised.value is error
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError("disk gone while reading batch 2")])
+def test_an_interrupted_pass_with_warnings_as_errors_names_its_nan_rows_in_a_note(error):
+    """The NaN-loss warning the pass cannot raise (its own error is) is a note on that error: the rows stored
+    are not computed, nor told about, again on resume."""
+    params = {"w": jnp.full((4, 3), 0.1, jnp.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(type(error)):
+            export_gradients(_taken, [(params, 1.0)], _Interrupted(error), batch_size=4, progress=False)
+    assert [n.split(":")[:2] for n in getattr(error, "__notes__", [])] == [
+        ["RuntimeWarning", " loss_fn gives a NaN or infinite loss for row 1 of the data at checkpoint 0"]
+    ]

@@ -337,3 +337,24 @@ def test_a_float16_loss_that_overflows_is_said_to_be_one_and_its_finite_row_is_s
     row = np.asarray(grads.matrices[0], np.float64)[2]
     assert np.isfinite(row).all()
     np.testing.assert_allclose(row, exact, rtol=2e-2)
+
+
+def test_an_interrupted_pass_with_warnings_as_errors_names_its_nan_rows_in_a_note():
+    """The NaN-loss warning an interrupted pass cannot raise (warnings are errors: its own error is raised) is
+    a note on that error: the rows stored are not computed, nor told about, again on resume."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, C))
+
+    def nan_at_negative(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(out, y.clamp(min=0), reduction="none")
+        return torch.where(y < 0, torch.full_like(losses, float("nan")), losses)
+
+    error = OSError("disk gone while reading batch 2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(OSError) as raised:
+            export_gradients(model, [(model.state_dict(), 1.0)], _Interrupted(error), nan_at_negative, progress=False)
+    assert raised.value is error
+    assert [n.split(":")[:2] for n in getattr(error, "__notes__", [])] == [
+        ["RuntimeWarning", " loss_fn gives a NaN or infinite loss for row 1 of the data at checkpoint 0"]
+    ]

@@ -66,7 +66,8 @@ class LossWatch:
     def flushed(self) -> _Flushed:
         """flush() when the pass inside ends, an interrupted one too (its stored rows are not computed again
         on resume). On an error (Ctrl-C, an OSError of the data, the generator closed) the warning cannot
-        escape (a warnings filter "error" made it replace the error: review343 M1) and the error is raised.
+        escape (a warnings filter "error" made it replace the error: review343 M1) and the error is raised,
+        the warning's text a note on it (its rows are not told again on resume).
         (A class, not contextlib's: a frame outside tracin would be taken for the user's line to warn at.)"""
         return _Flushed(self)
 
@@ -106,9 +107,21 @@ class _Flushed:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, *rest: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, *rest: Any) -> None:
         if kind is None:
             self.watch.flush()
             return
-        with contextlib.suppress(Warning):  # the pass's own error is raised
+        try:
             self.watch.flush()
+        except Warning as warned:  # a filter "error": the pass's own error is raised, the warning in a note on it
+            if error is not None and not isinstance(error, GeneratorExit):  # (a closed generator's is never seen)
+                _noted(error, f"{type(warned).__name__}: {warned}")
+
+
+def _noted(error: BaseException, note: str) -> None:
+    """`note` added to error's notes (as add_note would before Python 3.11); an error taking none is left."""
+    with contextlib.suppress(AttributeError, TypeError):
+        if hasattr(error, "add_note"):
+            error.add_note(note)
+        else:
+            error.__notes__ = [*getattr(error, "__notes__", ()), note]
