@@ -161,3 +161,22 @@ def test_a_row_warned_about_before_does_not_make_a_new_nan_row_an_overflow():
         "autograd gives it, which may be NaN (scoring then refuses the set, naming the row) or all 0 (x: that "
         "example then scores as having no influence); drop that example or fix its targets"
     ]
+
+
+def test_rows_far_from_row_0_are_kept_in_memory_of_their_span_not_of_their_ids():
+    """A distributed shard's watch sees rows far from row 0 only (its rows [10**9, ...)): the record of rows
+    warned about spans the rows seen (a few bytes), not every row id up to them (a GB); rows below the first
+    seen, and far above, are still each warned about once."""
+    watch = LossWatch("autograd", "x")
+    watch(np.array([1.0, np.nan, np.inf]), Rows(10**9, 3))  # rows 1000000001, 1000000002
+    watch(np.array([np.nan, 1.0]), Rows(10**9 - 2, 2))  # row 999999998, below the first seen
+    watch(np.array([np.nan]), Rows(10**9 + 50, 1))  # row 1000000050
+    with pytest.warns(RuntimeWarning, match=r"for 4 rows \(1000000001, 1000000002, 999999998, 1000000050\) "):
+        watch.flush()
+    assert watch._warned.nbytes < 1000
+    watch(np.array([np.nan] * 60), Rows(10**9 - 5, 60))  # 999999995 .. 1000000054: 56 of them new
+    with pytest.warns(RuntimeWarning, match=r"for 56 rows \(999999995, 999999996, 999999997, 999999999, "):
+        watch.flush()
+    watch(np.array([np.nan] * 3), Rows(0, 3))  # rows 0, 1, 2: the record spans them too
+    with pytest.warns(RuntimeWarning, match=r"for 3 rows \(0, 1, 2\) of the data"):
+        watch.flush()

@@ -40,7 +40,8 @@ class LossWatch:
     def __init__(self, grad: str, zeros: str) -> None:
         self.grad, self.zeros = grad, zeros
         self.checkpoint = 0
-        self._warned = np.zeros(0, dtype=bool)  # by row of the data: warned about (1 byte a row, not a set's ~70)
+        self._warned = np.zeros(0, dtype=bool)  # by row from _low: warned about (1 byte a row, not a set's ~70)
+        self._low = 0  # the row of _warned[0]: the record spans the rows seen (a shard's, far from row 0)
         self._count = 0  # rows found since the last flush
         self._first: list[int] = []  # the first _SHOWN of them
         self._overflowed: str | None = None  # the 16-bit dtype of an infinite loss among them, if any
@@ -51,17 +52,30 @@ class LossWatch:
         values = np.asarray(losses)[: batch.count]
         bad = ~np.isfinite(values)
         rows = batch.start + np.flatnonzero(bad)
-        if rows.size and rows[-1] >= len(self._warned):  # grown past it, at least twice (amortised)
-            grown = np.zeros(max(int(rows[-1]) + 1, 2 * len(self._warned)), dtype=bool)
-            grown[: len(self._warned)] = self._warned
-            self._warned = grown
-        new = rows[~self._warned[rows]]
-        self._warned[new] = True
+        if rows.size:
+            self._span(int(rows[0]), int(rows[-1]) + 1)
+        new = rows[~self._warned[rows - self._low]]
+        self._warned[new - self._low] = True
         self._count += len(new)
         self._first.extend(int(row) for row in new[: self._SHOWN - len(self._first)])
         name = dtype or values.dtype.name
         if name in _SIXTEEN_BIT and np.isinf(values[new - batch.start].astype(np.float32)).any():
             self._overflowed = name  # a new infinite 16-bit loss may be an overflow, its gradient finite and right
+
+    def _span(self, low: int, high: int) -> None:
+        """The record of rows warned about grown to span rows [low, high), at least twice (amortised) at the
+        side it grows; at first just those."""
+        size = len(self._warned)
+        if not size:
+            self._warned, self._low = np.zeros(high - low, dtype=bool), low
+            return
+        if low >= self._low and high <= self._low + size:
+            return
+        start = min(low, self._low - size) if low < self._low else self._low
+        stop = max(high, self._low + 2 * size) if high > self._low + size else self._low + size
+        grown = np.zeros(stop - start, dtype=bool)
+        grown[self._low - start : self._low - start + size] = self._warned
+        self._warned, self._low = grown, start
 
     def flushed(self) -> _Flushed:
         """flush() when the pass inside ends, an interrupted one too (its stored rows are not computed again
