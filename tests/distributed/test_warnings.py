@@ -630,3 +630,30 @@ def test_only_tracins_own_warnings_located_in_dask_are_shown_at_the_users_call()
             (RuntimeWarning, __file__, line),
             (FutureWarning, runner, 99),
         ][:expected]
+
+
+def test_a_client_catch_warnings_ending_while_a_task_records_leaves_no_filter_behind():
+    """Client(processes=False): the client's catch_warnings around a submit (Job.send's, silencing Dask's
+    'Sending large graph') is entered before a task on a worker thread starts recording and ends while it
+    records. The task's recording, ending last, put back the filters as it found them, the client's
+    temporary filter with them: it stayed after the call. Now it takes out only its own 'always' filter."""
+    filters, show = list(warnings.filters), warnings.showwarning
+    recording, go = threading.Event(), threading.Event()
+
+    def task() -> None:
+        with _warnings.recorded():
+            recording.set()
+            go.wait(30)
+
+    thread = threading.Thread(target=task)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+            thread.start()
+            assert recording.wait(30)
+        go.set()
+        thread.join(30)
+        assert warnings.filters == filters and warnings.showwarning is show
+    finally:
+        go.set()
+        warnings.filters[:], warnings.showwarning = filters, show

@@ -30,7 +30,8 @@ _OTHERS = 5  # other shards' copies of a warning whose differing words are liste
 
 _LOCK = threading.Lock()
 _local = threading.local()  # .handlers: this thread's handlers, innermost last; .showing: inside _show
-_state: dict[str, Any] = {"users": 0, "next": None, "recorders": 0, "saved": None}  # see handled(), recorded()
+_state: dict[str, Any] = {"users": 0, "next": None, "recorders": 0}  # see handled(), recorded()
+_ALWAYS = "(?:)"  # recorded()'s "always" filter's message: every message, in a filter no one else adds
 
 
 class Raised(NamedTuple):
@@ -153,18 +154,16 @@ def _show(
 def recorded() -> Iterator[Caught]:
     """Every warning raised on this thread inside, whatever the filters (as simplefilter("always")),
     added to the Caught yielded instead of shown (its first occurrence, see Caught).
-    warnings.catch_warnings changes the whole process, and a worker runs tasks on several threads at
-    once: the first thread in enters one catch_warnings for all (the "always" filter; its showwarning is
-    handled()'s, shared with the client's passes), the last one out leaves it. The warnings state is the
-    process's: a warnings.catch_warnings() another thread (one recording none: the client's, with
-    Client(processes=False)) is in meanwhile takes or drops these threads' warnings while it lasts."""
+    The filters are the whole process's, and a worker runs tasks on several threads at once: the first
+    thread in adds one "always" filter for all, the last one out takes out that filter only (not the
+    filters as it found them: a catch_warnings the client's thread left meanwhile, with
+    Client(processes=False), would have its filters put back for good); the showwarning is handled()'s,
+    shared with the client's passes. A warnings.catch_warnings() another thread (one recording none: the
+    client's) is in meanwhile takes or drops these threads' warnings while it lasts."""
     caught = Caught()
     with _LOCK:
         if _state["recorders"] == 0:
-            saved = warnings.catch_warnings()
-            saved.__enter__()
-            warnings.simplefilter("always")
-            _state["saved"] = saved
+            warnings.filterwarnings("always", message=_ALWAYS)
         _state["recorders"] += 1
 
     def record(message: Any, category: type[Warning], filename: str, lineno: int) -> bool:
@@ -178,9 +177,17 @@ def recorded() -> Iterator[Caught]:
         with _LOCK:
             _state["recorders"] -= 1
             if _state["recorders"] == 0:
-                show = warnings.showwarning  # the filters only: catch_warnings would put back its entry's
-                _state["saved"].__exit__(None, None, None)
-                warnings.showwarning = show
+                _unfiltered()
+
+
+def _unfiltered() -> None:
+    """recorded()'s "always" filter taken out of the filters, if there (a catch_warnings left meanwhile may
+    have put back filters without it), and Python told they changed (its registries of warnings shown)."""
+    for i, f in enumerate(warnings.filters):
+        if f[0] == "always" and getattr(f[1], "pattern", None) == _ALWAYS and f[2] is Warning and f[3] is None:
+            del warnings.filters[i]
+            getattr(warnings, "_filters_mutated", lambda: None)()
+            return
 
 
 def _warned_by_tracin() -> bool:
