@@ -657,3 +657,29 @@ def test_a_client_catch_warnings_ending_while_a_task_records_leaves_no_filter_be
     finally:
         go.set()
         warnings.filters[:], warnings.showwarning = filters, show
+
+
+def test_a_client_catch_warnings_entered_while_a_task_records_and_left_after_leaves_no_always_filter():
+    """The other order: the client's catch_warnings entered while a task records, left after it ended, put
+    back the filters it found, the recording's 'always' filter with them: every warning shown every time
+    after the call. The recording takes its filter out of the list it added it to as well."""
+    filters, show = list(warnings.filters), warnings.showwarning
+    recording, go = threading.Event(), threading.Event()
+
+    def task() -> None:
+        with _warnings.recorded():
+            recording.set()
+            go.wait(30)
+
+    thread = threading.Thread(target=task)
+    try:
+        thread.start()
+        assert recording.wait(30)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+            go.set()
+            thread.join(30)
+        assert warnings.filters == filters  # (its showwarning, handled()'s, it puts back: left, not looping)
+    finally:
+        go.set()
+        warnings.filters[:], warnings.showwarning = filters, show

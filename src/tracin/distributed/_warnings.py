@@ -30,7 +30,7 @@ _OTHERS = 5  # other shards' copies of a warning whose differing words are liste
 
 _LOCK = threading.Lock()
 _local = threading.local()  # .handlers: this thread's handlers, innermost last; .showing: inside _show
-_state: dict[str, Any] = {"users": 0, "next": None, "recorders": 0}  # see handled(), recorded()
+_state: dict[str, Any] = {"users": 0, "next": None, "recorders": 0, "filters": None}  # see handled(), recorded()
 _ALWAYS = "(?:)"  # recorded()'s "always" filter's message: every message, in a filter no one else adds
 
 
@@ -164,6 +164,7 @@ def recorded() -> Iterator[Caught]:
     with _LOCK:
         if _state["recorders"] == 0:
             warnings.filterwarnings("always", message=_ALWAYS)
+            _state["filters"] = warnings.filters  # the list it is in: a catch_warnings entered since puts it back
         _state["recorders"] += 1
 
     def record(message: Any, category: type[Warning], filename: str, lineno: int) -> bool:
@@ -182,12 +183,15 @@ def recorded() -> Iterator[Caught]:
 
 def _unfiltered() -> None:
     """recorded()'s "always" filter taken out of the filters, if there (a catch_warnings left meanwhile may
-    have put back filters without it), and Python told they changed (its registries of warnings shown)."""
-    for i, f in enumerate(warnings.filters):
-        if f[0] == "always" and getattr(f[1], "pattern", None) == _ALWAYS and f[2] is Warning and f[3] is None:
-            del warnings.filters[i]
-            getattr(warnings, "_filters_mutated", lambda: None)()
-            return
+    have put back filters without it), and out of the list it was added to (which a catch_warnings another
+    thread entered meanwhile and leaves later puts back), and Python told they changed (its registries)."""
+    for filters in (warnings.filters, _state["filters"]):
+        for i, f in enumerate(filters):
+            if f[0] == "always" and getattr(f[1], "pattern", None) == _ALWAYS and f[2] is Warning and f[3] is None:
+                del filters[i]
+                break
+    _state["filters"] = None
+    getattr(warnings, "_filters_mutated", lambda: None)()
 
 
 def _warned_by_tracin() -> bool:
