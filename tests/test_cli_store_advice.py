@@ -6,6 +6,9 @@ self-influence)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -144,3 +147,20 @@ def test_only_self_influence_given_test_or_train_gets_its_one_store_hint(command
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unrecognized arguments: " in err, err
     assert "self-influence reads one store" not in err, err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_fifo_given_for_a_store_is_not_read(tmp_path):
+    """A FIFO (or `--test <(...)`'s pipe, a terminal) given where a store goes: the NumPy-file check read its first
+    bytes and waited forever for a writer (r347); it is now refused as before, '(not a directory)', at once."""
+    fifo = tmp_path / "grads"
+    os.mkfifo(fifo)
+    for argv, head in ((["info", str(fifo)], ""), (["score", "--test", str(fifo), "--train", str(fifo)], "--test: ")):
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "tracin", *argv], capture_output=True, text=True, timeout=60, cwd=tmp_path
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"tracin {argv[0]} waited on the FIFO")
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == f"tracin {argv[0]}: error: {head}no gradient store at {fifo} (not a directory)\n"

@@ -166,6 +166,8 @@ def _numpy_file_advice(path: str) -> str | None:
     else None."""
     if os.path.isdir(path):
         return _folder_advice(path)
+    if not os.path.isfile(path):  # a FIFO, a terminal, a socket: not read (it would wait for a writer)
+        return None
     try:
         with open(path, "rb") as f:
             head = f.read(len(NPY_MAGIC))
