@@ -59,6 +59,14 @@ def _rows(inputs: Any, targets: Any, where: str) -> int:
             leaf_name = f"{name}{jax.tree_util.keystr(path)}"
             if np.ndim(leaf) == 0:
                 raise ValueError(f"{where} {leaf_name}: {_not_rows(leaf, path, _column(tree, path, name))}")
+            if isinstance(leaf, np.ndarray) and not _numeric_dtype(leaf.dtype):
+                shown = leaf.dtype.str if leaf.dtype.kind in "USV" else leaf.dtype
+                raise ValueError(
+                    f"{where} {leaf_name}: an array of dtype {shown}"
+                    f" ({leaf.dtype.name}), which JAX cannot take: every leaf of the data goes to loss_fn as a JAX "
+                    "array (bool, integer, floating or complex); keep example ids and texts out of the data (row i "
+                    "of the result is example i, in data order), or encode them as numbers (np.arange, token ids)"
+                )
             sizes.setdefault(np.shape(leaf)[0], []).append(leaf_name)
     if len(sizes) != 1:
         which = "; ".join(
@@ -69,6 +77,15 @@ def _rows(inputs: Any, targets: Any, where: str) -> int:
             f"(rows of each leaf, {which}): every leaf needs one row per example (dimension 0)"
         )
     return next(iter(sizes))
+
+
+def _numeric_dtype(dtype: np.dtype) -> bool:
+    """Whether JAX takes an array of `dtype`: bool, integers, floats (bfloat16 / float8 from ml_dtypes too), complex;
+    not strings, bytes, objects, datetimes or structured records."""
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+    except TypeError:
+        return False
 
 
 def _number(leaf: Any) -> bool:
