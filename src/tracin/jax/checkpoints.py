@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import io
+import math
 import os
 import sys
 import warnings
@@ -604,7 +606,7 @@ def restore(source: Any, where: str) -> Any:
         serialization = _reader("flax.serialization", "flax", f"{where}: {path} is a file (a Flax msgpack checkpoint)")
         with open(path, "rb") as f:
             content = f.read()
-        other = _other_format(content)
+        other = _other_format(content, path)
         if other:
             raise ValueError(
                 f"{_cannot_read(where, path)}: it is {other[0]}, which tracin.jax does not read (it reads orbax "
@@ -652,15 +654,22 @@ def _subfolders(path: str) -> list[str]:
     return sorted(names, key=lambda name: (0, int(name), "") if name.isdigit() else (1, 0, name))
 
 
-def _other_format(content: bytes) -> tuple[str, str] | None:
+def _other_format(content: bytes, path: str = "") -> tuple[str, str] | None:
     """(format, how to load it) of a checkpoint file in a format restore does not read, told by its first
     bytes (nothing is unpickled): a NumPy .npy array, a safetensors file (8-byte header length, then a JSON
     header), a pickle (protocol 2 and up: 0x80, the protocol, ...; protocols 0 and 1: an opening opcode
     such as "(d", "}q", "]q" or "c<module>", and the STOP opcode "." last, but for trailing whitespace: a
     newline added by an editor or `echo >>`) or a zip archive (np.savez's .npz);
     None otherwise (msgpack, or anything else, is left to the msgpack reader: a Flax msgpack file is a map,
-    whose first byte is none of these)."""
+    whose first byte is none of these). .npy records one after another (or one, in a file named *.eqx) are
+    Equinox's eqx.tree_serialise_leaves, which np.load would read only the first leaf of."""
     if content[:6] == b"\x93NUMPY":
+        if _npy_records(content) > 1 or path.lower().endswith(".eqx"):
+            return (
+                "an Equinox file (eqx.tree_serialise_leaves: the leaves as .npy records one after another)",
+                "model = eqx.tree_deserialise_leaves(path, like), like a module of the same structure, such as "
+                "a freshly made one",
+            )
         return "a NumPy .npy array (np.save)", "np.load, and put the array in a params pytree"
     header = int.from_bytes(content[:8], "little") if len(content) > 8 else 0
     if content[8:9] == b"{" and 2 <= header <= len(content) - 8 and content[7 + header : 8 + header] in b"} ":
@@ -671,6 +680,28 @@ def _other_format(content: bytes) -> tuple[str, str] | None:
     if content[:4] == b"PK\x03\x04":
         return "a zip archive (an .npz of np.savez, or a torch.save file)", "np.load, or torch.load"
     return None
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy_records(content: bytes) -> int:
+    """How many .npy records (np.save's bytes) start `content` one after another, stopping at anything else
+    (a record of objects, whose size its header does not give, counts as one and ends the count)."""
+    stream, count = io.BytesIO(content), 0
+    while stream.tell() < len(content) and content[stream.tell() : stream.tell() + 6] == b"\x93NUMPY":
+        count += 1
+        try:
+            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(stream))
+            if read_header is None:
+                break
+            shape, _, dtype = read_header(stream)
+        except (ValueError, SyntaxError, TypeError):
+            break
+        if dtype.hasobject:
+            break
+        stream.seek(stream.tell() + dtype.itemsize * math.prod(shape))
+    return count
 
 
 # what the readers raise for a damaged checkpoint (a missing orbax _METADATA file is a FileNotFoundError)
