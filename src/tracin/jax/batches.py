@@ -251,7 +251,7 @@ class BatchPlan:
             if isinstance(data, (str, bytes, dict)) or not _iterable(data) or hasattr(data, "shape"):
                 raise TypeError(
                     "data must be (inputs, targets) arrays or an iterable of (inputs, targets) "
-                    f"batches, got {type(data).__name__}"
+                    f"batches, got {type(data).__name__}{_dict_hint(data, 'data')}"
                 )
             self.n_rows = self._count_rows(data)
             self.batch_size = self.size = batch_size
@@ -303,11 +303,30 @@ def _iterable(data: Any) -> bool:
     return True
 
 
+_LABEL_KEYS = ("label", "labels", "y", "target", "targets", "label_ids")
+
+
+def _dict_hint(data: Any, name: str) -> str:
+    """For a Mapping (a tfds / Hugging Face / grain batch, {"image": ..., "label": ...}): its keys and the two
+    ways to pass it, as (name, None) with loss_fn reading the labels from it, or split; "" otherwise."""
+    if not isinstance(data, Mapping):
+        return ""
+    keys = [key for key in data if isinstance(key, str)][:4]
+    shown = ", ".join(repr(key) for key in keys) + (", ..." if len(data) > len(keys) else "")
+    label = next((key for key in _LABEL_KEYS if key in data), None)
+    other = next((key for key in data if isinstance(key, str) and key != label), None)
+    split = f"({name}[{other!r}], {name}[{label!r}])" if label and other else f"({name}[<inputs>], {name}[<labels>])"
+    return (
+        f" (keys {shown}): pass it as ({name}, None), loss_fn(params, {name}, targets) then reading the labels "
+        f"from {name} (targets is None), or split it into (inputs, targets), e.g. {split}"
+    )
+
+
 def _pair(batch: Any, where: str) -> tuple[Any, Any]:
     batch = _plain(batch)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
-            f"{where}: each batch must be an (inputs, targets) pair, got {type(batch).__name__} (data was read "
-            f"as an iterable of batches; {PAIR_RULE})"
+            f"{where}: each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+            f"{_dict_hint(batch, 'batch')} (data was read as an iterable of batches; {PAIR_RULE})"
         )
     return batch[0], batch[1]
