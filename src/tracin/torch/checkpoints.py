@@ -54,6 +54,7 @@ def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) ->
             raise TypeError(f"checkpoints[{index}][2]: an optimizer state needs the model to map it to parameters")
         return OptimizerState(state, index, model)
 
+    _refuse_trainer_folder_without_rate(checkpoints)
     parsed = shared_parse(
         checkpoints,
         "state_dict or a path",
@@ -71,6 +72,65 @@ def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) ->
         if entry.optimizer is not None:
             entry.optimizer.snapshots = snapshots
     return parsed
+
+
+def _refuse_trainer_folder_without_rate(checkpoints: Any) -> None:
+    """TypeError when an entry of `checkpoints` is a transformers Trainer's checkpoint-N folder (one
+    holding trainer_state.json) given without a learning rate (the bare path, a 1-tuple, or None as
+    the rate): tracin reads no rate from the folder, so the error names the one its trainer_state.json
+    logged at the folder's global_step, where it did, for the user to pass. Other entries are left to
+    the shared parser's messages."""
+    if isinstance(checkpoints, (str, bytes, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
+        return
+    for i, entry in enumerate(checkpoints):
+        if isinstance(entry, (str, os.PathLike)):
+            folder, how = entry, "a bare path"
+        elif isinstance(entry, (tuple, list)) and len(entry) == 1 and isinstance(entry[0], (str, os.PathLike)):
+            folder, how = entry[0], "a tuple of one path"
+        elif (
+            isinstance(entry, (tuple, list))
+            and len(entry) in (2, 3)
+            and isinstance(entry[0], (str, os.PathLike))
+            and entry[1] is None
+        ):
+            folder, how = entry[0], "None as its learning rate"
+        else:
+            continue
+        if _global_step(folder) is None:
+            continue
+        step, rate = _logged_rate(folder)
+        logged = (
+            f"its trainer_state.json logged learning_rate {rate:.6g} at step {step}, the rate of that step "
+            "(transformers before 4.51 logged the next step's rate there: recompute the schedule then)"
+            if rate is not None
+            else f"its trainer_state.json logged no learning_rate at step {step} (logging_steps does not "
+            "divide save_steps): recompute the schedule (TrainingArguments' learning_rate, lr_scheduler_type, "
+            "warmup) at that step"
+        )
+        raise TypeError(
+            f"checkpoints[{i}] is a Trainer checkpoint folder ({describe(folder, i)}) given as {how}: tracin "
+            "reads no learning rate from a Trainer folder; give (folder, learning_rate) or, for "
+            'preconditioner="adam", (folder, learning_rate, folder) for its optimizer.pt; '
+            + logged
+            + ". Not the optimizer state's param_groups lr: that is the next step's (0 at the end of a linear "
+            "or cosine schedule)"
+        )
+
+
+def _logged_rate(folder: str | os.PathLike) -> tuple[int | None, float | None]:
+    """(global_step, the learning_rate trainer_state.json's log_history records at that step or None)."""
+    step = _global_step(folder)
+    try:
+        with open(os.path.join(folder, _TRAINER_STATE), encoding="utf-8") as f:
+            history = json.load(f).get("log_history")
+    except (OSError, ValueError, AttributeError):
+        return step, None
+    for record in history if isinstance(history, list) else []:
+        if isinstance(record, Mapping) and record.get("step") == step:
+            rate = record.get("learning_rate")
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate):
+                return step, float(rate)
+    return step, None
 
 
 class _Snapshots:

@@ -412,10 +412,19 @@ def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
         if isinstance(batch, (torch.Tensor, np.ndarray)):
             hint = f" (data is read as an iterable of batches: {PAIR_RULE})"
         elif isinstance(batch, Mapping):
+            label = next((k for k in ("labels", "label", "label_ids") if k in batch), None)
             hint = (
                 " (split each item into (inputs, targets), e.g. ({'input_ids': ...}, labels), in the Dataset "
-                "or a collate_fn)"
+                "or a collate_fn"
             )
+            if label is not None:  # a transformers Trainer-style batch: the targets under their own key
+                hint += (
+                    f"; it holds {label!r}, as a Trainer's dataset gives them: tracin calls model(**inputs) and "
+                    f"loss_fn(outputs, targets), so for a DataLoader pass "
+                    f"collate_fn=lambda items: (lambda b: (b, b.pop({label!r})))(default_collate(items)) "
+                    "(torch.utils.data.default_collate)"
+                )
+            hint += ")"
         raise TypeError(
             f"{name} must be an (inputs, targets) pair of torch tensors (or NumPy arrays), "
             f"got {type(batch).__name__}"

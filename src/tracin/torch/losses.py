@@ -104,8 +104,10 @@ def loss_mismatch(loss_fn: object, error: TypeError) -> str | None:
     return None
 
 
-def check_losses(losses: object, rows: int) -> None:
-    """Refuses a loss_fn whose output on a batch of `rows` is not a (rows,) tensor of losses."""
+def check_losses(losses: object, rows: int, outputs: object = None) -> None:
+    """Refuses a loss_fn whose output on a batch of `rows` is not a (rows,) tensor of losses; where
+    `outputs` (the model's, when given) holds that very tensor as `.loss` (a Hugging Face model's batch
+    mean, computed when the inputs hold labels), the message says so."""
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"loss_fn must return a tensor of per-example losses, got {type(losses).__name__}")
     if losses.shape != (rows,):
@@ -117,6 +119,13 @@ def check_losses(losses: object, rows: int) -> None:
                 "reshape(-1); the same loss runs on batches of two rows or more, so a dataset whose last batch "
                 "holds one row, or a single query, meets it. Or a mean- or sum-reduced loss: return one loss "
                 "per example (reduction='none')."
+            )
+        elif losses.dim() == 0 and losses is _model_loss(outputs):
+            hint = (
+                " It is the model's own outputs.loss: a Hugging Face model's loss (computed when the inputs "
+                "hold labels) is the mean over the batch's tokens, which mixes the examples. Compute one loss "
+                "per example from outputs.logits instead, e.g. for a causal LM cross_entropy(outputs.logits[:, "
+                ":-1].transpose(1, 2), labels[:, 1:], reduction='none').sum(1) (labels -100: no loss)."
             )
         elif losses.dim() == 0:
             hint = (
@@ -130,6 +139,16 @@ def check_losses(losses: object, rows: int) -> None:
             f"loss_fn must return per-example losses of shape ({rows},) for a batch of "
             f"{rows}; got shape {tuple(losses.shape)}.{hint}"
         )
+
+
+def _model_loss(outputs: object) -> object:
+    """outputs.loss (or outputs["loss"] of a Mapping) where the model's outputs hold one, else None."""
+    try:
+        if isinstance(outputs, Mapping):
+            return outputs.get("loss")
+        return getattr(outputs, "loss", None)
+    except Exception:  # an output object whose attribute access fails: no hint
+        return None
 
 
 def _unreduced_hint(shape: torch.Size) -> str:
@@ -260,7 +279,7 @@ def check_loss_on(
             "checkpoint's tensors are swapped out, from the model's own weights: every row but those at the "
             "model's current weights would be silently wrong"
         )
-    check_losses(losses, rows)
+    check_losses(losses, rows, outputs)
     _refuse_live_parameters(model, {**state, **leaves}, losses)
     _refuse_live_buffers(model, state, loss_fn, outputs, targets, losses)
     if cut or cut.elsewhere:
