@@ -57,3 +57,24 @@ def test_advised_route_works():
     want = np.einsum("ni,nj->nij", x, p - onehot).reshape(6, -1)  # d(-log softmax)/dW, float64
     np.testing.assert_allclose(np.asarray(got.matrices[0]), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(listed.matrices[0]), np.asarray(got.matrices[0]))
+
+
+def test_list_of_two_dict_batches_warns():
+    """[batch, batch] of two dicts with the same keys is read by PAIR_RULE as one (inputs, targets) dataset
+    (inputs the first batch, targets the second), silently dropping the second batch's rows for a loss that
+    reads its labels from the batch: a UserWarning says so and how to pass either reading."""
+    params, batch = _setup()
+    with pytest.warns(UserWarning, match=r"two dicts with the same keys \('image', 'label'\)") as caught:
+        got = tracin.jax.export_gradients(_loss, [(params, 0.1)], [batch, batch], progress=False)
+    text = str(caught[0].message)
+    assert "[(batch, None) for batch in batches]" in text and "tuple" in text, text
+    assert got.matrices[0].shape[0] == 6  # read as one dataset, as PAIR_RULE says
+
+
+def test_tuple_of_two_dicts_is_one_dataset_without_warning():
+    import warnings
+
+    params, batch = _setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracin.jax.export_gradients(_loss, [(params, 0.1)], (batch, batch), progress=False)

@@ -8,6 +8,7 @@ chosen by history would make the same export give other bytes (on a fresh Dask w
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._arrays import scalar_leaf_kind
+from .._caller import user_stacklevel
 from .._validate import positive_int
 
 DEFAULT_BATCH_SIZE = 64
@@ -185,6 +187,25 @@ def _is_array_pair(data: Any) -> bool:
     return _is_pair(data) and not _pair_of_pairs(data) and _all_arrays(data)
 
 
+def _warn_two_dict_batches(data: Any) -> None:
+    """A UserWarning for a list (not a tuple) of two dicts with the same keys, which PAIR_RULE reads as one
+    (inputs, targets) dataset although it looks like two batches of a loader (tfds, Hugging Face): a loss
+    reading its labels from the batch would silently drop the second one's rows."""
+    if not (isinstance(data, list) and all(isinstance(item, Mapping) for item in data)):
+        return
+    if set(data[0]) != set(data[1]):
+        return
+    keys = ", ".join(repr(key) for key in list(data[0])[:4]) + (", ..." if len(data[0]) > 4 else "")
+    warnings.warn(
+        f"data is a list of two dicts with the same keys ({keys}): it is read as one (inputs, targets) dataset, "
+        "inputs the first dict and targets the second (tracin.jax.batches.PAIR_RULE). If they are two batches, "
+        "pass [(batch, None) for batch in batches], loss_fn reading the labels from its batch; if they are "
+        "inputs and targets, pass them as a tuple, (inputs, targets), to say so without this warning",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 def _two_batches_note(data: Any) -> str:
     """For data that PAIR_RULE reads as two batches although it could be one dataset (both items pairs of
     arrays, every leaf of both with the same number of rows): how it was read and the workaround, added to a
@@ -239,6 +260,8 @@ class BatchPlan:
         if _is_pair(plain) and not _pair_of_pairs(plain) and not _is_array_pair(plain) and _has_leaves(plain):
             _rows(*plain, "data")  # can't be two batches (a batch is a pair): a pair with a non-array leaf, named
         self._pair = _is_array_pair(data)
+        if self._pair:
+            _warn_two_dict_batches(plain)
         if self._pair:
             self.n_rows: int | None = _rows(*data, "data")
             inputs, targets = (jax.tree_util.tree_map(_as_array, part) for part in data)
