@@ -107,3 +107,26 @@ def test_trainer_folder_without_a_rate_logged_at_its_step_says_to_recompute_the_
     ids = _ids()
     with pytest.raises(TypeError, match=r"no learning_rate at step 3.*recompute the schedule"):
         tracin.torch.export_gradients(model, [(folder, None)], ({"input_ids": ids}, ids), _loss, progress=False)
+
+
+def test_adam_preconditioning_of_a_trainer_folder_without_its_state_shows_the_folder_as_third_item(tmp_path):
+    model = _model()
+    folder = _trainer_folder(tmp_path, model)
+    torch.save({"state": {}, "param_groups": []}, f"{folder}/optimizer.pt")
+    ids = _ids()
+    with pytest.raises(ValueError, match=r"checkpoints\[0\] has no optimizer state") as caught:
+        tracin.torch.export_gradients(
+            model, [(folder, 0.0009)], ({"input_ids": ids}, ids), _loss, preconditioner="adam", progress=False
+        )
+    assert f"({folder!r}, learning_rate, {folder!r})" in str(caught.value), caught.value
+
+
+def test_adam_preconditioning_of_a_folder_without_optimizer_pt_gets_no_folder_hint(tmp_path):
+    model = _model()
+    folder = _trainer_folder(tmp_path, model)
+    ids = _ids()
+    with pytest.raises(ValueError, match=r"checkpoints\[0\] has no optimizer state") as caught:
+        tracin.torch.export_gradients(
+            model, [(folder, 0.0009)], ({"input_ids": ids}, ids), _loss, preconditioner="adam", progress=False
+        )
+    assert "optimizer.pt" not in str(caught.value), caught.value
