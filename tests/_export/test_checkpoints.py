@@ -99,3 +99,18 @@ def test_one_pair_with_a_0d_tensor_rate_is_named_as_such_too():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match=r"looks like one pair itself"):
         parse_checkpoints(({"w": 1}, torch.tensor(0.1)), "params")
+
+
+def test_a_learning_rate_schedule_is_told_to_pass_its_value_at_the_step():
+    def schedule(step):
+        return 0.1 * 0.5**step
+
+    with pytest.raises(TypeError, match=r"checkpoints\[2\] \(learning rate\)") as caught:
+        learning_rate(schedule, "checkpoints[2]")
+    assert "float(schedule(step))" in str(caught.value), caught.value
+
+
+def test_a_rate_that_is_no_number_and_no_callable_gets_no_schedule_hint():
+    with pytest.raises(TypeError, match="must be a real number") as caught:
+        learning_rate("0.1", "checkpoints[0]")
+    assert "schedule" not in str(caught.value), caught.value

@@ -29,7 +29,13 @@ def learning_rate(lr: Any, where: str) -> float:
     UserWarning naming it, as the checkpoint then adds nothing to any score."""
     lr = _scalar(lr)
     if not _is_rate(lr):
-        raise TypeError(f"{where} (learning rate) must be a real number, got {type(lr).__name__} {lr!r:.80}")
+        schedule = (
+            ": a learning-rate schedule (optax's, or a torch LR scheduler's lambda)? pass its value at the "
+            "checkpoint's step, float(schedule(step))"
+            if callable(lr)
+            else ""
+        )
+        raise TypeError(f"{where} (learning rate) must be a real number, got {type(lr).__name__} {lr!r:.80}{schedule}")
     if not math.isfinite(lr):
         raise ValueError(f"{where} (learning rate) must be finite, got {lr!r}")
     if lr < 0:
