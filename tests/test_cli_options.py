@@ -331,12 +331,14 @@ def test_aggregate_refusals_name_their_options(tmp_path, rng, capsys):
     assert "aggregate" in help_text and "tracin aggregate --test" in help_text
 
 
-def test_self_influence_given_test_and_train_says_it_reads_one_store(two, capsys):
+@pytest.mark.parametrize("joined", [False, True], ids=["spaced", "equals"])
+def test_self_influence_given_test_and_train_says_it_reads_one_store(two, capsys, joined):
     """`tracin self-influence --test T --train S` (score's options) suggested --threads; it now says self-influence
-    reads one store, given as its path."""
+    reads one store, given as its path. Written `--test=T --train=S`, argparse said only that the path is missing."""
     test, train = two
+    argv = [f"--test={test}", f"--train={train}"] if joined else ["--test", test, "--train", train]
     with pytest.raises(SystemExit) as e:
-        main(["self-influence", "--test", test, "--train", train])
+        main(["self-influence", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "did you mean --threads" not in err
     assert "self-influence reads one store, given as its path: tracin self-influence STORE" in err, err

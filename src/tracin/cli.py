@@ -1591,15 +1591,21 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
 
 
+_SCORE_SIDES = {"--test", "--train"}  # score's options, which self-influence lacks
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line parsed; an unknown option or extra argument is the command's usage error
     (`tracin COMMAND: error: ...` after that command's usage), naming a close option where there is one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["self-influence"]:  # score's --test=T / --train=S split, so the hint below names them
+        argv = [part for a in argv for part in (a.split("=", 1) if a.split("=", 1)[0] in _SCORE_SIDES else [a])]
     args, extra = build_parser().parse_known_args(argv)
     command = args.commands[args.command]
     if extra:
         close = difflib.get_close_matches(extra[0], list(command._option_string_actions), n=1)
         hint = f" (did you mean {close[0]}?)" if close and extra[0].startswith("-") else ""
-        if args.command == "self-influence" and {"--test", "--train"} & set(extra):  # score's options
+        if args.command == "self-influence" and _SCORE_SIDES & set(extra):
             hint = " (self-influence reads one store, given as its path: tracin self-influence STORE)"
         command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     del args.commands
