@@ -31,7 +31,7 @@ from .metadata import export_metadata
 from .preconditioner import Preconditioned, check_preconditioner
 from .rank_one import RankOneAdam, layer_groups
 from .resume import as_exported_before, refuse_unrecorded_static, replace_empty_export
-from .sinks import COUNTABLE, MemorySink, StoreSink, Wrap, need_row_count
+from .sinks import COUNTABLE, MemorySink, StoreSink, Wrap, ZeroRows, need_row_count, zero_rows
 from .transforms import Dims, RowTransform, apply_all, chained_dims
 
 
@@ -291,13 +291,15 @@ def export(
         if not sink.complete:
             for c, entry in enumerate(checkpoints):
                 loop.checkpoint(c, entry.source)
-        return sink.finish() if isinstance(sink, StoreSink) else sink.finish(metadata(fingerprint.data))
+        result = sink.finish() if isinstance(sink, StoreSink) else sink.finish(metadata(fingerprint.data))
     except BaseException:
         sink.close()
         raise
     finally:
         if loop is not None:
             loop.bar.close()
+    loop.zeros.warn()  # after the store is finalized: a filter "error" leaves it whole
+    return result
 
 
 def optimizer_state_source(state: Any) -> str:
@@ -432,6 +434,7 @@ class _Loop:
         self.checked = False
         self.progress = progress
         self.bar = self._bar()
+        self.zeros = ZeroRows()  # rows all 0 at every checkpoint this export computes (warned at its end)
 
     def _bar(self) -> Any:
         return progress_bar(
@@ -445,8 +448,10 @@ class _Loop:
     def checkpoint(self, c: int, source: Any) -> None:
         done = min(self.sink.rows_done(c * self.slots + s) for s in range(self.slots))
         end = self.n_rows if self.stop is None else self.stop
+        self.zeros.begin(c)
         if end is not None and done >= end:
             self.bar.update(self.n_rows)
+            self.zeros.end(c)  # none of its rows computed here: no row is claimed 0 at every checkpoint
             return
         state = self.framework.load(source, c)
         if c < len(self.stats) and self.stats[c] is not None:  # before any of its rows is written
@@ -480,6 +485,7 @@ class _Loop:
                 + (_READ_ONCE.format(countable=self.countable) if seen < self.n_rows else "")
             )
         self.fingerprint.end()
+        self.zeros.end(c)
 
     def _rows(self, c: int, state: Any, batch: Batch, skip: int, keep: int) -> None:
         """Computes the batch and writes its rows [skip, keep) (those of the sink's range not yet in it)."""
@@ -491,9 +497,13 @@ class _Loop:
             dest = self.sink.destination(c * self.slots, batch.start, batch.count, width)
             if dest is not None:
                 self.framework.compute_into(state, batch, dest)
+                if self.zeros.wanted(batch.start, batch.count):
+                    self.zeros.see(batch.start, zero_rows(dest))
                 return
         with _rows_numbered(c, batch.start):
             blocks = self.framework.to_host(self.framework.compute(state, batch), batch.count, bool(self.transforms))
+        watch = self.zeros.wanted(batch.start + skip, keep - skip)
+        zero = None  # rows all 0 in every slot so far (of the rows stored, after the transforms)
         with self.sink.batch():  # a store records the rows of every slot once, not once per slot
             for s, block in enumerate(blocks):
                 if skip or keep < batch.count:
@@ -501,6 +511,10 @@ class _Loop:
                 with _rows_numbered(c, batch.start + skip):
                     block = apply_all(self.transforms, block, c, s)
                 self.sink.write(c * self.slots + s, batch.start + skip, block)
+                if watch and (zero is None or zero.any()):
+                    zero = zero_rows(block) if zero is None else zero & zero_rows(block)
+        if watch and zero is not None:
+            self.zeros.see(batch.start + skip, zero)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -299,3 +300,77 @@ def _resumable_when_full() -> Iterator[None]:
         if e.errno not in _DISK_FULL or RESUMES_WHEN_FULL in (e.strerror or ""):  # said once (a write in a batch)
             raise
         raise type(e)(e.errno, f"{e.strerror or 'error'}; {RESUMES_WHEN_FULL}", e.filename) from e
+
+
+ZERO_STARTS = "all-0 gradients for "  # how ZeroRows' warning starts
+
+
+def zero_rows(block: Block) -> np.ndarray:
+    """(rows,) bool: which rows of a host block (NumPy or CPU torch, (rows, d), or a factored (left, right)
+    pair, zero when either factor's row is) are all 0; one vectorised reduction per array."""
+
+    def of(array: Any) -> np.ndarray:
+        return ~np.asarray((array != 0).any(1))
+
+    if isinstance(block, (tuple, list)):
+        return of(block[0]) | of(block[1])
+    return of(block)
+
+
+class ZeroRows:
+    """The rows of the data whose stored gradient is all 0 (every slot) at every checkpoint this export
+    computed, and one UserWarning about them at its end (`warn`). Such a row scores 0 with every row and
+    cosine takes it as 0, silently (a loss of exactly 0: labels all ignored, -100, under a summed loss).
+    The candidates are the rows found 0 at checkpoint 0, kept while each later checkpoint finds them 0
+    again (memory O(zero rows)); once none is left, later batches are not reduced. Only the rows this run
+    computed at every checkpoint count: rows a resumed store holds from an earlier run, or rows of another
+    writer's range, are never claimed."""
+
+    _SHOWN = 10
+
+    def __init__(self) -> None:
+        self._candidates: np.ndarray | None = None  # sorted, after checkpoint 0; None during it
+        self._found: list[np.ndarray] = []  # during a checkpoint: the rows found 0 so far (in row order)
+        self._checkpoint = 0
+
+    def begin(self, checkpoint: int) -> None:
+        self._checkpoint, self._found = checkpoint, []
+
+    def end(self, checkpoint: int) -> None:
+        """Checkpoint done: its rows found 0 are the candidates now (rows it did not compute are dropped)."""
+        found = np.concatenate(self._found) if self._found else np.zeros(0, dtype=np.int64)
+        self._candidates, self._found = found, []
+
+    def wanted(self, start: int, count: int) -> bool:
+        """Whether rows [start, start + count) of the current checkpoint may hold a candidate."""
+        if self._candidates is None:
+            return True
+        lo, hi = np.searchsorted(self._candidates, [start, start + count])
+        return bool(hi > lo)
+
+    def see(self, start: int, zero: np.ndarray) -> None:
+        """zero: which rows from `start` (of the current checkpoint) are all 0 in every slot."""
+        rows = start + np.flatnonzero(zero)
+        if self._candidates is not None:
+            rows = rows[np.isin(rows, self._candidates, assume_unique=True)]
+        if rows.size:
+            self._found.append(rows)
+
+    def warn(self) -> None:
+        """The UserWarning about the rows still candidates (none: nothing), at the user's call."""
+        from .._caller import user_stacklevel
+
+        rows = self._candidates
+        if rows is None or not rows.size:
+            return
+        count = len(rows)
+        listed = ", ".join(str(int(r)) for r in rows[: self._SHOWN])
+        more = f" and {count - self._SHOWN} more" if count > self._SHOWN else ""
+        which, their = (f"row {listed}", "its") if count == 1 else (f"{count} rows ({listed}{more})", "their")
+        warnings.warn(
+            f"{ZERO_STARTS}{which} of the data: {their} gradient is 0 at every checkpoint, so every score with "
+            f"{'it' if count == 1 else 'them'} is 0 and cosine treats {'it' if count == 1 else 'them'} as 0; "
+            f"a loss of exactly 0 for {'it' if count == 1 else 'them'}? (e.g. all labels ignored, -100)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
