@@ -253,3 +253,29 @@ def test_a_store_with_a_defective_manifest_is_refused_by_the_store_with_the_expo
         _export(model, checkpoints, data, good_loss, path)
     assert str(err.value).endswith("; export into another directory, or delete this one")
     assert (path / "manifest.json").read_text() == damaged
+
+
+def test_a_store_from_before_preconditioners_run_again_with_adam_says_it_holds_plain_gradients(problem, tmp_path):
+    """A finished store whose metadata records no "preconditioner" (written before preconditioners existed) run
+    again with preconditioner="adam": it holds plain gradients and cannot be resumed with Adam's; the message
+    says so and to export elsewhere, not that "the optimizer states differ" (r342 M14)."""
+    model, checkpoints, data = problem
+    path = tmp_path / "s"
+    _export(model, checkpoints, data, good_loss, path)
+    manifest = path / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    del doc["metadata"]["preconditioner"]
+    manifest.write_text(json.dumps(doc))
+    adam = []
+    for state, lr in checkpoints:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        model.load_state_dict(state)
+        model(data[0]).sum().backward()
+        optimizer.step()
+        adam.append((state, lr, optimizer.state_dict()))
+    with pytest.raises(ValueError, match="holds plain gradients") as caught:
+        _export(model, adam, data, good_loss, path, preconditioner="adam")
+    message = str(caught.value)
+    assert "preconditioner='adam'" in message and "export into another directory" in message, message
+    assert "optimizer states" not in message, message
+    assert GradientStore.open(path).complete

@@ -498,6 +498,12 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
             f"cannot be mixed{_advice(path, ': ')}"
         )
     kinds = [_kind(m.get("preconditioner")) for m in (existing, metadata)]
+    if "preconditioner" not in existing and kinds[1] is not None:  # a store from before preconditioners
+        raise ValueError(
+            f"{os.fspath(path)} holds plain gradients, exported by a tracin from before preconditioners (its "
+            f"metadata records none), and rows exported with preconditioner={kinds[1]!r} cannot be mixed with "
+            "them" + _advice(path, ": ")
+        )
     if "preconditioner" in existing and "preconditioner" in metadata and kinds[0] != kinds[1]:
         # before the inputs: the optimizer states are fingerprinted only with a preconditioner, so a store
         # exported with one and resumed without (or the reverse) would read as other optimizer states
