@@ -579,6 +579,26 @@ def test_every_shards_nan_loss_rows_are_named_however_many_shards():
     assert tiny.endswith("rows [500, 600): '500 to 599' and 1 more): rows 0 to 99 tiny")
 
 
+def test_every_shards_all_zero_rows_are_named_however_many_shards():
+    """The shards' copies of the all-0-rows warning (ZeroRows') are merged naming every shard's rows, as the
+    NaN-loss warning's are: the rows they name are the ones to look at (fx352)."""
+    labels = {f"t{i}": f"rows [{100 * i}, {100 * i + 100})" for i in range(7)}
+    category = ("builtins", "UserWarning", "UserWarning")
+    tail = "of the data: its gradient is 0 at every checkpoint"
+    raised = [
+        _warnings.Raised(category, f"all-0 gradients for row {100 * i + 3} {tail}", "x.py", 3, None, f"t{i}", "w")
+        for i in range(7)
+    ]
+    with pytest.warns(UserWarning) as record:
+        _warnings.show(raised, 0, "test", labels, 7)
+    (message,) = (str(w.message) for w in record)
+    others = "; ".join(f"rows [{100 * i}, {100 * i + 100}): '{100 * i + 3}'" for i in range(1, 7))
+    assert message == (
+        "tracin.distributed test, rows [0, 100) on worker w (from 7 of 7 shards; other shards' copies name other "
+        f"numbers: {others}): all-0 gradients for row 3 {tail}"
+    )
+
+
 def test_a_warning_located_in_dask_on_the_worker_is_shown_at_the_users_call():
     """review343 L4: a tracin warning on a worker points at the first frame outside tracin, there Dask's task
     runner (dask/_task_spec.py): shown there on the client, it named no line of the user's. It is shown at

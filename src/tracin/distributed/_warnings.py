@@ -19,6 +19,7 @@ from distributed import get_worker
 
 from .._caller import _PACKAGE, user_stacklevel
 from .._export.loss_watch import STARTS as _LOSS_WATCH_STARTS
+from .._export.sinks import ZERO_STARTS as _ZERO_ROWS_STARTS
 from ._cluster import worker_name
 
 KEPT = 100  # distinct warnings a task keeps and sends back; more are counted (Warned.more), not kept
@@ -26,7 +27,7 @@ COUNTED = 10_000  # distinct warnings beyond KEPT a task tells apart (by hash) t
 NOTED = 10  # warnings a failed task's error lists in its note
 _NUMBERS = re.compile(r"\d+")  # what tells apart the shards' copies of one warning (the rows each names)
 _OTHERS = 5  # other shards' copies of a warning whose differing words are listed with the first's
-# (all of them for the NaN-loss warning: the rows it names are what the user must fix, review343 L2)
+# (all of them for the NaN-loss and all-0-rows warnings: the rows they name are what the user must fix, review343 L2)
 
 _LOCK = threading.Lock()
 _local = threading.local()  # .handlers: this thread's handlers, innermost last; .showing: inside _show
@@ -340,7 +341,7 @@ def _others(found: list[Raised], firsts: dict[str, Raised], labels: dict[str, st
         if r.message not in firsts:
             seen.setdefault(r.message, labels.get(r.task, "a task merging shard results"))
     first = next(iter(firsts))
-    limit = len(seen) if first.startswith(_LOSS_WATCH_STARTS) else _OTHERS
+    limit = len(seen) if first.startswith((_LOSS_WATCH_STARTS, _ZERO_ROWS_STARTS)) else _OTHERS
     base = first.split(" ")
     listed = []
     for message, where in list(seen.items())[:limit]:
