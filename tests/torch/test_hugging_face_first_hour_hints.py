@@ -130,3 +130,30 @@ def test_adam_preconditioning_of_a_folder_without_optimizer_pt_gets_no_folder_hi
             model, [(folder, 0.0009)], ({"input_ids": ids}, ids), _loss, preconditioner="adam", progress=False
         )
     assert "optimizer.pt" not in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize("history", [None, [], [{"step": 3, "loss": 3.7}]])
+def test_trainer_folder_whose_log_history_holds_no_rate_is_not_blamed_on_logging_steps(tmp_path, history):
+    """fr353: no log_history (or none holding a learning_rate) is not 'logging_steps does not divide save_steps'."""
+    model = _model()
+    folder = _trainer_folder(tmp_path, model, step=3)
+    state = {"global_step": 3} if history is None else {"global_step": 3, "log_history": history}
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text(json.dumps(state))
+    ids = _ids()
+    with pytest.raises(TypeError, match=r"no learning_rate at step 3.*recompute the schedule") as caught:
+        tracin.torch.export_gradients(model, [folder], ({"input_ids": ids}, ids), _loss, progress=False)
+    assert "logging_steps" not in str(caught.value), str(caught.value)
+    assert "no learning_rate at any step" in str(caught.value), str(caught.value)
+
+
+def test_returning_outputs_loss_on_a_batch_of_one_row_is_named_too():
+    """fr353: a 1-row batch (a dataset's last batch, one query) whose loss_fn returns outputs.loss is told
+    so, not that a .squeeze() dropped its batch dimension."""
+    model = _model()
+    ids = _ids()[:1]
+    data = ({"input_ids": ids, "labels": ids}, ids)
+    with pytest.raises(ValueError, match=r"outputs\.loss") as caught:
+        tracin.torch.export_gradients(
+            model, [(model.state_dict(), 0.1)], data, lambda outputs, labels: outputs.loss, progress=False
+        )
+    assert "squeeze" not in str(caught.value), str(caught.value)

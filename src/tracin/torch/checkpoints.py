@@ -98,14 +98,18 @@ def _refuse_trainer_folder_without_rate(checkpoints: Any) -> None:
             continue
         if _global_step(folder) is None:
             continue
-        step, rate = _logged_rate(folder)
+        step, rate, logs_rates = _logged_rate(folder)
         logged = (
             f"its trainer_state.json logged learning_rate {rate:.6g} at step {step}, the rate of that step "
             "(transformers before 4.51 logged the next step's rate there: recompute the schedule then)"
             if rate is not None
-            else f"its trainer_state.json logged no learning_rate at step {step} (logging_steps does not "
-            "divide save_steps): recompute the schedule (TrainingArguments' learning_rate, lr_scheduler_type, "
-            "warmup) at that step"
+            else f"its trainer_state.json logged no learning_rate at step {step} ("
+            + (
+                "logging_steps does not divide save_steps"
+                if logs_rates
+                else "its log_history holds no learning_rate at any step"
+            )
+            + "): recompute the schedule (TrainingArguments' learning_rate, lr_scheduler_type, warmup) at that step"
         )
         raise TypeError(
             f"checkpoints[{i}] is a Trainer checkpoint folder ({describe(folder, i)}) given as {how}: tracin "
@@ -117,20 +121,26 @@ def _refuse_trainer_folder_without_rate(checkpoints: Any) -> None:
         )
 
 
-def _logged_rate(folder: str | os.PathLike) -> tuple[int | None, float | None]:
-    """(global_step, the learning_rate trainer_state.json's log_history records at that step or None)."""
+def _logged_rate(folder: str | os.PathLike) -> tuple[int | None, float | None, bool]:
+    """(global_step, the learning_rate trainer_state.json's log_history records at that step or None,
+    whether its log_history records a learning_rate at any step: if not, that the logging steps missed
+    this one is no explanation)."""
     step = _global_step(folder)
     try:
         with open(os.path.join(folder, _TRAINER_STATE), encoding="utf-8") as f:
             history = json.load(f).get("log_history")
     except (OSError, ValueError, AttributeError):
-        return step, None
+        return step, None, False
+    logs_rates = False
     for record in history if isinstance(history, list) else []:
-        if isinstance(record, Mapping) and record.get("step") == step:
-            rate = record.get("learning_rate")
-            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate):
-                return step, float(rate)
-    return step, None
+        if not isinstance(record, Mapping):
+            continue
+        rate = record.get("learning_rate")
+        usable = isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate)
+        logs_rates = logs_rates or usable
+        if usable and record.get("step") == step:
+            return step, float(rate), True
+    return step, None, logs_rates
 
 
 class _Snapshots:

@@ -112,20 +112,20 @@ def check_losses(losses: object, rows: int, outputs: object = None) -> None:
         raise TypeError(f"loss_fn must return a tensor of per-example losses, got {type(losses).__name__}")
     if losses.shape != (rows,):
         hint = ""
-        if losses.dim() == 0 and rows == 1:
+        if losses.dim() == 0 and losses is _model_loss(outputs):  # before the 1-row squeeze hint
+            hint = (
+                " It is the model's own outputs.loss: a Hugging Face model's loss (computed when the inputs "
+                "hold labels) is the mean over the batch's tokens, which mixes the examples. Compute one loss "
+                "per example from outputs.logits instead, e.g. for a causal LM cross_entropy(outputs.logits[:, "
+                ":-1].transpose(1, 2), labels[:, 1:], reduction='none').sum(1) (labels -100: no loss)."
+            )
+        elif losses.dim() == 0 and rows == 1:
             hint = (
                 " On a batch of one row, a 0-d loss is most often a batch dimension dropped by .squeeze() "
                 "without a dim (in loss_fn or the model's output): squeeze a named dim (.squeeze(-1)) or "
                 "reshape(-1); the same loss runs on batches of two rows or more, so a dataset whose last batch "
                 "holds one row, or a single query, meets it. Or a mean- or sum-reduced loss: return one loss "
                 "per example (reduction='none')."
-            )
-        elif losses.dim() == 0 and losses is _model_loss(outputs):
-            hint = (
-                " It is the model's own outputs.loss: a Hugging Face model's loss (computed when the inputs "
-                "hold labels) is the mean over the batch's tokens, which mixes the examples. Compute one loss "
-                "per example from outputs.logits instead, e.g. for a causal LM cross_entropy(outputs.logits[:, "
-                ":-1].transpose(1, 2), labels[:, 1:], reduction='none').sum(1) (labels -100: no loss)."
             )
         elif losses.dim() == 0:
             hint = (
