@@ -78,3 +78,10 @@ def test_tuple_of_two_dicts_is_one_dataset_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tracin.jax.export_gradients(_loss, [(params, 0.1)], (batch, batch), progress=False)
+
+
+def test_a_dict_with_keys_that_are_not_strings_names_them():
+    """fr353: {0: x, 1: y} was named as '(keys , ...)'."""
+    params, batch = _setup()
+    text = _message({0: batch["image"], 1: batch["label"]})
+    assert "(keys 0, 1)" in text, text

@@ -66,3 +66,13 @@ def test_plain_npy_still_told_as_npy(tmp_path):
     text = _refusal(path)
     assert "a NumPy .npy array (np.save)" in text and "np.load" in text, text
     assert "tree_deserialise_leaves" not in text, text
+
+
+def test_a_plain_npy_followed_by_stray_magic_bytes_is_not_called_equinox(tmp_path):
+    """fr353: the bytes b'\\x93NUMPY' after one .npy record, no header after them, are not a second record."""
+    path = tmp_path / "weights.npy"
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones((3, 1), np.float32))
+    path.write_bytes(buffer.getvalue() + b"\x93NUMPY")
+    text = _refusal(path)
+    assert "NumPy .npy array" in text and "Equinox" not in text, text

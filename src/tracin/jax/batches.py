@@ -334,7 +334,7 @@ def _dict_hint(data: Any, name: str) -> str:
     ways to pass it, as (name, None) with loss_fn reading the labels from it, or split; "" otherwise."""
     if not isinstance(data, Mapping):
         return ""
-    keys = [key for key in data if isinstance(key, str)][:4]
+    keys = list(data)[:4]  # every key shown, not only str ones: {0: x, 1: y} named its keys as "keys , ..."
     shown = ", ".join(repr(key) for key in keys) + (", ..." if len(data) > len(keys) else "")
     label = next((key for key in _LABEL_KEYS if key in data), None)
     other = next((key for key in data if isinstance(key, str) and key != label), None)

@@ -690,14 +690,16 @@ def _npy_records(content: bytes) -> int:
     (a record of objects, whose size its header does not give, counts as one and ends the count)."""
     stream, count = io.BytesIO(content), 0
     while stream.tell() < len(content) and content[stream.tell() : stream.tell() + 6] == b"\x93NUMPY":
-        count += 1
         try:
             read_header = _NPY_HEADERS.get(np.lib.format.read_magic(stream))
             if read_header is None:
+                count += count == 0  # the first record, of a version read_array_header does not know
                 break
             shape, _, dtype = read_header(stream)
         except (ValueError, SyntaxError, TypeError):
+            count += count == 0  # a record only when its header reads (stray magic bytes after one are not)
             break
+        count += 1
         if dtype.hasobject:
             break
         stream.seek(stream.tell() + dtype.itemsize * math.prod(shape))
