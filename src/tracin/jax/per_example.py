@@ -497,7 +497,7 @@ class LastLayer:
         bias, on the first and last rows of each checkpoint's first batch (of every batch when the kernel has
         no such tap), the kernel's per-example gradient must equal dL/dy (x) layer_input; to 1e-4 relative or
         8 eps of the coarsest dtype the loss computes in (`eps`, check_per_example: bfloat16 / float16
-        compute, TF32 products), the kernel is stored in or layer_input returns. Run once per export, on its
+        compute, TF32 products), the kernel or bias is stored in or layer_input returns. Run once per export, on its
         first batch."""
         self.orient(batch)
         sel, arrs = self.layout.split(params)
@@ -517,10 +517,11 @@ class LastLayer:
                 f"got {x.dtype}"
             )
         # rounding of the coarsest dtype the loss computes in (a float32 model running
-        # nn.Dense(dtype=bfloat16), TF32 products), the kernel's gradient is stored in (bfloat16 / float16
-        # params) or layer_input returns: a fraction of its eps
-        _, karrs = self._kernel_layout.split(params)
-        stored = [float(jnp.finfo(a.dtype).eps) for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)]
+        # nn.Dense(dtype=bfloat16), TF32 products), the layer's kernel or bias (the left factor: its gradient)
+        # is stored in (bfloat16 / float16 params) or layer_input returns: a fraction of its eps. The layer's
+        # own leaves only: an unused bfloat16 leaf elsewhere in params would loosen the check to 0.0625
+        layer = [*self._kernel_layout.split(params)[0], *self.layout.split(params)[0]]
+        stored = [float(jnp.finfo(a.dtype).eps) for a in layer if jnp.issubdtype(a.dtype, jnp.floating)]
         self._rtol = min(max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps), *stored)), _RTOL_CAP)
 
     def _refuse_probed(self, norms: np.ndarray, batch: Batch, probe: np.ndarray) -> None:
