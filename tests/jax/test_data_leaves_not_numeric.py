@@ -63,3 +63,12 @@ def test_numeric_leaves_still_taken(setup):
     got = tracin.jax.export_gradients(_loss, [(params, 0.1)], ({"x": x, **extra}, y), progress=False)
     want = tracin.jax.export_gradients(_loss, [(params, 0.1)], ({"x": x}, y), progress=False)
     np.testing.assert_array_equal(np.asarray(got.matrices[0]), np.asarray(want.matrices[0]))
+
+
+def test_an_object_array_of_numbers_is_told_to_be_converted(setup):
+    """fr353: an object array holding only numbers (a DataFrame's .values of mixed columns) is told to be
+    converted to a numeric dtype, not to be kept out of the data as ids or texts."""
+    params, x, y = setup
+    with pytest.raises(ValueError, match=r"data inputs\['x'\]: an array of dtype object") as caught:
+        tracin.jax.export_gradients(_loss, [(params, 0.1)], ({"x": x.astype(object)}, y), progress=False)
+    assert "np.asarray(leaf, dtype=np.float32)" in str(caught.value) and "texts" not in str(caught.value)

@@ -61,13 +61,22 @@ def _rows(inputs: Any, targets: Any, where: str) -> int:
             leaf_name = f"{name}{jax.tree_util.keystr(path)}"
             if np.ndim(leaf) == 0:
                 raise ValueError(f"{where} {leaf_name}: {_not_rows(leaf, path, _column(tree, path, name))}")
-            if isinstance(leaf, np.ndarray) and not _numeric_dtype(leaf.dtype):
+            # per leaf of every batch: the dtype's kind first (bool, ints, floats, complex), the slower
+            # issubdtype only for the rest (ml_dtypes' bfloat16 / float8 are kind 'V')
+            if isinstance(leaf, np.ndarray) and leaf.dtype.kind not in "biufc" and not _numeric_dtype(leaf.dtype):
                 shown = leaf.dtype.str if leaf.dtype.kind in "USV" else leaf.dtype
+                numbers_only = leaf.dtype == object and all(_number(item) for item in leaf.flat)
                 raise ValueError(
                     f"{where} {leaf_name}: an array of dtype {shown}"
                     f" ({leaf.dtype.name}), which JAX cannot take: every leaf of the data goes to loss_fn as a JAX "
-                    "array (bool, integer, floating or complex); keep example ids and texts out of the data (row i "
-                    "of the result is example i, in data order), or encode them as numbers (np.arange, token ids)"
+                    "array (bool, integer, floating or complex); "
+                    + (
+                        "it holds numbers only (a DataFrame's .values of mixed columns, a list of arrays): convert "
+                        "it, e.g. np.asarray(leaf, dtype=np.float32)"
+                        if numbers_only
+                        else "keep example ids and texts out of the data (row i of the result is example i, in data "
+                        "order), or encode them as numbers (np.arange, token ids)"
+                    )
                 )
             sizes.setdefault(np.shape(leaf)[0], []).append(leaf_name)
     if len(sizes) != 1:
