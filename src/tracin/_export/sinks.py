@@ -332,6 +332,7 @@ class ZeroRows:
         self._candidates: np.ndarray | None = None  # sorted, after checkpoint 0; None during it
         self._found: list[np.ndarray] = []  # during a checkpoint: the rows found 0 so far (in row order)
         self._checkpoint = 0
+        self._computed = 0  # rows computed at checkpoint 0 (all of them 0 at every checkpoint: said so)
 
     def begin(self, checkpoint: int) -> None:
         self._checkpoint, self._found = checkpoint, []
@@ -339,7 +340,7 @@ class ZeroRows:
     def end(self, checkpoint: int) -> None:
         """Checkpoint done: its rows found 0 are the candidates now (rows it did not compute are dropped)."""
         found = np.concatenate(self._found) if self._found else np.zeros(0, dtype=np.int64)
-        self._candidates, self._found = found, []
+        self._candidates, self._found = np.sort(found), []  # sorted: wanted / see search it
 
     def wanted(self, start: int, count: int) -> bool:
         """Whether rows [start, start + count) of the current checkpoint may hold a candidate."""
@@ -350,9 +351,14 @@ class ZeroRows:
 
     def see(self, start: int, zero: np.ndarray) -> None:
         """zero: which rows from `start` (of the current checkpoint) are all 0 in every slot."""
-        rows = start + np.flatnonzero(zero)
-        if self._candidates is not None:
-            rows = rows[np.isin(rows, self._candidates, assume_unique=True)]
+        zero = np.asarray(zero)
+        if self._candidates is None:
+            self._computed += len(zero)
+            rows = start + np.flatnonzero(zero)
+        else:  # the candidates among these rows only: O(rows), not O(candidates), a batch
+            lo, hi = np.searchsorted(self._candidates, [start, start + len(zero)])
+            rows = self._candidates[lo:hi]
+            rows = rows[zero[rows - start]]
         if rows.size:
             self._found.append(rows)
 
@@ -364,6 +370,16 @@ class ZeroRows:
         if rows is None or not rows.size:
             return
         count = len(rows)
+        if count > 1 and count == self._computed:  # every row computed: the model's gradient, not the rows'
+            warnings.warn(
+                f"{ZERO_STARTS}all {count} rows computed (rows {int(rows[0])} to {int(rows[-1])}) of the data: "
+                "the gradient is 0 at every checkpoint, so every score is 0 and cosine treats every row as 0; "
+                "do the exported parameters get a gradient (layers=: frozen or unused by the loss?), "
+                "or is the loss exactly 0 for every row? (e.g. all labels ignored, -100)",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+            return
         listed = ", ".join(str(int(r)) for r in rows[: self._SHOWN])
         more = f" and {count - self._SHOWN} more" if count > self._SHOWN else ""
         which, their = (f"row {listed}", "its") if count == 1 else (f"{count} rows ({listed}{more})", "their")
