@@ -295,3 +295,37 @@ def test_a_bound_method_loss_keeps_its_compilation_while_its_object_lives(mlp, d
     del model, kept
     gc.collect()
     assert not any(h.ref() is None for k in per_example._shared for h in k[0])
+
+
+def _train_state():
+    import optax
+    from flax.training.train_state import TrainState
+
+    params = {"w": jnp.ones((3, 2), jnp.float32)}
+    return TrainState.create(apply_fn=lambda p, x: x @ p["w"], params=params, tx=optax.sgd(0.1))
+
+
+def test_a_loss_failing_on_a_train_state_checkpoint_is_told_to_read_state_params():
+    """A Flax TrainState given as the checkpoint and a loss reading it as the params dict: the error says that
+    loss_fn gets the checkpoint as given and to read state.params (r350)."""
+    pytest.importorskip("flax")
+    state = _train_state()
+    x, y = np.ones((4, 3), np.float32), np.zeros((4, 2), np.float32)
+
+    def loss(params, x, y):
+        return (((x @ params["w"]) - y) ** 2).sum(-1)
+
+    with pytest.raises(ValueError, match=r"loss_fn\(params, inputs, targets\) failed") as caught:
+        export_gradients(loss, [(state, 0.1)], (x, y), progress=False)
+    assert "here a TrainState" in str(caught.value) and "state.params" in str(caught.value), caught.value
+
+
+def test_a_loss_failing_on_a_plain_dict_checkpoint_gets_no_container_hint():
+    x, y = np.ones((4, 3), np.float32), np.zeros((4, 2), np.float32)
+
+    def loss(params, x, y):
+        return (((x @ params["v"]) - y) ** 2).sum(-1)
+
+    with pytest.raises(ValueError, match=r"loss_fn\(params, inputs, targets\) failed") as caught:
+        export_gradients(loss, [({"w": np.ones((3, 2), np.float32)}, 0.1)], (x, y), progress=False)
+    assert "as given" not in str(caught.value), caught.value

@@ -131,7 +131,7 @@ def check_per_example(
     except Exception as err:  # noqa: BLE001 - re-raised with the argument named
         raise ValueError(
             f"loss_fn(params, inputs, targets) failed on a batch of {size}{padded}: {type(err).__name__}: {err}"
-            f"{_lookup_hint(err, layout)}{note}"
+            f"{_lookup_hint(err, layout)}{_container_hint(err, layout)}{note}"
         ) from err
     shape = getattr(out, "shape", None)
     if isinstance(out, (tuple, list)):  # the (loss, aux) of jax.value_and_grad(..., has_aux=True)
@@ -168,6 +168,23 @@ def _lookup_hint(err: Exception, layout: ParamLayout) -> str:
         return ""
     shown = ", ".join(repr(name) for name in top[:8]) + (f", ... ({len(top)} in all)" if len(top) > 8 else "")
     return f"; the params' top-level paths are {shown} (a checkpoint of another model version than the loss reads?)"
+
+
+def _container_hint(err: Exception, layout: ParamLayout) -> str:
+    """For a loss that fails on the very object passed as a checkpoint (a Flax TrainState, another dataclass
+    or registered node, named in the error: "argument of type 'TrainState' is not iterable"): that loss_fn
+    gets each checkpoint as given, and how to reach its parameters; "" for other errors and plain containers."""
+    node = layout.treedef.node_data() if layout.treedef.num_nodes > 1 else None
+    kind = node[0] if node else None
+    if kind is None or kind in (dict, list, tuple) or not isinstance(kind, type):
+        return ""
+    if kind.__name__ not in str(err) or not isinstance(err, (TypeError, AttributeError, KeyError)):
+        return ""
+    fields = " (state.params for a Flax TrainState, or state.apply_fn(...))" if kind.__name__ == "TrainState" else ""
+    return (
+        f"; loss_fn gets each checkpoint as given, here a {kind.__name__}: read its parameters inside loss_fn"
+        f"{fields}, or pass the parameters alone as the checkpoint"
+    )
 
 
 def compute_eps(closed: ClosedJaxpr) -> float:
