@@ -198,12 +198,11 @@ def test_rows_seen_out_of_order_at_checkpoint_0_stay_candidates():
         watch.warn()
 
 
-def test_later_checkpoints_cost_the_batch_not_the_candidates():
-    """fr356: with every row a candidate (a frozen model), a later checkpoint's bookkeeping was O(candidates)
-    per batch (np.isin over all of them: 25 s for 1.6M rows); now O(batch rows)."""
-    import time
-
-    n, size = 800_256, 512  # 1563 batches
+def test_every_row_a_candidate_stays_one_through_later_checkpoints():
+    """A frozen model: every row is a candidate at checkpoint 0 and stays one, batch by batch, at checkpoint 1
+    (fr356 made that bookkeeping O(batch rows) a batch, not O(candidates): 25 s to 0.3 s for 1.6M rows,
+    measured by /tmp/fr356/scale.py; speed is not asserted here)."""
+    n, size = 100_352, 512
     zero = np.ones(size, bool)
     watch = ZeroRows()
     watch.begin(0)
@@ -211,10 +210,8 @@ def test_later_checkpoints_cost_the_batch_not_the_candidates():
         watch.see(start, zero)
     watch.end(0)
     watch.begin(1)
-    began = time.perf_counter()
     for start in range(0, n, size):
         assert watch.wanted(start, size)
         watch.see(start, zero)
     watch.end(1)
-    assert time.perf_counter() - began < 2.0  # about 0.2 s; O(candidates) a batch took over 6 s
-    assert len(watch._candidates) == n
+    assert np.array_equal(watch._candidates, np.arange(n))
