@@ -914,19 +914,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     whitened = "whitened " if whitening is not None else ""
     summary = f"{whitened}self-influence of {store.n_rows} rows, {len(order)} ranked"
 
-    def write(f: IO[str]) -> None:
-        rows = ([rank, i, ids[i] if ids else i, f"{scores[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
-        _write_csv(f, RANKING_HEADER, rows, len(order), _progress(args), ids=(ids,))
-
-    if out is None:
-        with _stdout(WRITE_A_FILE) as f:
-            write(f)
-        print(summary, file=sys.stderr)
-    else:
-        with _output_file(out) as f:
-            write(f)
-        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
-        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
+    _write_ranking(out, RANKING_HEADER, order, scores, ids, summary, args)
 
 
 def _self_influence(store: Any, client: Any, args: argparse.Namespace) -> Any:
@@ -970,9 +958,24 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     rows = f"{test.n_rows} test rows on {train.n_rows} train rows"
     summary = f"aggregate{cosine} influence of {rows}, {len(order)} ranked{', lowest first' if lowest else ''}"
 
+    _write_ranking(out, AGGREGATE_HEADER, order, sums, ids, summary, args)
+
+
+def _write_ranking(
+    out: Path | None,
+    header: list[str],
+    order: Any,
+    values: Any,
+    ids: list | None,
+    summary: str,
+    args: argparse.Namespace,
+) -> None:
+    """A ranking of train rows as CSV (`header`: rank, train_row, train_id, value), one line per row of `order`
+    with its `values[row]`, to `out` or stdout; `summary` to stderr."""
+
     def write(f: IO[str]) -> None:
-        rows = ([rank, i, ids[i] if ids else i, f"{sums[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
-        _write_csv(f, AGGREGATE_HEADER, rows, len(order), _progress(args), ids=(ids,))
+        rows = ([rank, i, ids[i] if ids else i, f"{values[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
+        _write_csv(f, header, rows, len(order), _progress(args), ids=(ids,))
 
     if out is None:
         with _stdout(WRITE_A_FILE) as f:
