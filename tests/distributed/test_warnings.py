@@ -652,12 +652,9 @@ def test_only_tracins_own_warnings_located_in_dask_are_shown_at_the_users_call()
         ][:expected]
 
 
-def test_a_client_catch_warnings_ending_while_a_task_records_leaves_no_filter_behind():
-    """Client(processes=False): the client's catch_warnings around a submit (Job.send's, silencing Dask's
-    'Sending large graph') is entered before a task on a worker thread starts recording and ends while it
-    records. The task's recording, ending last, put back the filters as it found them, the client's
-    temporary filter with them: it stayed after the call. Now it takes out only its own 'always' filter."""
-    filters, show = list(warnings.filters), warnings.showwarning
+def _recording_task() -> tuple[threading.Thread, threading.Event, threading.Event]:
+    """A thread (not started) whose task records its warnings (_warnings.recorded) from setting `recording`
+    until `go` is set."""
     recording, go = threading.Event(), threading.Event()
 
     def task() -> None:
@@ -665,7 +662,16 @@ def test_a_client_catch_warnings_ending_while_a_task_records_leaves_no_filter_be
             recording.set()
             go.wait(30)
 
-    thread = threading.Thread(target=task)
+    return threading.Thread(target=task), recording, go
+
+
+def test_a_client_catch_warnings_ending_while_a_task_records_leaves_no_filter_behind():
+    """Client(processes=False): the client's catch_warnings around a submit (Job.send's, silencing Dask's
+    'Sending large graph') is entered before a task on a worker thread starts recording and ends while it
+    records. The task's recording, ending last, put back the filters as it found them, the client's
+    temporary filter with them: it stayed after the call. Now it takes out only its own 'always' filter."""
+    filters, show = list(warnings.filters), warnings.showwarning
+    thread, recording, go = _recording_task()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
@@ -684,14 +690,7 @@ def test_a_client_catch_warnings_entered_while_a_task_records_and_left_after_lea
     back the filters it found, the recording's 'always' filter with them: every warning shown every time
     after the call. The recording takes its filter out of the list it added it to as well."""
     filters, show = list(warnings.filters), warnings.showwarning
-    recording, go = threading.Event(), threading.Event()
-
-    def task() -> None:
-        with _warnings.recorded():
-            recording.set()
-            go.wait(30)
-
-    thread = threading.Thread(target=task)
+    thread, recording, go = _recording_task()
     try:
         thread.start()
         assert recording.wait(30)

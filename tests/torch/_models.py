@@ -82,3 +82,15 @@ class LateReuse(nn.Module):
     def forward(self, x):
         extra = nn.functional.linear(x, self.a.weight) * (x[:, :1] > 1.5).to(x.dtype)
         return self.b(torch.tanh(self.a(x)) + extra)
+
+
+class SequenceFirstTokens(nn.Module):
+    """Runs its `token` layer on (tokens, batch, features): not batch-first, so unusable by the hooks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.token, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.token(x.transpose(0, 1))).mean(0))

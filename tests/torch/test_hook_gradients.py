@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _models import tiny_gpt2
+from _models import SequenceFirstTokens, tiny_gpt2
 from torch import nn
 
 import tracin
@@ -208,21 +208,9 @@ def test_layers_mixing_examples_leave_the_hook_path_and_stay_per_example(mixer, 
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
-class SequenceFirst(nn.Module):
-    """Runs its token layer on (tokens, batch, features): not batch-first, so not for the hooks."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.token, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.token(x.transpose(0, 1))).mean(0))
-
-
 @pytest.mark.parametrize("tokens", [7, 6])  # 6 tokens = batch of 6: shapes look batch-first, values do not
 def test_layers_run_sequence_first_leave_the_hook_path_exactly(tokens):
-    model = SequenceFirst().double()
+    model = SequenceFirstTokens().double()
     g = torch.Generator().manual_seed(9)
     x, y = torch.randn(6, tokens, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (6,), generator=g)
     names = [n for n, _ in model.named_parameters()]

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import torch
+from _models import SequenceFirstTokens
 from torch import nn
 
 from tracin.torch.checkpoints import tied_aliases
@@ -133,22 +134,10 @@ def test_bytes_per_row_are_the_captured_inputs_and_output_gradients_of_one_examp
     assert hooks.bytes_per_row == 64.0
 
 
-class _SequenceFirst(nn.Module):
-    """Runs `token` on (tokens, batch, features): not batch-first, so unusable by the hooks."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.token, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.token(x.transpose(0, 1))).mean(0))
-
-
 def test_the_columns_of_a_layer_the_hooks_cannot_use_are_left_unwritten():
     """A layer run on tensors that are not batch-first is returned as unusable and its parameters' columns are left
     as they were (the caller computes them another way), not zeroed; the other layers' rows are exact."""
-    model = _SequenceFirst().double()
+    model = SequenceFirstTokens().double()
     names = [n for n, _ in model.named_parameters()]
     hooks = HookGradients(model, names, CE)
     columns, width = _columns(model)
