@@ -335,7 +335,7 @@ def _others(found: list[Raised], firsts: dict[str, Raised], labels: dict[str, st
     """What the other shards' copies of a warning (`found`, its copies differing in numbers only) say
     that the first shard's (`firsts`) do not: the words around their numbers that differ, a few shards'
     (the rows or checkpoints each names may be what the user must act on), every shard's for the NaN-loss
-    warning (LossWatch's, which exists to name the rows to fix)."""
+    and all-0-rows warnings (LossWatch's, ZeroRows': they exist to name the rows to fix)."""
     seen: dict[str, str] = {}
     for r in sorted(found, key=lambda r: order.get(labels.get(r.task, ""), len(order))):
         if r.message not in firsts:
