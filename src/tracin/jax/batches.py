@@ -271,7 +271,6 @@ class BatchPlan:
         self._pair = _is_array_pair(data)
         if self._pair:
             _warn_two_dict_batches(plain)
-        if self._pair:
             self.n_rows: int | None = _rows(*data, "data")
             inputs, targets = (jax.tree_util.tree_map(_as_array, part) for part in data)
             self._data = (inputs, targets)
