@@ -1602,7 +1602,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     (`tracin COMMAND: error: ...` after that command's usage), naming a close option where there is one."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["self-influence"]:  # score's --test=T / --train=S split, so the hint below names them
-        argv = [part for a in argv for part in (a.split("=", 1) if a.split("=", 1)[0] in _SCORE_SIDES else [a])]
+        end = argv.index("--") if "--" in argv else len(argv)  # after "--" a path: a store named "--test=x"
+        split = [part for a in argv[:end] for part in (a.split("=", 1) if a.split("=", 1)[0] in _SCORE_SIDES else [a])]
+        argv = split + argv[end:]
     args, extra = build_parser().parse_known_args(argv)
     command = args.commands[args.command]
     if extra:
