@@ -9,9 +9,10 @@ jax.jit, a loss is traced once, so one reading a Python setting must be passed a
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -176,11 +177,14 @@ def _container_hint(err: Exception, layout: ParamLayout) -> str:
     gets each checkpoint as given, and how to reach its parameters; "" for other errors and plain containers."""
     node = layout.treedef.node_data() if layout.treedef.num_nodes > 1 else None
     kind = node[0] if node else None
-    if kind is None or kind in (dict, list, tuple) or not isinstance(kind, type):
-        return ""
+    if kind is None or not isinstance(kind, type) or issubclass(kind, (Mapping, list)) or kind is tuple:
+        return ""  # plain containers, an OrderedDict or a FrozenDict included
+    if any("__call__" in vars(c) for c in kind.__mro__[:-1]):
+        return ""  # a model called inside loss_fn (an Equinox or NNX module): it is the parameters
     if kind.__name__ not in str(err) or not isinstance(err, (TypeError, AttributeError, KeyError)):
         return ""
-    fields = " (state.params for a Flax TrainState, or state.apply_fn(...))" if kind.__name__ == "TrainState" else ""
+    names = {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set()
+    fields = " (state.params for a Flax TrainState, or state.apply_fn(...))" if "params" in names else ""
     return (
         f"; loss_fn gets each checkpoint as given, here a {kind.__name__}: read its parameters inside loss_fn"
         f"{fields}, or pass the parameters alone as the checkpoint"
@@ -496,13 +500,13 @@ class LastLayer:
         if not fits and (rel > self._rtol).any():
             row = int(np.argmax(rel > self._rtol))
             self._refuse(batch, row, rel[row], "differs from the input its dot_general gets by", "every row is")
-        brtol = max(self._rtol, 8 * float(jnp.finfo(selected[0].dtype).eps)) if self._rtol is not None else 0.0
+        brtol = _bias_rtol(self._rtol, selected[0].dtype) if self._rtol is not None else 0.0
         if not fits and (brel > brtol).any():  # the bias's own dtype's tolerance, as in _bias_factors
             row = int(np.argmax(brel > brtol))
             what = "gives the bias gradient as the kernel's dL/d(output), which differs from it by"
-            self._refuse(batch, row, brel[row], what, "every row is", tapped=False)
+            self._refuse(batch, row, brel[row], what, "every row is", tapped=False, allowed=brtol)
         if not fits:
-            self._refuse_probed(norms.reshape(-1, len(probe)), batch, probe)
+            self._refuse_probed(norms.reshape(-1, len(probe)), batch, probe, brtol)
         if probing:
             self._probed_at = self.checkpoint
         return factors
@@ -534,20 +538,21 @@ class LastLayer:
                 f"got {x.dtype}"
             )
         # rounding of the coarsest dtype the loss computes in (a float32 model running
-        # nn.Dense(dtype=bfloat16), TF32 products), the layer's kernel or bias (the left factor: its gradient)
-        # is stored in (bfloat16 / float16 params) or layer_input returns: a fraction of its eps. The layer's
-        # own leaves only: an unused bfloat16 leaf elsewhere in params would loosen the check to 0.0625
-        layer = [*self._kernel_layout.split(params)[0], *self.layout.split(params)[0]]
+        # nn.Dense(dtype=bfloat16), TF32 products), the layer's kernel is stored in (bfloat16 / float16
+        # params) or layer_input returns: a fraction of its eps. The kernel only: an unused bfloat16 leaf
+        # elsewhere in params would loosen the check to 0.0625, and a bias stored coarser than the kernel
+        # widens only the checks its gradient (the left factor) enters (_bias_rtol), not layer_input's
+        layer = self._kernel_layout.split(params)[0]
         stored = [float(jnp.finfo(a.dtype).eps) for a in layer if jnp.issubdtype(a.dtype, jnp.floating)]
         self._rtol = min(max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps), *stored)), _RTOL_CAP)
 
-    def _refuse_probed(self, norms: np.ndarray, batch: Batch, probe: np.ndarray) -> None:
+    def _refuse_probed(self, norms: np.ndarray, batch: Batch, probe: np.ndarray, rtol: float) -> None:
         """_refuse naming the first probed row whose kernel gradient differs from dL/dy (x) layer_input by
         more than the tolerance in every orientation the kernel may have. norms: _probed's (2 +
         orientations, probed rows)."""
         gnorm, onorm, residuals = norms[0], norms[1], norms[2:]
         with np.errstate(invalid="ignore", divide="ignore"):
-            bound = self._rtol * (gnorm + 1e-30) + 1e-6 * onorm
+            bound = rtol * (gnorm + 1e-30) + 1e-6 * onorm
             finite = np.isfinite(gnorm) & np.isfinite(onorm) & np.isfinite(residuals).all(axis=0)
             rel = residuals.min(axis=0) / (gnorm + 1e-30)
         bad = np.flatnonzero(finite & (residuals.min(axis=0) > bound))
@@ -559,9 +564,11 @@ class LastLayer:
             if self._tapped
             else "the first and last rows of every batch are"
         )
-        self._refuse(batch, int(probe[worst]), rel[worst], what, checked, tapped=False)
+        self._refuse(batch, int(probe[worst]), rel[worst], what, checked, tapped=False, allowed=rtol)
 
-    def _refuse(self, batch: Batch, row: int, rel: float, what: str, checked: str, tapped: bool = True) -> None:
+    def _refuse(
+        self, batch: Batch, row: int, rel: float, what: str, checked: str, tapped: bool = True, allowed: Any = None
+    ) -> None:
         """Raises LayerInputError naming the checkpoint, the data's row (`row` of `batch`), which rows are
         `checked` and the relative difference `rel` (`what` says of what); tapped: layer_input differs from the
         input tapped at the kernel's dot_general (else the kernel's gradient from the factors' product)."""
@@ -569,7 +576,8 @@ class LastLayer:
             f"at checkpoint {self.checkpoint}, row {batch.start + row} of the data ({checked} checked; this "
             f"batch holds rows {batch.start} to {batch.start + batch.count - 1})"
         )
-        differs = f"layer_input {what} {rel:.3g} of its norm (allowed: {self._rtol:.3g})"
+        allowed = self._rtol if allowed is None else allowed
+        differs = f"layer_input {what} {rel:.3g} of its norm (allowed: {allowed:.3g})"
         hint = (
             "; layer_input must compute from its params argument (not a checkpoint's params it closes over) and "
             "treat every row as the loss does (the same padding mask)"
@@ -583,6 +591,13 @@ class LastLayer:
             f"{self.kernel_path} or {self.bias_path} outside y = x K + b (weight decay or another penalty on "
             f"them, tied weights): {differs}{hint}"
         )
+
+
+def _bias_rtol(rtol: Any, dtype: Any) -> Any:
+    """LastLayer's tolerance `rtol` (a float, or traced) widened to 8 eps of the bias's `dtype`: for the checks its
+    gradient, the left factor, enters (a bfloat16 bias of a float32 kernel)."""
+    eps = 8 * float(jnp.finfo(dtype).eps)
+    return max(rtol, eps) if isinstance(rtol, float) else jnp.maximum(rtol, eps)
 
 
 class LayerInputError(ValueError):
@@ -636,7 +651,7 @@ def _bias_factors(
                 db = grads[0].reshape(dy.shape)
                 # db in the bias dtype, dy in the product's output dtype (float16, a float32 bias added after it)
                 sub = max(float(jnp.finfo(t.dtype).smallest_subnormal) for t in (db, dy)) * dy.shape[1] ** 0.5
-                brtol = jnp.maximum(rtol, 8 * float(jnp.finfo(db.dtype).eps))  # a bias stored coarser than the kernel
+                brtol = _bias_rtol(rtol, db.dtype)  # a bias stored coarser than the kernel
                 bfits, brel = _tap_check(db, dy, probe, brtol, floor=4 * sub)
                 fits = jnp.minimum(fits, bfits)
             else:
@@ -645,7 +660,8 @@ def _bias_factors(
                 brel = rel
             (left, x), beyond = _float32_rows([grads[0], x])
             right = _with_ones(x)
-            args = (selected, arrays, inputs, targets, left, right, probe, rtol)
+            # the kernel's gradient against dL/dy (x) layer_input: dL/dy is the bias gradient, in the bias dtype
+            args = (selected, arrays, inputs, targets, left, right, probe, _bias_rtol(rtol, grads[0].dtype))
             out_sub = _coarsest_subnormal(closed)  # dL/dy may be rounded in a coarser dtype than the kernel's
             if site is None:
                 probe_fits, norms = check(*args, out_sub)
