@@ -317,14 +317,15 @@ def check_preconditioning(kind: str | None, mode: str, checkpoints: Sequence[Che
         return
     for c, entry in enumerate(checkpoints):
         if entry.optimizer is None:
-            folder = entry.source if isinstance(entry.source, (str, os.PathLike)) else None
+            # os.fsdecode: a PathLike may give bytes, which os.path.join would not mix with "optimizer.pt"
+            folder = os.fsdecode(entry.source) if isinstance(entry.source, (str, os.PathLike)) else None
             held = folder is not None and os.path.isfile(os.path.join(folder, "optimizer.pt"))
             raise ValueError(
                 f"checkpoints[{c}] has no optimizer state, which preconditioner={kind!r} needs: give "
                 "(checkpoint, learning_rate, optimizer_state) for every checkpoint"
                 + (
                     f"; its folder holds optimizer.pt (a Trainer's checkpoint-N): give the folder again as the "
-                    f"third item, ({os.fspath(folder)!r}, learning_rate, {os.fspath(folder)!r})"
+                    f"third item, ({folder!r}, learning_rate, {folder!r})"
                     if held
                     else ""
                 )
