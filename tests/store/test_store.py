@@ -366,3 +366,21 @@ def test_partial_use_of_rows_written_out_of_order_starts_at_row_0(tmp_path):
     assert tracin.GradientStore.open(tmp_path / "s", allow_partial=True).n_rows == 0
     with pytest.raises(ValueError, match=r"rows usable from row 0, per checkpoint: \[0\] of 10"):
         tracin.self_influence(tracin.GradientStore.open(tmp_path / "s"))
+
+
+def test_opening_a_folder_of_npy_files_says_how_to_make_a_store_of_them(tmp_path):
+    """A folder of np.save'd gradients (no manifest) said only '(no manifest.json)'; it names the .npy files and
+    the GradientStore.create / write / finalize calls, and the advised calls make a store that reads them back."""
+    grads = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for name in ("ckpt_0.npy", "ckpt_1.npy", "ckpt_2.npy", "ckpt_3.npy"):
+        np.save(tmp_path / name, grads)
+    with pytest.raises(FileNotFoundError) as caught:
+        tracin.GradientStore.open(tmp_path)
+    text = str(caught.value)
+    assert "(no manifest.json; it holds .npy files (ckpt_0.npy, ckpt_1.npy, ckpt_2.npy, ...)" in text, text
+    assert "GradientStore.create(path, n_rows=n, dims=[d, ...]" in text and "w.finalize()" in text, text
+    w = tracin.GradientStore.create(tmp_path / "store", n_rows=3, dims=[4], weights=[0.1])
+    w.write(0, 0, np.load(tmp_path / "ckpt_0.npy"))
+    w.finalize()
+    want = 0.1 * (grads.astype(np.float64) ** 2).sum(1)
+    np.testing.assert_allclose(tracin.self_influence(tracin.GradientStore.open(tmp_path / "store")), want, rtol=1e-6)

@@ -236,11 +236,29 @@ def read_manifest_bytes(root: Path) -> bytes:
     try:
         fd = open_file(path)
     except FileNotFoundError:
-        raise FileNotFoundError(interrupted_create(root) or f"no gradient store at {root} (no {MANIFEST})") from None
+        raise FileNotFoundError(
+            interrupted_create(root) or f"no gradient store at {root} (no {MANIFEST}{_npy_files_hint(root)})"
+        ) from None
     try:
         return read_all(fd, MAX_MANIFEST_BYTES, path)
     finally:
         os.close(fd)
+
+
+def _npy_files_hint(root: Path, shown: int = 3) -> str:
+    """For a folder holding .npy files (np.save's per-example gradients, say) but no manifest: what it holds and
+    how to make a store of them; "" otherwise (or when the folder cannot be listed)."""
+    try:
+        names = sorted(e.name for e in os.scandir(root) if e.name.endswith(".npy") and e.is_file())
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+    return (
+        f"; it holds .npy files ({listed}): make a store of (n, d) float32 arrays with w = GradientStore.create(path, "
+        "n_rows=n, dims=[d, ...], weights=[lr, ...]); w.write(checkpoint, 0, rows); w.finalize()"
+    )
 
 
 def interrupted_create(root: str | os.PathLike) -> str | None:
