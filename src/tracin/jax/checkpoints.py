@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import io
@@ -37,6 +38,33 @@ def parse_checkpoints(checkpoints: Any, adam: Mapping[str, float] | None = None)
             _check_not_empty(entry.source, f"checkpoints[{index}]")
     refuse_live_variables(parsed)
     return parsed
+
+
+def refuse_train_state_without_optimizer(entries: Sequence[Checkpoint], preconditioner: str) -> None:
+    """ValueError for the first checkpoint given as a Flax TrainState (the object, or the dict a saved one
+    restores as: a "params" Mapping and an "opt_state" holding floating leaves) without an optimizer state
+    item, which preconditioner `preconditioner` needs: the shared check's message, naming the TrainState's
+    own opt_state to pass as the third item. Other checkpoints are left to that check."""
+    for c, entry in enumerate(entries):
+        if entry.optimizer is not None:
+            continue
+        source = entry.source
+        if isinstance(source, Mapping):
+            params, opt_state, item = source.get("params"), source.get("opt_state"), "state['opt_state']"
+        elif dataclasses.is_dataclass(source) and not isinstance(source, type):
+            params, opt_state = getattr(source, "params", None), getattr(source, "opt_state", None)
+            item = "state.opt_state"
+        else:
+            continue
+        if not isinstance(params, Mapping) or not any(
+            is_float_leaf(x, False) for x in jax.tree_util.tree_leaves(opt_state)
+        ):
+            continue
+        raise ValueError(
+            f"checkpoints[{c}] has no optimizer state, which preconditioner={preconditioner!r} needs: give "
+            f"(checkpoint, learning_rate, optimizer_state) for every checkpoint; checkpoints[{c}][0] is a Flax "
+            f"TrainState, whose optimizer state is its opt_state: give (state, learning_rate, {item})"
+        )
 
 
 _COPY = "jax.tree.map(lambda a: a, {}) (new Variables holding the same immutable arrays)"

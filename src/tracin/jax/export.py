@@ -19,7 +19,7 @@ from .._export.checkpoints import warn_unused_states
 from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
 from .._export.metadata import last_layer_entry
-from .._export.preconditioner import adam_settings
+from .._export.preconditioner import adam_settings, check_preconditioner
 from .._export.projection import check_projection, refuse_empty_parameters, warn_widening
 from .._export.transforms import row_transforms
 from .._progress import check_progress
@@ -27,7 +27,7 @@ from .._retyped import retyped
 from ..gradients import FactoredGradients, Gradients
 from ..projection import NonFiniteRowError
 from .batches import Batch, BatchPlan
-from .checkpoints import parse_checkpoints, restore, state_digest
+from .checkpoints import parse_checkpoints, refuse_train_state_without_optimizer, restore, state_digest
 from .params import (
     LINEN_STATE,
     as_patterns,
@@ -231,6 +231,9 @@ def export_gradients(
     adam = adam_settings(preconditioner_options)
     entries = parse_checkpoints(checkpoints, adam)
     warn_unused_states(entries, preconditioner)
+    if preconditioner is not None:  # a known kind first, then a TrainState's own opt_state named as the third item
+        check_preconditioner(preconditioner, mode)
+        refuse_train_state_without_optimizer(entries, preconditioner)
     if preconditioner is None and preconditioner_options is not None:  # as an unused optimizer state: a warning
         warnings.warn(
             "preconditioner_options is given, but preconditioner=None ignores it: the rows are plain SGD gradients "
