@@ -128,3 +128,11 @@ def _is_rate(x: Any) -> bool:
     """Whether `x` is a number learning_rate() takes (a 0-d array or tensor of one too), whatever its value."""
     x = _scalar(x)
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def missing_optimizer_state(c: int, kind: str) -> str:
+    """The refusal of checkpoints[c], given without the optimizer state a preconditioner `kind` needs."""
+    return (
+        f"checkpoints[{c}] has no optimizer state, which preconditioner={kind!r} needs: give "
+        "(checkpoint, learning_rate, optimizer_state) for every checkpoint"
+    )

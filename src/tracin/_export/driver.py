@@ -25,7 +25,7 @@ import numpy as np
 from .._progress import progress_bar
 from ..projection import NonFiniteRowError
 from ..store._files import store_root
-from .checkpoints import Checkpoint
+from .checkpoints import Checkpoint, missing_optimizer_state
 from .fingerprint import DataFingerprint, FileStat, check_unchanged, checkpoint_file_digest, checkpoint_file_stats
 from .metadata import export_metadata
 from .preconditioner import Preconditioned, check_preconditioner
@@ -321,8 +321,7 @@ def check_preconditioning(kind: str | None, mode: str, checkpoints: Sequence[Che
             folder = os.fsdecode(entry.source) if isinstance(entry.source, (str, os.PathLike)) else None
             held = folder is not None and os.path.isfile(os.path.join(folder, "optimizer.pt"))
             raise ValueError(
-                f"checkpoints[{c}] has no optimizer state, which preconditioner={kind!r} needs: give "
-                "(checkpoint, learning_rate, optimizer_state) for every checkpoint"
+                missing_optimizer_state(c, kind)
                 + (
                     f"; its folder holds optimizer.pt (a Trainer's checkpoint-N): give the folder again as the "
                     f"third item, ({folder!r}, learning_rate, {folder!r})"

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .._export.checkpoints import Checkpoint
+from .._export.checkpoints import Checkpoint, missing_optimizer_state
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays, holds_set, stable_repr
 from .._export.preconditioner import AdamMoments, check_moments
@@ -61,9 +61,8 @@ def refuse_train_state_without_optimizer(entries: Sequence[Checkpoint], precondi
         ):
             continue
         raise ValueError(
-            f"checkpoints[{c}] has no optimizer state, which preconditioner={preconditioner!r} needs: give "
-            f"(checkpoint, learning_rate, optimizer_state) for every checkpoint; checkpoints[{c}][0] is a Flax "
-            f"TrainState, whose optimizer state is its opt_state: give (state, learning_rate, {item})"
+            f"{missing_optimizer_state(c, preconditioner)}; checkpoints[{c}][0] is a Flax TrainState, whose "
+            f"optimizer state is its opt_state: give (state, learning_rate, {item})"
         )
 
 
