@@ -6,68 +6,28 @@ transforms them. Expectations are hand-worked or float64 NumPy."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import ml_dtypes
 import numpy as np
 import pytest
 
 import tracin
 from interrupts import ctrl_c_when
+from tests._export.test_driver import _Scaled as _DriverScaled
 from tracin._export.driver import Options, batch_starts, export, store_rows
 from tracin._export.sinks import StoreSink
 
 
-@dataclass
-class _Batch:
-    start: int
-    count: int
-    x: np.ndarray
-
-
-class _Scaled:
-    """Rows of checkpoint {"scale": s} are s * x; records the batches computed and to_host's float32 flag."""
-
-    name = "numpy"
-    params = [("w", (3,))]
-    last_layer = None
-    slot_dims = [3]
-    segments = [3]
-    fingerprints = {"loss": "scaled"}
-    inplace_width = None
-    one_shot = False
+class _Scaled(_DriverScaled):
+    """test_driver's framework (rows of checkpoint {"scale": s} are s * x), also recording to_host's float32
+    flag and viewing bfloat16 rows as such."""
 
     def __init__(self, batches: list[np.ndarray], n_rows: int | None = -1):
-        self.data = batches
-        self.n_rows = sum(len(b) for b in batches) if n_rows == -1 else n_rows
-        self.computed: list[int] = []
+        super().__init__(batches, n_rows)
         self.float32: list[bool] = []
-
-    def batches(self):
-        start = 0
-        for x in self.data:
-            yield _Batch(start, len(x), x)
-            start += len(x)
-
-    def fingerprint_arrays(self, batch):
-        return [batch.x[:, 0]], [batch.x]
-
-    def state_digest(self, source, index):
-        return str(source["scale"])
-
-    def load(self, source, index):
-        return source["scale"]
-
-    def check(self, state, batch):
-        pass
-
-    def compute(self, state, batch):
-        self.computed.append(batch.start)
-        return batch.x * np.float32(state)
 
     def to_host(self, computed, count, float32):
         self.float32.append(float32)
-        return [np.asarray(computed[:count], np.float32)]
+        return super().to_host(computed, count, float32)
 
     @staticmethod
     def wrap(array, dtype):
