@@ -537,13 +537,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from .scoring import FITTED_ON, CheckpointMismatchError, FittedKindError, WhitenedNormalizeError
-
-    if args.whitening is not None and args.normalize:
-        raise UsageError(
-            "--whitening and --normalize do not combine: the cosine of whitened --test rows and unwhitened --train "
-            "rows compares different spaces; drop --normalize to score whitened TracIn"
-        )
+    _check_whitening_options(args)
     _check_scheduler(args)
     _check_whitening_name(args.whitening)
     out = _check_output(args.output, (".npz", ".csv"))
@@ -552,22 +546,84 @@ def cmd_score(args: argparse.Namespace) -> None:
     _check_device(args)
     test = _open_store(args.test, "--test", args.allow_partial)
     train = _open_store(args.train, "--train", args.allow_partial)
-    whitening = None
-    if args.whitening is not None:
-        for option, store in (("--test", test), ("--train", train)):
-            if "whitening" in store.metadata:
-                raise CommandError(
-                    f"--whitening: {option} store {store.path} is already whitened (metadata['whitening']), and the "
-                    "whitening applies once, to the test rows: give the store of the unwhitened rows, or leave "
-                    "--whitening out"
-                )
-        whitening = _load_whitening(args.whitening)
-        _warn_fitted_elsewhere(whitening, train, "--train")
+    whitening = _whitening_for(args, test, train)
+    with _scoring_refusals(args, whitening):
+        scored = test if whitening is None else _whitened(whitening, test, "--test", args)
+        result = _top_k(args, scored, train)
+    sides = result._asdict() if args.side == "both" else {args.side: result}
+    scores = " (cosine scores)" if args.normalize else ""
+    k = min(args.k, train.n_rows)  # what top_k returns
+    capped = f" (k capped at the {train.n_rows} train rows)" if k < args.k else ""
+    scores += " (whitened)" if whitening is not None else ""
+    summary = f"top-{k} {args.side}{scores} of {test.n_rows} test rows over {train.n_rows} train rows{capped}"
+    if out is not None and out.suffix.lower() == ".npz":
+        arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
+        with _output_file(out, binary=True) as f:
+            if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                np.savez(f, **arrays)
+            else:  # streamed (a FIFO, a device): the archive whole first, written at once; zipfile's closing records,
+                # written while an interrupt unwinds, blocked again on a reader that stopped reading (one Ctrl-C hung)
+                staged = io.BytesIO()
+                np.savez(staged, **arrays)
+                f.write(staged.getbuffer())
+        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
+        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
+        return
+    test_ids, train_ids = _ids(test, "--test"), _ids(train, "--train")  # before the CSV's output is opened
+    pairs = sum(r.indices.size for r in sides.values())
+
+    def write_csv(f: IO[str]) -> None:
+        rows = _pair_rows(sides, test_ids, train_ids)
+        _write_csv(f, PAIRS_HEADER, rows, pairs, _progress(args), ids=(test_ids, train_ids))
+
+    if out is None:
+        with _stdout(WRITE_A_FILE) as f:
+            write_csv(f)
+        print(summary, file=sys.stderr)
+    else:
+        with _output_file(out) as f:
+            write_csv(f)
+        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
+        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
+
+
+def _check_whitening_options(args: argparse.Namespace) -> None:
+    """Refuses --whitening with --normalize (score and aggregate), before any work."""
+    if args.whitening is not None and args.normalize:
+        raise UsageError(
+            "--whitening and --normalize do not combine: the cosine of whitened --test rows and unwhitened --train "
+            f"rows compares different spaces; drop --normalize to {args.command} whitened TracIn"
+        )
+
+
+def _whitening_for(args: argparse.Namespace, test: Any, train: Any) -> Any:
+    """The tracin.Whitening of --whitening (None without it), once neither store is whitened already; warns
+    when it was fitted on another store than --train."""
+    if args.whitening is None:
+        return None
+    for option, store in (("--test", test), ("--train", train)):
+        if "whitening" in store.metadata:
+            raise CommandError(
+                f"--whitening: {option} store {store.path} is already whitened (metadata['whitening']), and the "
+                "whitening applies once, to the test rows: give the store of the unwhitened rows, or leave "
+                "--whitening out"
+            )
+    whitening = _load_whitening(args.whitening)
+    _warn_fitted_elsewhere(whitening, train, "--train")
+    return whitening
+
+
+@contextmanager
+def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None]:
+    """The library's refusals of --test and --train scored together (`whitening`: --whitening's, or None), in
+    command line terms: a whitened side with --normalize, a whitening fitted on other gradients than --train's,
+    sides exported at other checkpoints, NaN rows, sides that do not match."""
+    from .scoring import FITTED_ON, CheckpointMismatchError, FittedKindError, WhitenedNormalizeError
+
     # a whitened test side's whitening: --whitening, or the one a whitened --test store records
     owner = "--test's whitening" if whitening is None else "--whitening"
     try:
-        scored = test if whitening is None else _whitened(whitening, test, "--test", args)
-        result = _top_k(args, scored, train)
+        yield
     except WhitenedNormalizeError as e:  # the library's advice (normalize=False) is Python's
         head = "--normalize does not combine with whitened gradients (metadata['whitening'])"
         if len(e.sides) == 2:  # the same whitening on both is no space mismatch: two whitened sides are refused
@@ -611,41 +667,6 @@ def cmd_score(args: argparse.Namespace) -> None:
             raise _sides_named(e, {"test": f"--test {args.test}", "train": f"--train {args.train}"}) from e
         said = _one_line(e).replace(FITTED_ON, f"the gradients {owner} was fitted on")
         raise CommandError(f"{owner} does not fit --train: {said}; {_refit_advice(whitening)}") from e
-    sides = result._asdict() if args.side == "both" else {args.side: result}
-    scores = " (cosine scores)" if args.normalize else ""
-    k = min(args.k, train.n_rows)  # what top_k returns
-    capped = f" (k capped at the {train.n_rows} train rows)" if k < args.k else ""
-    scores += " (whitened)" if whitening is not None else ""
-    summary = f"top-{k} {args.side}{scores} of {test.n_rows} test rows over {train.n_rows} train rows{capped}"
-    if out is not None and out.suffix.lower() == ".npz":
-        arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
-        with _output_file(out, binary=True) as f:
-            if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                np.savez(f, **arrays)
-            else:  # streamed (a FIFO, a device): the archive whole first, written at once; zipfile's closing records,
-                # written while an interrupt unwinds, blocked again on a reader that stopped reading (one Ctrl-C hung)
-                staged = io.BytesIO()
-                np.savez(staged, **arrays)
-                f.write(staged.getbuffer())
-        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
-        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
-        return
-    test_ids, train_ids = _ids(test, "--test"), _ids(train, "--train")  # before the CSV's output is opened
-    pairs = sum(r.indices.size for r in sides.values())
-
-    def write_csv(f: IO[str]) -> None:
-        rows = _pair_rows(sides, test_ids, train_ids)
-        _write_csv(f, PAIRS_HEADER, rows, pairs, _progress(args), ids=(test_ids, train_ids))
-
-    if out is None:
-        with _stdout(WRITE_A_FILE) as f:
-            write_csv(f)
-        print(summary, file=sys.stderr)
-    else:
-        with _output_file(out) as f:
-            write_csv(f)
-        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
-        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
 
 
 # the library's refusals of a pair of sides that do not match (scoring._pair, _weights), in its words
@@ -933,30 +954,31 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
     import tracin
 
+    _check_whitening_options(args)
     _check_scheduler(args)
+    _check_whitening_name(args.whitening)
     out = _check_output(args.output, (".csv",))
-    _check_not_read(out, {"--test": args.test, "--train": args.train})
+    _check_not_read(out, {"--whitening": args.whitening, "--test": args.test, "--train": args.train})
     _check_stdout(out)  # not after the whole pass
     _check_device(args)
     test = _open_store(args.test, "--test", args.allow_partial)
     train = _open_store(args.train, "--train", args.allow_partial)
+    whitening = _whitening_for(args, test, train)
     options = {"num_threads": args.threads, "progress": _progress(args), "normalize": args.normalize}
-    try:
-        with _cluster(args) as client:
-            if client is None:
-                sums = tracin.aggregate(test, train, device=args.device, **options)
-            else:
-                from . import distributed
+    with _scoring_refusals(args, whitening), _cluster(args) as client:
+        scored = test if whitening is None else _whitened(whitening, test, "--test", args)
+        if client is None:
+            sums = tracin.aggregate(scored, train, device=args.device, **options)
+        else:
+            from . import distributed
 
-                sums = distributed.aggregate(test, train, client=client, **options)
-    except ValueError as e:
-        raise _sides_named(e, {"test": f"--test {args.test}", "train": f"--train {args.train}"}) from e
+            sums = distributed.aggregate(scored, train, client=client, **options)
     lowest = args.side == "opponents"
     order = np.argsort(sums if lowest else -sums, kind="stable")[: args.top]
     ids = _ids(train, "--train")  # before the output is opened
-    cosine = " (cosine scores)" if args.normalize else ""
+    scores = " (cosine scores)" if args.normalize else " (whitened)" if whitening is not None else ""
     rows = f"{test.n_rows} test rows on {train.n_rows} train rows"
-    summary = f"aggregate{cosine} influence of {rows}, {len(order)} ranked{', lowest first' if lowest else ''}"
+    summary = f"aggregate{scores} influence of {rows}, {len(order)} ranked{', lowest first' if lowest else ''}"
 
     _write_ranking(out, AGGREGATE_HEADER, order, sums, ids, summary, args)
 
@@ -1263,6 +1285,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="cosine scores: each gradient unit-normalised per checkpoint, then weighted and summed "
         "(tracin.aggregate(normalize=True))",
+    )
+    p.add_argument(
+        "--whitening",
+        default=None,
+        metavar="FILE",
+        help="whitened TracIn summed over --test, sum_c w_c (sum_t g_c(t))^T (R_c + lambda_c I)^-1 g_c(train): FILE "
+        "is a tracin.Whitening saved with Whitening.save, fitted on --train's gradients; the --test rows are "
+        "whitened with it (Whitening.apply, held in memory: float32, test rows x dims); not with --normalize",
     )
     _scoring_options(p)
 

@@ -1,0 +1,120 @@
+"""`tracin aggregate --whitening FILE`: whitened TracIn summed over the test set, as `tracin score --whitening`
+scores it pair by pair (the --test rows whitened with a saved tracin.Whitening, the --train rows as they are)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin.cli import main
+
+DAMPING = 0.5
+WEIGHTS = [0.5, 2.0]
+
+
+def _store(path, blocks, metadata=None) -> str:
+    w = tracin.GradientStore.create(
+        path, len(blocks[0]), [b.shape[1] for b in blocks], weights=WEIGHTS, metadata=metadata
+    )
+    for c, b in enumerate(blocks):
+        w.write(c, 0, b)
+    w.finalize()
+    return str(path)
+
+
+@pytest.fixture
+def sides(tmp_path, rng):
+    """Two checkpoints' (6, 3) test and (30, 3) train rows, float32, with a few strongly correlated train columns
+    (so that whitening changes the ranking), their stores, and a Whitening fitted on the train store, saved."""
+    mix = np.array([[1.0, 0.9, 0.0], [0.0, 0.3, 0.0], [0.0, 0.0, 0.2]])
+    train = [(rng.standard_normal((30, 3)) @ mix).astype(np.float32) for _ in WEIGHTS]
+    test = [rng.standard_normal((6, 3)).astype(np.float32) for _ in WEIGHTS]
+    paths = {"test": _store(tmp_path / "te", test), "train": _store(tmp_path / "tr", train)}
+    white = tmp_path / "white.npz"
+    tracin.Whitening.fit(tracin.GradientStore.open(paths["train"]), damping=DAMPING, progress=False).save(white)
+    return paths, test, train, str(white)
+
+
+def _reference(test: list, train: list, whiten: bool = True) -> np.ndarray:
+    """float64 (n,): sum_c w_c (sum_t t_c)^T (R_c + lambda_c I)^-1 x_c, R_c = X_c^T X_c / n of the train rows and
+    lambda_c = DAMPING * trace(R_c) / d (the documented whitening); the plain TracIn sums without `whiten`."""
+    total = np.zeros(len(train[0]))
+    for w, t, x in zip(WEIGHTS, test, train, strict=True):
+        g = x.astype(np.float64)
+        r = g.T @ g / len(g)
+        inverse = np.linalg.inv(r + DAMPING * np.trace(r) / len(r) * np.eye(len(r))) if whiten else np.eye(len(r))
+        total += w * t.astype(np.float64).sum(0) @ inverse @ g.T
+    return total
+
+
+def _ranking(path) -> tuple[list[int], np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [int(r["train_row"]) for r in rows], np.array([float(r["influence"]) for r in rows])
+
+
+def _aggregate(paths: dict, *more: str) -> list[str]:
+    return ["aggregate", "--test", paths["test"], "--train", paths["train"], *more]
+
+
+@pytest.mark.parametrize("side", ["proponents", "opponents"])
+def test_whitened_sums_are_the_float64_whitened_tracin_summed_over_test(side, sides, tmp_path, capsys):
+    paths, test, train, white = sides
+    out = tmp_path / "agg.csv"
+    assert main(_aggregate(paths, "--whitening", white, "--side", side, "-o", str(out))) == 0
+    assert "aggregate (whitened) influence of 6 test rows on 30 train rows, 30 ranked" in capsys.readouterr().err
+    exact = _reference(test, train)
+    order = np.argsort(exact if side == "opponents" else -exact, kind="stable")
+    rows, values = _ranking(out)
+    assert rows == order.tolist()
+    np.testing.assert_allclose(values, exact[order], rtol=0, atol=1e-5 * np.abs(exact).max())
+    plain = _reference(test, train, whiten=False)
+    assert rows != np.argsort(plain if side == "opponents" else -plain, kind="stable").tolist()  # it whitened
+
+
+def test_whitening_with_normalize_is_a_usage_error_naming_aggregate(sides, capsys):
+    paths, _, _, white = sides
+    assert main(_aggregate(paths, "--whitening", white, "--normalize")) == 2
+    err = capsys.readouterr().err
+    assert "--whitening and --normalize do not combine" in err
+    assert "drop --normalize to aggregate whitened TracIn" in err
+
+
+def test_an_already_whitened_test_store_is_refused(sides, tmp_path, capsys):
+    paths, test, _, white = sides
+    whitening = tracin.Whitening.load(white)
+    whitened = whitening.apply(tracin.GradientStore.open(paths["test"]), progress=False)
+    blocks = [np.asarray(m) for m in whitened.matrices]
+    done = _store(tmp_path / "white-te", blocks, metadata=whitened.metadata)
+    assert main(["aggregate", "--test", done, "--train", paths["train"], "--whitening", white]) == 1
+    err = capsys.readouterr().err
+    assert f"--whitening: --test store {done} is already whitened" in err
+
+
+def test_a_whitening_of_other_dims_names_the_test_option(sides, tmp_path, rng, capsys):
+    paths, _, _, _ = sides
+    other = tmp_path / "other.npz"
+    rows = [rng.standard_normal((20, 5)).astype(np.float32) for _ in WEIGHTS]
+    tracin.Whitening.fit(tracin.Gradients(rows, WEIGHTS), damping=DAMPING, progress=False).save(other)
+    assert main(_aggregate(paths, "--whitening", str(other))) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("tracin aggregate: error: --whitening applied to --test: "), err
+
+
+def test_on_a_local_cluster_the_whitened_sums_are_the_local_ones(sides, tmp_path):
+    """--scheduler local: the whitened test rows (in memory) sent to the workers; the ranking is the local one."""
+    pytest.importorskip("distributed")
+    paths, _, _, white = sides
+    local, spread = tmp_path / "local.csv", tmp_path / "spread.csv"
+    assert main(_aggregate(paths, "--whitening", white, "-o", str(local))) == 0
+    command = [sys.executable, "-m", "tracin", *_aggregate(paths, "--whitening", white, "-o", str(spread))]
+    done = subprocess.run(
+        [*command, "--scheduler", "local", "--workers", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert local.read_text() == spread.read_text()
