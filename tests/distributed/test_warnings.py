@@ -8,6 +8,7 @@ import re
 import sys
 import threading
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -571,7 +572,7 @@ def test_every_shards_nan_loss_rows_are_named_however_many_shards():
     with pytest.warns(RuntimeWarning) as record:
         _warnings.show(raised, 0, "test", labels, 7)
     nan_loss, tiny = (str(w.message) for w in record)
-    others = "; ".join(f"rows [{100 * i}, {100 * i + 100}): '{100 * i + 7}'" for i in range(1, 7))
+    others = "; ".join(f"rows [{100 * i}, {100 * i + 100}): 'row {100 * i + 7} at checkpoint 0'" for i in range(1, 7))
     assert nan_loss == (
         "tracin.distributed test, rows [0, 100) on worker w (from 7 of 7 shards; other shards' copies name other "
         f"numbers: {others}): loss_fn gives a NaN or infinite loss for row 7 {tail}"
@@ -592,11 +593,74 @@ def test_every_shards_all_zero_rows_are_named_however_many_shards():
     with pytest.warns(UserWarning) as record:
         _warnings.show(raised, 0, "test", labels, 7)
     (message,) = (str(w.message) for w in record)
-    others = "; ".join(f"rows [{100 * i}, {100 * i + 100}): '{100 * i + 3}'" for i in range(1, 7))
+    others = "; ".join(f"rows [{100 * i}, {100 * i + 100}): 'row {100 * i + 3}'" for i in range(1, 7))
     assert message == (
         "tracin.distributed test, rows [0, 100) on worker w (from 7 of 7 shards; other shards' copies name other "
         f"numbers: {others}): all-0 gradients for row 3 {tail}"
     )
+
+
+def test_one_row_and_several_rows_copies_of_a_row_warning_are_one_warning():
+    """A shard with one NaN-loss row warns "row 7 ..., its gradient row is", one with several "3 rows (...) ...,
+    their gradient rows are": the same warning worded for its count, shown once (it was one warning per
+    wording), every shard's rows and checkpoint named; the all-0-rows warning alike, its whole-shard wording
+    ("all 100 rows computed") apart."""
+    from tracin._export.loss_watch import LossWatch
+    from tracin._export.sinks import ZeroRows
+
+    def raised_by(make, task):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            make()
+        return [
+            _warnings.Raised(_warnings._category_named(w.category), str(w.message), "x.py", 3, None, task, "w")
+            for w in record
+        ]
+
+    def nan_rows(rows, checkpoint):
+        def make():
+            watch = LossWatch("autograd", "autograd gives it")
+            watch.checkpoint = checkpoint
+            losses = np.zeros(100, np.float32)
+            losses[np.array(rows) % 100] = np.nan
+            watch(losses, SimpleNamespace(start=rows[0] // 100 * 100, count=100))
+            watch.flush()
+
+        return make
+
+    def zero_rows(rows, computed):
+        def make():
+            zero = ZeroRows()
+            zero.see(rows[0] // 100 * 100, np.isin(np.arange(computed), np.array(rows) % 100))
+            zero.end(0)
+            zero.warn()
+
+        return make
+
+    labels = {f"t{i}": f"rows [{100 * i}, {100 * i + 100})" for i in range(3)}
+    raised = raised_by(nan_rows([7], 0), "t0") + raised_by(nan_rows([105, 107, 109], 0), "t1")
+    raised += raised_by(nan_rows([203], 1), "t2")
+    with pytest.warns(RuntimeWarning) as record:
+        _warnings.show(raised, 0, "test", labels, 3)
+    (message,) = (str(w.message) for w in record)
+    assert message.startswith(
+        "tracin.distributed test, rows [0, 100) on worker w (from 3 of 3 shards; other shards' copies name other "
+        "numbers: rows [100, 200): '3 rows (105, 107, 109) at checkpoint 0'; rows [200, 300): 'row 203 at "
+        "checkpoint 1'): loss_fn gives a NaN or infinite loss for row 7 of the data at checkpoint 0: "
+    ), message
+    raised = raised_by(zero_rows([3], 100), "t0") + raised_by(zero_rows([101, 102], 100), "t1")
+    raised += raised_by(zero_rows([200, 201], 2), "t2")  # every row that shard computed: its own warning
+    with pytest.warns(UserWarning) as record:
+        _warnings.show(raised, 0, "test", labels, 3)
+    some, every = (str(w.message) for w in record)
+    assert some.startswith(
+        "tracin.distributed test, rows [0, 100) on worker w (from 2 of 3 shards; other shards' copies name other "
+        "numbers: rows [100, 200): '2 rows (101, 102)'): all-0 gradients for row 3 of the data: its gradient is 0"
+    ), some
+    assert every.startswith(
+        "tracin.distributed test, rows [200, 300) on worker w (from 1 of 3 shards): all-0 gradients for all 2 rows "
+        "computed (rows 200 to 201) of the data: "
+    ), every
 
 
 def test_a_warning_located_in_dask_on_the_worker_is_shown_at_the_users_call():

@@ -28,6 +28,11 @@ NOTED = 10  # warnings a failed task's error lists in its note
 _NUMBERS = re.compile(r"\d+")  # what tells apart the shards' copies of one warning (the rows each names)
 _OTHERS = 5  # other shards' copies of a warning whose differing words are listed with the first's
 # (all of them for the NaN-loss and all-0-rows warnings: the rows they name are what the user must fix, review343 L2)
+# LossWatch's and ZeroRows' warnings: the rows named (one shard's "row 7 ..., its", another's "3 rows (1, 5, 9) ...,
+# their": copies of one warning worded for their counts), then the checkpoint, if named
+_ROWS_NAMED = re.compile(
+    rf"({re.escape(_LOSS_WATCH_STARTS)}|{re.escape(_ZERO_ROWS_STARTS)})(.*?) of the data(?: at checkpoint (\d+))?:"
+)
 
 _LOCK = threading.Lock()
 _local = threading.local()  # .handlers: this thread's handlers, innermost last; .showing: inside _show
@@ -341,16 +346,32 @@ def _others(found: list[Raised], firsts: dict[str, Raised], labels: dict[str, st
         if r.message not in firsts:
             seen.setdefault(r.message, labels.get(r.task, "a task merging shard results"))
     first = next(iter(firsts))
-    limit = len(seen) if first.startswith((_LOSS_WATCH_STARTS, _ZERO_ROWS_STARTS)) else _OTHERS
-    base = first.split(" ")
-    listed = []
-    for message, where in list(seen.items())[:limit]:
-        words = message.split(" ")
-        start = next((i for i, (a, b) in enumerate(zip(base, words, strict=True)) if a != b), 0)
-        end = next((i for i, (a, b) in enumerate(zip(reversed(base), reversed(words), strict=True)) if a != b), 0)
-        listed.append(f"{where}: '{' '.join(words[start : len(words) - end])}'")
+    limit = len(seen) if _ROWS_NAMED.match(first) else _OTHERS
+    listed = [f"{where}: '{_differing(message, first)}'" for message, where in list(seen.items())[:limit]]
     more = f" and {len(seen) - limit} more" if len(seen) > limit else ""
     return f"other shards' copies name other numbers: {'; '.join(listed)}{more}"
+
+
+def _differing(message: str, first: str) -> str:
+    """What `message`, a copy of the warning `first` (their words the same but for numbers), says that
+    `first` does not: the rows (and checkpoint) a NaN-loss or all-0-rows warning names, else the words from
+    the first that differs to the last."""
+    if (named := _ROWS_NAMED.match(message)) is not None:
+        _, rows, checkpoint = named.groups()
+        return rows if checkpoint is None else f"{rows} at checkpoint {checkpoint}"
+    base, words = first.split(" "), message.split(" ")
+    start = next((i for i, (a, b) in enumerate(zip(base, words, strict=True)) if a != b), 0)
+    end = next((i for i, (a, b) in enumerate(zip(reversed(base), reversed(words), strict=True)) if a != b), 0)
+    return " ".join(words[start : len(words) - end])
+
+
+def _copies(r: Raised) -> tuple:
+    """What the shards' copies of one warning share: its category and message with every number a "#", or
+    for a NaN-loss or all-0-rows warning, singular or plural, its kind (and whether it names all of a shard's
+    rows, ZeroRows' other wording)."""
+    if (named := _ROWS_NAMED.match(r.message)) is not None:
+        return r.category, named.group(1), named.group(2).startswith("all ")
+    return r.category, _NUMBERS.sub("#", r.message)
 
 
 def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], shards: int) -> None:
@@ -366,8 +387,8 @@ def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], sha
         order.setdefault(label, len(order))
     grouped: dict[tuple, list[Raised]] = {}
     for r in raised:  # shards' copies of a warning naming their own rows ("rows 20 to 29") are one warning
-        grouped.setdefault((r.category, _NUMBERS.sub("#", r.message)), []).append(r)
-    for (category, _), found in grouped.items():
+        grouped.setdefault(_copies(r), []).append(r)
+    for (category, *_), found in grouped.items():
         shown = sorted({labels[r.task] for r in found if r.task in labels}, key=order.__getitem__)
         mine = [r for r in found if r.task in labels and labels[r.task] == shown[0]] if shown else found
         where = shown[0] if shown else "a task merging shard results"
