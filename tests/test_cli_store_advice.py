@@ -164,3 +164,18 @@ def test_a_fifo_given_for_a_store_is_not_read(tmp_path):
             pytest.fail(f"tracin {argv[0]} waited on the FIFO")
         assert done.returncode == 1, done.stderr
         assert done.stderr == f"tracin {argv[0]}: error: {head}no gradient store at {fifo} (not a directory)\n"
+
+
+@pytest.mark.parametrize("command", ["info", "self-influence"])
+def test_a_stores_own_npy_file_names_the_store_not_a_new_one(command, tmp_path, capsys, monkeypatch):
+    """A checkpoint's .npy file inside a store (grads/train/checkpoint_000.npy, one tab-completion too far) is
+    named a file of that store, to be given instead: making a one-checkpoint store of it, as for a user's own
+    .npy file, would drop the other checkpoints, the weights and the ids."""
+    store = tmp_path / "train"
+    _store(store)
+    (inside,) = [f for f in os.listdir(store) if f.endswith(".npy")]
+    monkeypatch.chdir(tmp_path)
+    assert main([command, os.path.join("train", inside)]) == 1
+    said = _error(capsys.readouterr().err, command)
+    expected = f"{os.path.join('train', inside)} is a file of the gradient store train: give that folder"
+    assert said == expected or said == f"path: {expected}", said

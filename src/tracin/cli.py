@@ -179,6 +179,10 @@ def _numpy_file_advice(path: str) -> str | None:
         what, rows = "archive (np.savez)", f"np.load({str(path)!r})[NAME]"
     else:
         return None
+    if (store := enclosing_store(Path(path))) is not None:  # a store's own file: all its checkpoints, weights, ids
+        typed = Path(path).parent  # as the user wrote it, where that is the store
+        shown = typed if typed.resolve() == store else store
+        return f"{path} is a file of the gradient store {_path_text(shown)}: give that folder"
     folder = str(Path(path).with_suffix("")) if Path(path).suffix else f"{path}-store"
     return (
         f"{path} is a NumPy {what}, not a gradient store (a folder holding a manifest.json and .npy files): make "

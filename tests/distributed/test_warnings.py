@@ -766,3 +766,24 @@ def test_a_client_catch_warnings_entered_while_a_task_records_and_left_after_lea
     finally:
         go.set()
         warnings.filters[:], warnings.showwarning = filters, show
+
+
+def test_the_row_warnings_of_thousands_of_shards_name_fifty_then_count():
+    """The NaN-loss warning's copies from 2000 shards named every shard's rows, one line of 110,000 characters
+    (review360 F5): 50 other shards are named, in shard order, the rest counted."""
+    from tracin._export.loss_watch import STARTS
+
+    labels = {f"t{i}": f"shard {i}" for i in range(2000)}
+    category = ("builtins", "RuntimeWarning", "RuntimeWarning")
+    raised = [
+        _warnings.Raised(
+            category, f"{STARTS}row {i * 10} of the data at checkpoint 0: its row", "x.py", 3, None, f"t{i}", "w"
+        )
+        for i in range(2000)
+    ]
+    with pytest.warns(RuntimeWarning) as record:
+        _warnings.show(raised, 0, "test", labels, 2000)
+    (message,) = (str(w.message) for w in record)
+    named = "; ".join(f"shard {i}: 'row {i * 10} at checkpoint 0'" for i in range(1, 51))
+    assert f"other shards' copies name other numbers: {named} and 1949 more): {STARTS}row 0 of" in message
+    assert len(message) < 3000

@@ -27,7 +27,9 @@ COUNTED = 10_000  # distinct warnings beyond KEPT a task tells apart (by hash) t
 NOTED = 10  # warnings a failed task's error lists in its note
 _NUMBERS = re.compile(r"\d+")  # what tells apart the shards' copies of one warning (the rows each names)
 _OTHERS = 5  # other shards' copies of a warning whose differing words are listed with the first's
-# (all of them for the NaN-loss and all-0-rows warnings: the rows they name are what the user must fix, review343 L2)
+# (up to _ROW_SHARDS for the NaN-loss and all-0-rows warnings: the rows they name are what the user must fix,
+# review343 L2; not every one of thousands of shards', a line of 100,000 characters: review360 F5)
+_ROW_SHARDS = 50
 # LossWatch's and ZeroRows' warnings: the rows named (one shard's "row 7 ..., its", another's "3 rows (1, 5, 9) ...,
 # their": copies of one warning worded for their counts), then the checkpoint, if named
 _ROWS_NAMED = re.compile(
@@ -339,14 +341,14 @@ def _dask_folders() -> list[str]:
 def _others(found: list[Raised], firsts: dict[str, Raised], labels: dict[str, str], order: dict[str, int]) -> str:
     """What the other shards' copies of a warning (`found`, its copies differing in numbers only) say
     that the first shard's (`firsts`) do not: the words around their numbers that differ, a few shards'
-    (the rows or checkpoints each names may be what the user must act on), every shard's for the NaN-loss
-    and all-0-rows warnings (LossWatch's, ZeroRows': they exist to name the rows to fix)."""
+    (the rows or checkpoints each names may be what the user must act on), up to _ROW_SHARDS shards' for
+    the NaN-loss and all-0-rows warnings (LossWatch's, ZeroRows': they exist to name the rows to fix)."""
     seen: dict[str, str] = {}
     for r in sorted(found, key=lambda r: order.get(labels.get(r.task, ""), len(order))):
         if r.message not in firsts:
             seen.setdefault(r.message, labels.get(r.task, "a task merging shard results"))
     first = next(iter(firsts))
-    limit = len(seen) if _ROWS_NAMED.match(first) else _OTHERS
+    limit = _ROW_SHARDS if _ROWS_NAMED.match(first) else _OTHERS
     listed = [f"{where}: '{_differing(message, first)}'" for message, where in list(seen.items())[:limit]]
     more = f" and {len(seen) - limit} more" if len(seen) > limit else ""
     return f"other shards' copies name other numbers: {'; '.join(listed)}{more}"
