@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .._export.checkpoints import Checkpoint
+from .._export.checkpoints import Checkpoint, _is_rate
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import FileStat, digest_arrays, digest_path
 from .._export.preconditioner import AdamMoments, adam_settings, check_moments
@@ -79,8 +79,11 @@ def _refuse_trainer_folder_without_rate(checkpoints: Any) -> None:
     holding trainer_state.json) given without a learning rate (the bare path, a 1-tuple, or None as
     the rate): tracin reads no rate from the folder, so the error names the one its trainer_state.json
     logged at the folder's global_step, where it did, for the user to pass. Other entries are left to
-    the shared parser's messages."""
+    the shared parser's messages, and so is one (folder, rate[, state]) entry not wrapped in a list (the
+    folder then has its rate: the parser's "this looks like one pair itself ... pass a list")."""
     if isinstance(checkpoints, (str, bytes, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
+        return
+    if len(checkpoints) in (2, 3) and isinstance(checkpoints[0], (str, os.PathLike)) and _is_rate(checkpoints[1]):
         return
     for i, entry in enumerate(checkpoints):
         if isinstance(entry, (str, os.PathLike)):
