@@ -358,3 +358,32 @@ def test_an_interrupted_pass_with_warnings_as_errors_names_its_nan_rows_in_a_not
     assert [n.split(":")[:2] for n in getattr(error, "__notes__", [])] == [
         ["RuntimeWarning", " loss_fn gives a NaN or infinite loss for row 1 of the data at checkpoint 0"]
     ]
+
+
+@pytest.mark.parametrize("interrupt", ["store refuses the row", "ctrl-c in loss_fn"])
+def test_a_pass_stopped_by_the_export_not_the_data_names_its_nan_rows_in_a_note(tmp_path, interrupt):
+    """review360 F3: under a warnings filter "error", a pass stopped by the export itself (a store refusing a
+    NaN gradient row, a Ctrl-C while loss_fn runs), not by the data, lost the NaN-loss warning entirely (the
+    batches generator saw only a GeneratorExit): it is a note on the error raised."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, C)
+    x, y = torch.randn(12, 5), torch.tensor([0, 1, 2, 2, 2, 0, 1, 1, 0, 0, 2, 1])  # batches of 3 told apart by y
+    x[1] = float("nan")  # a NaN loss and a NaN gradient row, in the first batch
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if interrupt == "ctrl-c in loss_fn" and t.shape == (3,) and torch.equal(t, y[3:6]):  # the second batch
+            raise KeyboardInterrupt
+        return F.cross_entropy(out, t, reduction="none")
+
+    store = tmp_path / "g" if interrupt == "store refuses the row" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError if store else KeyboardInterrupt) as raised:
+            export_gradients(
+                model, [(model.state_dict(), 1.0)], (x, y), loss, store=store, batch_size=3, progress=False
+            )
+    if store:
+        assert "row 1 of checkpoint 0 holds NaN or Inf gradient values" in str(raised.value)
+    assert [n.split(":")[:2] for n in getattr(raised.value, "__notes__", [])] == [
+        ["RuntimeWarning", " loss_fn gives a NaN or infinite loss for row 1 of the data at checkpoint 0"]
+    ]

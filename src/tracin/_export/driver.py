@@ -458,13 +458,18 @@ class _Loop:
             check_unchanged(source, c, self.stats[c])
         seen = 0
         self.fingerprint.begin(f"checkpoint {c}")
-        for batch in self.framework.batches():
-            self.fingerprint.batch(*self.framework.fingerprint_arrays(batch))
-            seen = batch.start + batch.count
-            if seen > done and (self.stop is None or batch.start < self.stop):
-                keep = batch.count if self.stop is None else min(batch.count, self.stop - batch.start)
-                self._rows(c, state, batch, skip=max(0, done - batch.start), keep=keep)
-            self.bar.update(batch.count)  # no batch buffer outlives its iteration: the next one is not doubled
+        batches = self.framework.batches()
+        for batch in batches:
+            try:
+                self.fingerprint.batch(*self.framework.fingerprint_arrays(batch))
+                seen = batch.start + batch.count
+                if seen > done and (self.stop is None or batch.start < self.stop):
+                    keep = batch.count if self.stop is None else min(batch.count, self.stop - batch.start)
+                    self._rows(c, state, batch, skip=max(0, done - batch.start), keep=keep)
+                self.bar.update(batch.count)  # no batch buffer outlives its iteration: the next one is not doubled
+            except BaseException as error:
+                _thrown_into(batches, error)
+                raise
         if seen == 0 and not self.n_rows:
             raise ValueError("data has no rows")
         if self.n_rows is None:  # known now (a Sequence loader in memory): later passes get a total, an ETA
@@ -515,6 +520,26 @@ class _Loop:
                     zero = zero_rows(block) if zero is None else zero & zero_rows(block)
         if watch and zero is not None:
             self.zeros.see(batch.start + skip, zero)
+
+
+def _thrown_into(batches: Iterator[Batch], error: BaseException) -> None:
+    """`error`, raised computing or storing a batch (a Ctrl-C, a full disk, a NaN row a store refuses), thrown
+    into the pass's `batches` generator at its yield, so that what it does on leaving sees that error and not
+    a GeneratorExit (LossWatch.flushed notes its warning on it under a warnings filter "error"), and does it
+    now, not when the traceback holding the generator is freed. The generator's own error in return (its
+    cleanup failing) is raised instead, chained to `error`; one that takes the error and yields is closed."""
+    throw = getattr(batches, "throw", None)
+    if throw is None:  # an iterator, not a generator: nothing of it runs on leaving
+        return
+    try:
+        throw(error)
+    except BaseException as raised:
+        if raised is error:
+            return
+        raise
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 @contextmanager

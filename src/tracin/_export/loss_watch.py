@@ -81,7 +81,9 @@ class LossWatch:
         """flush() when the pass inside ends, an interrupted one too (its stored rows are not computed again
         on resume). On an error (Ctrl-C, an OSError of the data, the generator closed) the warning cannot
         escape (a warnings filter "error" made it replace the error: review343 M1) and the error is raised,
-        the warning's text a note on it (its rows are not told again on resume).
+        the warning's text a note on it (its rows are not told again on resume). An error of the export's
+        own loop (computing or storing a batch) reaches the batches generator this wraps as itself: the
+        driver throws it in at the yield (_thrown_into), so the note is on it, not on a GeneratorExit.
         (A class, not contextlib's: a frame outside tracin would be taken for the user's line to warn at.)"""
         return _Flushed(self)
 
@@ -128,7 +130,7 @@ class _Flushed:
         try:
             self.watch.flush()
         except Warning as warned:  # a filter "error": the pass's own error is raised, the warning in a note on it
-            if error is not None and not isinstance(error, GeneratorExit):  # (a closed generator's is never seen)
+            if error is not None and not isinstance(error, GeneratorExit):  # (a closed generator's: not the user's)
                 _noted(error, f"{type(warned).__name__}: {warned}")
 
 
