@@ -329,3 +329,37 @@ def test_a_loss_failing_on_a_plain_dict_checkpoint_gets_no_container_hint():
     with pytest.raises(ValueError, match=r"loss_fn\(params, inputs, targets\) failed") as caught:
         export_gradients(loss, [({"w": np.ones((3, 2), np.float32)}, 0.1)], (x, y), progress=False)
     assert "as given" not in str(caught.value), caught.value
+
+
+def _sixteen_bit_squares(shift_per_row: float):
+    """float16 squared residuals: row 2 (x 30000: 9e8 > 65504) is an infinite loss, its gradient finite; plus
+    shift_per_row times the batch size (a loss coupled by the batch it is in, when not 0)."""
+    params = {"w": jnp.ones(3, jnp.float32)}
+    x = np.ones((4, 3), np.float32)
+    x[2] *= 30000
+    y = np.zeros(4, np.float32)
+
+    def loss(p, x, y):
+        return ((x @ p["w"]) - y + shift_per_row * x.shape[0]).astype(jnp.float16) ** 2
+
+    return loss, params, x, y
+
+
+def test_an_infinite_loss_in_the_first_rows_sets_no_tolerance_and_leaks_no_numpy_warning():
+    """r360 F4: the coupling check's atol was rtol times the largest loss, inf for a float16 overflow: NumPy's
+    "One of rtol or atol is not valid" RuntimeWarning leaked, and the check was off for that batch."""
+    loss, params, x, y = _sixteen_bit_squares(0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
+    said = [str(w.message) for w in caught]
+    assert not [s for s in said if "rtol or atol" in s], said
+    assert [s for s in said if s.startswith("loss_fn gives a NaN or infinite loss for row 2 of the data")], said
+
+
+def test_a_coupled_loss_with_an_infinite_loss_in_the_first_rows_is_still_refused():
+    loss, params, x, y = _sixteen_bit_squares(0.5)  # rows 0, 1: (3 + 1)**2 = 16 in a batch of 2, 25 in one of 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the infinite loss's own warning
+        with pytest.raises(ValueError, match="loss_fn couples the examples of a batch"):
+            export_gradients(loss, [(params, 1.0)], (x, y), progress=False)

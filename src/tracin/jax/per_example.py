@@ -257,7 +257,7 @@ def check_uncoupled(
     first examples change with the batch they are in: loss_fn on its first _CHECK_ROWS real examples
     against loss_fn on the first half of them (run eagerly). Each example is differentiated alone, so
     a loss using the batch (a batch mean, batch norm in training mode, in-batch negatives) would give
-    rows of another loss. Tolerance (uncoupled_rtol) relative to the largest loss.
+    rows of another loss. Tolerance (uncoupled_rtol) relative to the largest finite loss.
 
     The loss sees what the compiled functions give it: the array leaves of params (`selected`,
     `arrays`, split by `layout`) and of the batch as JAX arrays, never the NumPy arrays of a NumPy
@@ -289,9 +289,8 @@ def check_uncoupled(
             )
     whole, half = (np.asarray(a, np.float64) for a in losses)
     rtol = uncoupled_rtol(eps, losses[0].dtype)
-    if not np.allclose(
-        half, whole[: m // 2], rtol=rtol, atol=rtol * np.nanmax(np.abs(whole), initial=0.0), equal_nan=True
-    ):
+    scale = np.max(np.abs(whole[np.isfinite(whole)]), initial=0.0)  # an inf loss (say float16's) sets no scale
+    if not np.allclose(half, whole[: m // 2], rtol=rtol, atol=rtol * scale, equal_nan=True):
         raise ValueError(
             f"loss_fn couples the examples of a batch: the losses of the first {m // 2} examples are "
             f"{half.tolist()} in a batch of {m // 2} and {whole[: m // 2].tolist()} in a batch of {m}. "
