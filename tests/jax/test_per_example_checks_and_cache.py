@@ -363,3 +363,21 @@ def test_a_coupled_loss_with_an_infinite_loss_in_the_first_rows_is_still_refused
         warnings.simplefilter("ignore")  # the infinite loss's own warning
         with pytest.raises(ValueError, match="loss_fn couples the examples of a batch"):
             export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
+
+
+def test_a_loss_indexing_a_train_state_gets_the_train_state_hint_alone():
+    """r360 F5: a loss indexing the TrainState given as the checkpoint (params["params"]["w"]) was also asked
+    whether the checkpoint was of another model version, listing the state's fields: only the TrainState hint
+    is given."""
+    pytest.importorskip("flax")
+    state = _train_state()
+    x, y = np.ones((4, 3), np.float32), np.zeros((4, 2), np.float32)
+
+    def loss(params, x, y):
+        return (((x @ params["params"]["w"]) - y) ** 2).sum(-1)
+
+    with pytest.raises(ValueError, match=r"loss_fn\(params, inputs, targets\) failed") as caught:
+        export_gradients(loss, [(state, 0.1)], (x, y), progress=False)
+    message = str(caught.value)
+    assert "here a TrainState" in message and "state.params" in message, message
+    assert "another model version" not in message and "top-level paths" not in message, message

@@ -132,7 +132,7 @@ def check_per_example(
     except Exception as err:  # noqa: BLE001 - re-raised with the argument named
         raise ValueError(
             f"loss_fn(params, inputs, targets) failed on a batch of {size}{padded}: {type(err).__name__}: {err}"
-            f"{_lookup_hint(err, layout)}{_container_hint(err, layout)}{note}"
+            f"{_container_hint(err, layout) or _lookup_hint(err, layout)}{note}"  # a TrainState: not another version
         ) from err
     shape = getattr(out, "shape", None)
     if isinstance(out, (tuple, list)):  # the (loss, aux) of jax.value_and_grad(..., has_aux=True)
@@ -158,7 +158,8 @@ def _lookup_hint(err: Exception, layout: ParamLayout) -> str:
     container: "list indices must be integers or slices, not str", "'NoneType' object is not subscriptable",
     JAX's "does not support string indexing" for an array where the loss expects a dict),
     the params' top-level paths (the first 8), so a checkpoint of another model version ('W' where the loss
-    reads p["w"]) is recognised; "" for other errors."""
+    reads p["w"]) is recognised; "" for other errors. Not given with _container_hint's (the loss read a
+    TrainState as the params: not another model version)."""
     indexing = isinstance(err, TypeError) and any(
         words in str(err) for words in ("not subscriptable", "indices must be integers", "string indexing")
     )
