@@ -382,17 +382,24 @@ def _show(value: Any) -> str:
 def _both(first: Any, other: Any) -> str:
     """ "X here, Y in the first checkpoint" for two values that differ (not _same_value), with the first
     index where arrays of one shape and dtype differ, and a note when the two texts are the same (two
-    lambdas, or two functions of one name)."""
+    lambdas, two functions of one name, or equal arrays of which one is NumPy and the other JAX)."""
     shown, first_shown = _show(other), _show(first)
     text = f"{shown} here, {first_shown} in the first checkpoint"
     at = _first_unequal(first, other)
     if at is not None:
         a, b = host_array(first)[at].tolist(), host_array(other)[at].tolist()
         return f"{text} (first differing at index {at}: {b!r} here, {a!r} in the first checkpoint)"
+    kinds = [("a NumPy" if isinstance(v, np.ndarray) else "a JAX") + " array" for v in (other, first) if _is_array(v)]
+    if len(kinds) == 2 and kinds[0] != kinds[1]:  # equal values of one text: the kind differs (_same_value)
+        return f"{text} ({kinds[0]} here, {kinds[1]} in the first checkpoint: give every checkpoint the same kind)"
     if shown == first_shown:
         what = "functions" if callable(first) and callable(other) else "values"
         text += f" (other {what} of the same name or text; pass the same object to every checkpoint)"
     return text
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray))
 
 
 def _first_unequal(first: Any, other: Any) -> tuple[int, ...] | None:
