@@ -114,3 +114,15 @@ def test_a_backend_call_refuses_rows_on_another_device_naming_the_block(rng):
     with pytest.raises(ValueError, match=r"^train checkpoint 0 is on cuda:1 but scoring runs on cuda:0; pass dev"):
         on_gpu = type("Block", (), {"device": torch.device("cuda:1")})()  # no GPU touched: only its device is read
         _torch_rows.check_device(KernelSide(False, [on_gpu], [0]), "train", torch.device("cuda:0"))
+
+
+def test_cpu_tensors_are_used_in_place_on_the_cpu_only_and_staged_for_a_gpu():
+    """Which blocks a call stages (its layout: block index, columns, dtype code): for "torch:cpu" the NumPy
+    blocks only, CPU tensors being used in place; for a CUDA device every host block, CPU tensors
+    included (decided from the devices alone: no GPU is touched)."""
+    side = KernelSide(False, [torch.zeros(2, 3), np.zeros((2, 5), np.float32), torch.zeros(2, 4)], [0, 0, 0])
+    gpu = torch.device("cuda", 0)
+    assert _torch_rows._layout(side, CPU) == ((1, 5, 0),)
+    assert _torch_rows._layout(side, gpu) == ((0, 3, 0), (1, 5, 0), (2, 4, 0))
+    tensors = KernelSide(False, [torch.zeros(2, 3)], [0])
+    assert _torch_rows.all_resident(tensors, CPU) and not _torch_rows.all_resident(tensors, gpu)
