@@ -5,6 +5,7 @@ refuses) is thrown into the pass's batches generator at its yield, so that what 
 
 from __future__ import annotations
 
+import traceback
 import warnings
 
 import numpy as np
@@ -137,3 +138,54 @@ def test_batches_that_are_no_generator_get_the_error_raised_as_it_is():
     with pytest.raises(ValueError) as raised:
         export(_Plain(error), _CKPTS, _options(), [])
     assert raised.value is error
+
+
+def _frames(error: BaseException) -> list[str]:
+    return [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+
+
+@pytest.mark.parametrize("error", [ValueError("x"), OSError(28, "No space left on device")])
+def test_the_error_keeps_the_traceback_of_where_it_was_raised(error):
+    """Thrown into the generator, the error came back with the generator's frame and _thrown_into's inserted
+    between export and the loop (fr368): its traceback is the one an iterator without throw leaves it."""
+    with pytest.raises(type(error)) as raised:
+        export(_Failing(error), _CKPTS, _options(), [])
+    thrown = _frames(raised.value)
+    plain_error = type(error)(*error.args)
+    with pytest.raises(type(error)) as plain:
+        export(_Plain(plain_error), _CKPTS, _options(), [])
+    assert thrown == _frames(plain.value)
+    assert thrown[-1] == "compute" and "_thrown_into" not in thrown and "batches" not in thrown
+
+
+def test_a_stop_iteration_computing_a_batch_is_raised_as_itself():
+    """A StopIteration from loss_fn (a next() on a spent iterator) thrown into the generator came back as
+    RuntimeError('generator raised StopIteration') pointing at _thrown_into (PEP 479; fr368): it is raised as
+    it is, as when the batches are no generator, and the generator was left by it."""
+    error = StopIteration()
+    framework = _Failing(error)
+    with pytest.raises(StopIteration) as raised:
+        export(framework, _CKPTS, _options(), [])
+    assert raised.value is error and _frames(raised.value)[-1] == "compute"
+    (left_by,) = framework.left_by  # (its `yield from` makes it PEP 479's RuntimeError there)
+    assert left_by is error or left_by.__cause__ is error
+
+
+class _WatchedLikeTheAdapters(_Watched):
+    """Yields each batch itself inside LossWatch.flushed, as the adapters do (no `yield from`)."""
+
+    def batches(self):
+        with self.watch.flushed():
+            for batch in _Scaled.batches(self):  # noqa: UP028 - not `yield from`: the throw stops at this yield
+                yield batch
+
+
+def test_under_a_filter_error_a_stop_iteration_gets_the_nan_loss_note(tmp_path):
+    error = StopIteration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(StopIteration) as raised:
+            export(_WatchedLikeTheAdapters(error), _CKPTS, _options(tmp_path / "g"), [])
+    assert raised.value is error
+    notes = getattr(error, "__notes__", [])
+    assert len(notes) == 1 and notes[0].startswith(f"RuntimeWarning: {STARTS}row 1 of the data at checkpoint 0")

@@ -527,16 +527,22 @@ def _thrown_into(batches: Iterator[Batch], error: BaseException) -> None:
     into the pass's `batches` generator at its yield, so that what it does on leaving sees that error and not
     a GeneratorExit (LossWatch.flushed notes its warning on it under a warnings filter "error"), and does it
     now, not when the traceback holding the generator is freed. The generator's own error in return (its
-    cleanup failing) is raised instead, chained to `error`; one that takes the error and yields is closed."""
+    cleanup failing) is raised instead, chained to `error`; one that takes the error and yields is closed.
+    `error` keeps its traceback (throw adds the generator's frames, and ours, before the real place), and a
+    StopIteration (a next() on a spent iterator in loss_fn) is itself again, not PEP 479's RuntimeError."""
     throw = getattr(batches, "throw", None)
     if throw is None:  # an iterator, not a generator: nothing of it runs on leaving
         return
+    where = error.__traceback__
     try:
         throw(error)
     except BaseException as raised:
-        if raised is error:
+        pep479 = isinstance(error, StopIteration) and isinstance(raised, RuntimeError) and raised.__cause__ is error
+        if raised is error or pep479:  # (PEP 479: a generator raising the StopIteration thrown in)
             return
         raise
+    finally:
+        error.__traceback__ = where
     close = getattr(batches, "close", None)
     if close is not None:
         close()
