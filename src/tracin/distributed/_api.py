@@ -66,7 +66,8 @@ def top_k(
     default): no limit, the tasks queue until workers join. While it waits, a placeholder task is
     pending, so that an adaptive cluster (cluster.adapt(minimum=0)) starts one. Only the first
     worker is waited for: a cluster that loses its workers mid-call waits for new ones, as Dask does.
-    shards: number of equal row shards (None: by bytes, at most 256 MiB, large ones first and
+    shards: number of equal row shards, at most one per row (more warns, and runs one per row;
+    None: by bytes, at most 256 MiB, large ones first and
     small ones last so that the task slots finish together: those of the workers at the call's start,
     or of the workers the cluster heads for where this client holds its cluster object (scale(n),
     adapt(maximum=n)); 16 MiB each when the cluster has no workers then and none are known to come).
@@ -379,11 +380,26 @@ def _per_shard(
     in row order; `slots`: the task slots the cluster heads for (planned_slots; 0: no workers yet, none
     planned)."""
     whole, futures = job.rows_of(cut), []
+    if align == 1:  # (aligned shards: _warn_chunks)
+        _warn_above_rows(job.what.split()[0], cut, shards, side)
     for a, b in shard_ranges(cut.n_rows, cut.row_bytes, slots, shards, align):
         rows = whole.rows(a, b)
         first = (a, 0) if side == "test" else (0, a)
         futures.append(job.submit(fn, *args(rows, a), label=str(rows), first_rows=first, shard=(side, a, b)))
     return futures
+
+
+def _warn_above_rows(call: str, cut: GradientStore, shards: int | None, side: str) -> None:
+    """A warning when shards= asks for more shards than the side cut has rows: they are capped at one
+    row each, every one a task, whose fixed cost (scheduling, opening the store) is far above a row's
+    work: such a call is much slower than one of a few large shards, which the user should hear of."""
+    if shards is not None and shards > cut.n_rows > 1:  # (one row: a single shard, nothing to say)
+        warnings.warn(
+            f"tracin.distributed.{call}: shards={shards}, but the {side} store (the side cut) has {cut.n_rows} "
+            f"rows: {cut.n_rows} shards of one row run, each a task of its own (some milliseconds of fixed "
+            "cost each, far more than a row's work): pass fewer shards, or shards=None to cut the store by bytes",
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _sent(job: Job, s: GradientSet) -> Any:
