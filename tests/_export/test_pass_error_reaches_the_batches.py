@@ -189,3 +189,28 @@ def test_under_a_filter_error_a_stop_iteration_gets_the_nan_loss_note(tmp_path):
     assert raised.value is error
     notes = getattr(error, "__notes__", [])
     assert len(notes) == 1 and notes[0].startswith(f"RuntimeWarning: {STARTS}row 1 of the data at checkpoint 0")
+
+
+class _Returning(_Failing):
+    """A batches generator that takes the error thrown in and returns (its StopIteration is no error)."""
+
+    def batches(self):
+        start = 0
+        for x in self.data:
+            try:
+                yield _Batch(start, len(x), x)
+            except BaseException as e:
+                self.left_by.append(e)
+                return
+            start += len(x)
+
+
+def test_a_generator_that_takes_the_error_and_returns_leaves_the_error_raised():
+    """throw() answered by the generator's return is a StopIteration: it was raised instead of the loop's error
+    (the error only its __context__; fr368)."""
+    error = OSError(28, "No space left on device")
+    framework = _Returning(error)
+    with pytest.raises(OSError) as raised:
+        export(framework, _CKPTS, _options(), [])
+    assert raised.value is error and framework.left_by == [error]
+    assert _frames(raised.value)[-1] == "compute"

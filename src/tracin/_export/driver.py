@@ -527,7 +527,8 @@ def _thrown_into(batches: Iterator[Batch], error: BaseException) -> None:
     into the pass's `batches` generator at its yield, so that what it does on leaving sees that error and not
     a GeneratorExit (LossWatch.flushed notes its warning on it under a warnings filter "error"), and does it
     now, not when the traceback holding the generator is freed. The generator's own error in return (its
-    cleanup failing) is raised instead, chained to `error`; one that takes the error and yields is closed.
+    cleanup failing) is raised instead, chained to `error`; one that takes the error and yields is closed, one
+    that takes it and returns leaves `error` raised (not its StopIteration).
     `error` keeps its traceback (throw adds the generator's frames, and ours, before the real place), and a
     StopIteration (a next() on a spent iterator in loss_fn) is itself again, not PEP 479's RuntimeError."""
     throw = getattr(batches, "throw", None)
@@ -538,7 +539,8 @@ def _thrown_into(batches: Iterator[Batch], error: BaseException) -> None:
         throw(error)
     except BaseException as raised:
         pep479 = isinstance(error, StopIteration) and isinstance(raised, RuntimeError) and raised.__cause__ is error
-        if raised is error or pep479:  # (PEP 479: a generator raising the StopIteration thrown in)
+        # (PEP 479: a generator raising the StopIteration thrown in; a StopIteration of its own: it returned)
+        if raised is error or pep479 or isinstance(raised, StopIteration):
             return
         raise
     finally:
