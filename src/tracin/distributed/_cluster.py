@@ -38,13 +38,22 @@ def check_client(client: Any) -> None:
     if client is None:
         return
     if not isinstance(client, Client):
-        raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
+        raise TypeError(
+            f"client must be a distributed.Client or None, got {type(client).__name__}{_client_hint(client)}"
+        )
     if client.status in ("closing", "closed"):
         raise ValueError(
             f"client is closed (status {client.status!r}; closed, or it lost its scheduler and could not "
             "reconnect): pass a running distributed.Client"
         )
     check_connected(client)
+
+
+def _client_hint(client: Any) -> str:
+    """What to pass instead of a cluster object given as client=."""
+    if callable(getattr(client, "scale", None)) and hasattr(client, "scheduler_address"):
+        return " (a cluster object): pass distributed.Client(cluster), a client of that cluster"
+    return ""
 
 
 @contextmanager

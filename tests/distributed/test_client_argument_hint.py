@@ -1,0 +1,31 @@
+"""client= given a cluster object (a natural first try: LocalCluster(...) or SLURMCluster(...)): the
+TypeError says what to pass instead, refused before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from distributed import LocalCluster
+
+import tracin
+import tracin.distributed as td
+
+
+def test_a_cluster_object_is_refused_naming_a_client_of_it(tmp_path):
+    store = tracin.GradientStore.create(tmp_path / "s", 2, [3], [1.0])
+    store.write(0, 0, np.ones((2, 3), np.float32))
+    train = store.finalize()
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None) as cluster:
+        with pytest.raises(TypeError) as e:
+            td.self_influence(train, client=cluster, progress=False)
+    assert str(e.value) == (
+        "client must be a distributed.Client or None, got LocalCluster (a cluster object): "
+        "pass distributed.Client(cluster), a client of that cluster"
+    )
+
+
+@pytest.mark.parametrize("bad", [3, "tcp://127.0.0.1:8786"])
+def test_other_objects_keep_the_plain_message(tied, bad):
+    with pytest.raises(TypeError) as e:
+        td.aggregate(tied["test"], tied["store"], client=bad, progress=False)
+    assert str(e.value) == f"client must be a distributed.Client or None, got {type(bad).__name__}"
