@@ -179,3 +179,17 @@ def test_a_stores_own_npy_file_names_the_store_not_a_new_one(command, tmp_path, 
     said = _error(capsys.readouterr().err, command)
     expected = f"{os.path.join('train', inside)} is a file of the gradient store train: give that folder"
     assert said == expected or said == f"path: {expected}", said
+
+
+@pytest.mark.parametrize("where", ["mine.npy", os.path.join("sub", "g.npy")])
+def test_a_users_own_npy_file_in_or_below_a_store_is_advised_to_become_a_store(where, tmp_path, capsys):
+    """Only a file the store wrote, in its own folder, is called the store's: a user's own .npy file kept in the
+    store's folder or a folder below is told how to make a store of it (review370 F4)."""
+    store = tmp_path / "train"
+    _store(store)
+    path = store / where
+    path.parent.mkdir(exist_ok=True)
+    np.save(path, np.zeros((5, 3), np.float32))
+    assert main(["info", str(path)]) == 1
+    said = _error(capsys.readouterr().err, "info")
+    assert said.startswith(f"{path} is a NumPy array file (np.save), not a gradient store"), said

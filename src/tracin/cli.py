@@ -179,10 +179,8 @@ def _numpy_file_advice(path: str) -> str | None:
         what, rows = "archive (np.savez)", f"np.load({str(path)!r})[NAME]"
     else:
         return None
-    if (store := enclosing_store(Path(path))) is not None:  # a store's own file: all its checkpoints, weights, ids
-        typed = Path(path).parent  # as the user wrote it, where that is the store
-        shown = typed if typed.resolve() == store else store
-        return f"{path} is a file of the gradient store {_path_text(shown)}: give that folder"
+    if _own_file_of_store(Path(path)):  # all its checkpoints, weights and ids are the folder's
+        return f"{path} is a file of the gradient store {_path_text(Path(path).parent)}: give that folder"
     folder = str(Path(path).with_suffix("")) if Path(path).suffix else f"{path}-store"
     return (
         f"{path} is a NumPy {what}, not a gradient store (a folder holding a manifest.json and .npy files): make "
@@ -190,6 +188,14 @@ def _numpy_file_advice(path: str) -> str | None:
         "n_rows=len(g), dims=[g.shape[1]]); w.write(0, 0, g.astype(np.float32)); w.finalize(), and give that "
         "folder (several checkpoints: README, Command line)"
     )
+
+
+def _own_file_of_store(path: Path) -> bool:
+    """Whether `path` is a file a gradient store wrote (checkpoint_000.npy, ids.npy) in that store's folder (a
+    user's own .npy file there, or in a folder below, is not)."""
+    from .store._format import is_own_file
+
+    return is_own_file(path.name) and enclosing_store(path) == path.parent.resolve()
 
 
 FOLDER_NAMES_SHOWN = 3  # entries a folder that is not a store is described by
@@ -639,8 +645,8 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
         else:
             which = f"--{e.sides[0]} is whitened and --{'train' if e.sides == ('test',) else 'test'} is not"
             message = (
-                f"{head}: {which}, so their cosine scores would compare different spaces; drop --normalize to score "
-                "them"
+                f"{head}: {which}, so their cosine scores would compare different spaces; drop --normalize to "
+                f"{args.command} them"
             )
         raise CommandError(message) from e
     except FittedKindError as e:  # the library's advice (Whitening.fit(train)) is Python's
@@ -969,14 +975,15 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     train = _open_store(args.train, "--train", args.allow_partial)
     whitening = _whitening_for(args, test, train)
     options = {"num_threads": args.threads, "progress": _progress(args), "normalize": args.normalize}
-    with _scoring_refusals(args, whitening), _cluster(args) as client:
-        scored = test if whitening is None else _whitened(whitening, test, "--test", args)
-        if client is None:
-            sums = tracin.aggregate(scored, train, device=args.device, **options)
-        else:
-            from . import distributed
+    with _scoring_refusals(args, whitening):
+        scored = test if whitening is None else _whitened(whitening, _test_sums(test, args), "--test", args)
+        with _cluster(args) as client:  # after the whitening: one refused is told at once
+            if client is None:
+                sums = tracin.aggregate(scored, train, device=args.device, **options)
+            else:
+                from . import distributed
 
-            sums = distributed.aggregate(scored, train, client=client, **options)
+                sums = distributed.aggregate(scored, train, client=client, **options)
     lowest = args.side == "opponents"
     order = np.argsort(sums if lowest else -sums, kind="stable")[: args.top]
     ids = _ids(train, "--train")  # before the output is opened
@@ -985,6 +992,40 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     summary = f"aggregate{scores} influence of {rows}, {len(order)} ranked{', lowest first' if lowest else ''}"
 
     _write_ranking(out, AGGREGATE_HEADER, order, sums, ids, summary, args)
+
+
+def _test_sums(test: Any, args: argparse.Namespace) -> Any:
+    """For aggregate --whitening: the rows of the --test store summed per checkpoint (float64, a chunk of rows at a
+    time, NaN rows refused as Whitening.apply refuses them), as one row (float32 Gradients, --test's weights and
+    metadata): whitening is linear, so whitening that row and aggregating it is the aggregate of the whitened rows,
+    without test rows x dims whitened and held in memory. A factored --test as it is (a sum of K-FAC rows is no
+    K-FAC row: its rows are whitened one by one)."""
+    import numpy as np
+
+    import tracin
+
+    from ._progress import progress_bar
+    from .whitening._moments import finite_float32, row_ranges
+
+    if test.factored:
+        return test
+    sums = [np.zeros(d, dtype=np.float64) for d in test.dims]
+    bar = progress_bar(test.n_rows, _progress(args), "tracin aggregate: summing --test", unit="row")
+    try:
+        for start, stop in row_ranges(test):
+            for total, block in zip(sums, finite_float32(test, "test", start, stop), strict=True):
+                total += block.sum(0, dtype=np.float64)
+            bar.update(stop - start)
+    finally:
+        bar.close()
+    for c, total in enumerate(sums):
+        if np.abs(total).max(initial=0.0) > np.finfo(np.float32).max:
+            raise CommandError(
+                f"--test {args.test}: its rows summed at checkpoint {c} are beyond float32, which --whitening "
+                "whitens the sum in; rescale the gradients (or aggregate without --whitening: summed in float64)"
+            )
+    rows = [total[None].astype(np.float32) for total in sums]
+    return tracin.Gradients(rows, test.weights if test.weights_given else None, metadata=test.metadata)
 
 
 def _write_ranking(
