@@ -787,3 +787,37 @@ def test_the_row_warnings_of_thousands_of_shards_name_fifty_then_count():
     named = "; ".join(f"shard {i}: 'row {i * 10} at checkpoint 0'" for i in range(1, 51))
     assert f"other shards' copies name other numbers: {named} and 1949 more): {STARTS}row 0 of" in message
     assert len(message) < 3000
+
+
+def test_a_shards_float16_overflow_advice_is_not_merged_away():
+    """One shard's NaN loss (float32) and another's infinite float16 loss (maybe an overflow: 'compute loss_fn in
+    float32') were merged into the first's warning, the overflow advice lost (review370 F2): they stay two."""
+    from tracin._export.loss_watch import LossWatch
+
+    def raised_by(dtype, rows, task):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            watch = LossWatch("autograd", "autograd gives it")
+            losses = np.ones(100, dtype)
+            losses[np.array(rows) % 100] = np.inf if dtype == np.float16 else np.nan
+            watch(losses, SimpleNamespace(start=rows[0] // 100 * 100, count=100))
+            watch.flush()
+        return [
+            _warnings.Raised(_warnings._category_named(w.category), str(w.message), "x.py", 3, None, task, "w")
+            for w in record
+        ]
+
+    labels = {"t0": "rows [0, 100)", "t1": "rows [100, 200)", "t2": "rows [200, 300)"}
+    raised = raised_by(np.float32, [7], "t0") + raised_by(np.float16, [105, 107], "t1")
+    raised += raised_by(np.float16, [203], "t2")
+    with pytest.warns(RuntimeWarning) as record:
+        _warnings.show(raised, 0, "export", labels, 3)
+    plain, overflow = (str(w.message) for w in record)
+    assert plain.startswith("tracin.distributed export, rows [0, 100) on worker w (from 1 of 3 shards): "), plain
+    assert "overflowed" not in plain
+    assert overflow.startswith(
+        "tracin.distributed export, rows [100, 200) on worker w (from 2 of 3 shards; other shards' copies name other "
+        "numbers: rows [200, 300): 'row 203 at checkpoint 0'): loss_fn gives a NaN or infinite loss for 2 rows "
+        "(105, 107)"
+    ), overflow
+    assert "a float16 loss that overflowed to infinity" in overflow and "compute loss_fn in float32" in overflow
