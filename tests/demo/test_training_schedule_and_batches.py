@@ -45,3 +45,14 @@ def test_sgd_momentum_takes_two_hand_worked_steps():
     assert (p["w"][0], v["w"][0]) == pytest.approx((0.0, 2.0))
     p, v = sgd_momentum(p, v, {"w": np.array([1.0])}, 0.5, 0.9)
     assert (p["w"][0], v["w"][0]) == pytest.approx((-1.4, 2.8))
+
+
+@pytest.mark.parametrize(
+    ("decay_at", "epochs", "full"), [(0.28, 25, 7), (0.56, 50, 28), (0.07, 100, 7), (0.6, 150, 90)]
+)
+def test_the_decay_epoch_is_the_fraction_asked_not_its_float_rounding(decay_at, epochs, full):
+    """0.28 * 25 is 7.000000000000001 in float arithmetic: the rate held for an 8th epoch. The rate drops
+    after decay_at of the epochs as the decimal fraction given: 7 of 25 (hand-worked: 28/100 * 25 = 7)."""
+    config = TrainingConfig(epochs=epochs, decay_at=decay_at, checkpoints=1)
+    rates = [config.learning_rate_at(e) for e in range(epochs)]
+    assert rates == pytest.approx([0.1] * full + [0.01] * (epochs - full))

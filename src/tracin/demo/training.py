@@ -45,7 +45,9 @@ class TrainingConfig:
 
     def learning_rate_at(self, epoch: int) -> float:
         """The rate in force during `epoch` (0-based)."""
-        return self.learning_rate * (1.0 if epoch < self.decay_at * self.epochs else 0.1)
+        # rounded: float arithmetic puts some whole products just above (0.28 * 25 = 7.000000000000001),
+        # which would hold the rate for one more epoch than decay_at of them
+        return self.learning_rate * (1.0 if epoch < round(self.decay_at * self.epochs, 9) else 0.1)
 
     def checkpoint_epochs(self) -> set[int]:
         """0-based epochs after which a checkpoint is saved: `checkpoints` evenly spaced, the last one included."""
