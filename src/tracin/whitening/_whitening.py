@@ -68,8 +68,8 @@ class WhiteningSpec:
     products R was summed from (see Whitening.fit). lambdas: per checkpoint lambda
     (full) or [lambda_B, lambda_A] (kfac). dims: per checkpoint d_c or [p_c, q_c]. n_rows / mix_rows:
     rows fitted on (train, mix set); mix_weight: the mix set's share of R. fingerprint: sha256 (16 hex
-    digits) of the float64 second moments before damping (their bits follow fit's num_threads and a
-    store's chunk_bytes at rounding level: see Whitening.fit). fitted_on: the train store's id (None in
+    digits) of the float64 second moments before damping (their bits follow fit's num_threads at
+    rounding level, not a store's chunk_bytes: see Whitening.fit). fitted_on: the train store's id (None in
     memory). space: the train set's metadata naming its gradient space (mode, projection, ...) and its
     checkpoints (fingerprints["checkpoints"], checkpoint_sources) and, with a preconditioner, their
     optimizer states (fingerprints["optimizer_states"], optimizer_state_sources), checked against the
@@ -213,14 +213,14 @@ class Whitening:
             seconds, if tqdm is installed).
         num_threads: BLAS threads (None: BLAS's default, all cores; a number needs threadpoolctl).
         Reproducibility: R, and so the fingerprint, lambdas, inverses and whitened scores, is the same
-        bits for the same rows, precision, num_threads and row blocks. The blocks are _moments.row_ranges
-        (BLOCK_ROWS rows, fewer for wide rows, and at most a store's row_chunks(), set by its chunk_bytes),
-        so a store opened with another chunk_bytes changes R at rounding level (either precision), as does
-        another BLAS thread count with precision="float32" (the float32 product's rounding follows how BLAS splits
+        bits for the same rows, precision and num_threads, whether in memory or in a store opened with
+        any chunk_bytes: the block products are of _moments.row_ranges(chunked=False) (BLOCK_ROWS rows,
+        fewer for wide rows), a store's smaller pieces gathered into them. Another BLAS thread count with
+        precision="float32" changes R at rounding level (the float32 product's rounding follows how BLAS splits
         it among threads; num_threads=None on machines of other core counts is such a change). The scores then differ
-        by about 1e-7 of the largest (1.3e-7 measured: 9000 x 300 rows, damping 10, 1 or 2 threads,
-        chunk_bytes 1 MiB or the default), amplified at small damping as R's other rounding is (see the
-        class docstring); fit with a fixed num_threads and chunk_bytes where fingerprints must match.
+        by about 1e-7 of the largest (1.3e-7 measured: 9000 x 300 rows, damping 10, 1 or 2 threads),
+        amplified at small damping as R's other rounding is (see the class docstring); fit with a fixed
+        num_threads where fingerprints must match.
         Using a fitted whitening (apply, self_influence, scoring against its output) is the same bits for
         any thread count and chunk_bytes.
         NaN or Inf in a row raises the scoring kernel's ValueError (set, checkpoint, first rows), as do
@@ -472,7 +472,8 @@ class Whitening:
         naming the damping, and one that is enough). ValueError too if the matrices (moments and inverses,
         plus one more of the largest) exceed fit's default max_bytes (half the memory the process may use),
         or if `path` is not a regular file (a FIFO, device or directory: refused before it is opened, so a FIFO
-        cannot hang it). OSError if it cannot be opened."""
+        cannot hang it). A file in the first format (saved before 2026-12-02: no 'precision', no moments) is a
+        ValueError saying so and to fit again. OSError if it cannot be opened."""
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening (not a regular file)")
         with open(path, "rb", opener=_open_nonblocking) as file:
@@ -482,6 +483,8 @@ class Whitening:
                 moments, inverses, spec = _read_saved(file)
             except _TooLarge as e:
                 raise ValueError(f"{os.fspath(path)}: {e}") from None
+            except _FirstFormat as e:
+                raise ValueError(f"{os.fspath(path)} is a tracin.Whitening saved by an older version: {e}") from None
             except _BelowRounding as e:
                 raise ValueError(
                     f"{os.fspath(path)} is a tracin.Whitening saved at a damping below the rounding of its second "
@@ -765,6 +768,16 @@ class _BelowRounding(ValueError):
     """A saved whitening whose damping is below its moments' rounding (fit and with_damping refuse it)."""
 
 
+class _FirstFormat(ValueError):
+    """A whitening saved in the first format (a spec without 'precision', inverses without the moments)."""
+
+
+# The spec fields of the first format (d302db9): today's but 'precision'.
+_FIRST_FORMAT_FIELDS = frozenset(
+    {"kind", "damping", "lambdas", "dims", "n_rows", "mix_rows", "mix_weight", "fingerprint", "fitted_on", "space"}
+)
+
+
 # What reading a damaged or crafted file raises: zipfile's own errors, and RuntimeError for an encrypted
 # member (NotImplementedError, a RuntimeError, for an unknown compression method), zlib.error for bad deflate
 _NOT_SAVED = (
@@ -806,7 +819,14 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
         depth = json_depth(text)
         if depth > MAX_JSON_DEPTH:
             raise ValueError(f"spec is JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH})")
-        spec = _checked_spec(WhiteningSpec(**json.loads(text)))
+        fields = json.loads(text)
+        if isinstance(fields, dict) and set(fields) == _FIRST_FORMAT_FIELDS:
+            raise _FirstFormat(
+                "its spec records no 'precision' and it holds no second moments, as files saved by tracin before "
+                "2026-12-02 (a9b3c6d); without the moments it cannot be checked or re-damped: fit it again from "
+                "the train gradients (Whitening.fit) and save that"
+            )
+        spec = _checked_spec(WhiteningSpec(**fields))
         sides = [k for d in spec.dims for k in (d if isinstance(d, list) else [d])]
         need, budget = matrix_bytes(sides, 2, 1), default_max_bytes()  # moments, inverses, a copy to hash
         if need > budget:
