@@ -24,8 +24,17 @@ def test_a_cluster_object_is_refused_naming_a_client_of_it(tmp_path):
     )
 
 
-@pytest.mark.parametrize("bad", [3, "tcp://127.0.0.1:8786"])
+@pytest.mark.parametrize("bad", [3])
 def test_other_objects_keep_the_plain_message(tied, bad):
     with pytest.raises(TypeError) as e:
         td.aggregate(tied["test"], tied["store"], client=bad, progress=False)
     assert str(e.value) == f"client must be a distributed.Client or None, got {type(bad).__name__}"
+
+
+def test_a_scheduler_address_is_refused_naming_the_client_to_make(tied):
+    with pytest.raises(TypeError) as e:
+        td.top_k(tied["test"], tied["store"], client="tcp://127.0.0.1:8786", progress=False)
+    assert str(e.value) == (
+        "client must be a distributed.Client or None, got str ('tcp://127.0.0.1:8786'): "
+        "pass distributed.Client('tcp://127.0.0.1:8786') to use the scheduler at that address"
+    )

@@ -297,7 +297,12 @@ def test_a_bad_client_is_refused_before_the_data_is_read_or_the_store_created(tm
         closed.close()
     for bad, error, message in (
         (closed, ValueError, r"^client is closed \(status 'closed'"),
-        ("tcp://127.0.0.1:1", TypeError, "^client must be a distributed.Client or None, got str$"),
+        (
+            "tcp://127.0.0.1:1",
+            TypeError,
+            r"^client must be a distributed.Client or None, got str \('tcp://127.0.0.1:1'\): "
+            r"pass distributed.Client\('tcp://127.0.0.1:1'\) to use the scheduler at that address$",
+        ),
     ):
         with pytest.raises(error, match=message):
             td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=bad)

@@ -50,7 +50,9 @@ def check_client(client: Any) -> None:
 
 
 def _client_hint(client: Any) -> str:
-    """What to pass instead of a cluster object given as client=."""
+    """What to pass instead of a cluster object or a scheduler's address given as client=."""
+    if isinstance(client, str):
+        return f" ({client!r}): pass distributed.Client({client!r}) to use the scheduler at that address"
     if callable(getattr(client, "scale", None)) and hasattr(client, "scheduler_address"):
         return " (a cluster object): pass distributed.Client(cluster), a client of that cluster"
     return ""
