@@ -92,3 +92,18 @@ def test_static_arrays_holding_nan_at_one_index_are_named_by_their_first_differi
     with pytest.raises(ValueError) as raised:
         export_gradients(_unused_offset_loss, [(a, 1.0), (b, 1.0)], (x, y), progress=False)
     assert "(first differing at index (2,): 3.0 here, 2.0 in the first checkpoint)" in str(raised.value), raised.value
+
+
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
+def test_a_numpy_and_a_jax_array_of_other_values_are_told_both_differences_at_once():
+    """Other values and other kinds: the refusal named the differing index only, the kind told only once the
+    values were fixed, a second round trip (review370 F7); both are told at once."""
+    a = _Offset(_W, np.array([1.0, 2.0], np.float32))
+    b = _Offset(_W + 1, jnp.array([1.0, 3.0], jnp.float32))
+    x, y = _data()
+    with pytest.raises(ValueError) as raised:
+        export_gradients(_unused_offset_loss, [(a, 1.0), (b, 1.0)], (x, y), progress=False)
+    assert (
+        "(first differing at index (1,): 3.0 here, 2.0 in the first checkpoint; a JAX array here, a NumPy array in "
+        "the first checkpoint: give every checkpoint the same kind)"
+    ) in str(raised.value), raised.value

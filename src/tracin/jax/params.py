@@ -385,13 +385,20 @@ def _both(first: Any, other: Any) -> str:
     lambdas, two functions of one name, or equal arrays of which one is NumPy and the other JAX)."""
     shown, first_shown = _show(other), _show(first)
     text = f"{shown} here, {first_shown} in the first checkpoint"
+    kinds = [("a NumPy" if isinstance(v, np.ndarray) else "a JAX") + " array" for v in (other, first) if _is_array(v)]
+    other_kinds = len(kinds) == 2 and kinds[0] != kinds[1]  # told with differing values too, not after their fix
+    kind = (
+        f"{kinds[0]} here, {kinds[1]} in the first checkpoint: give every checkpoint the same kind"
+        if other_kinds
+        else ""
+    )
     at = _first_unequal(first, other)
     if at is not None:
         a, b = host_array(first)[at].tolist(), host_array(other)[at].tolist()
-        return f"{text} (first differing at index {at}: {b!r} here, {a!r} in the first checkpoint)"
-    kinds = [("a NumPy" if isinstance(v, np.ndarray) else "a JAX") + " array" for v in (other, first) if _is_array(v)]
-    if len(kinds) == 2 and kinds[0] != kinds[1]:  # equal values of one text: the kind differs (_same_value)
-        return f"{text} ({kinds[0]} here, {kinds[1]} in the first checkpoint: give every checkpoint the same kind)"
+        also = f"; {kind}" if other_kinds else ""
+        return f"{text} (first differing at index {at}: {b!r} here, {a!r} in the first checkpoint{also})"
+    if other_kinds:  # equal values of one text: the kind differs (_same_value)
+        return f"{text} ({kind})"
     if shown == first_shown:
         what = "functions" if callable(first) and callable(other) else "values"
         text += f" (other {what} of the same name or text; pass the same object to every checkpoint)"
