@@ -40,7 +40,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -628,12 +628,19 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
     """The library's refusals of --test and --train scored together (`whitening`: --whitening's, or None), in
     command line terms: a whitened side with --normalize, a whitening fitted on other gradients than --train's,
     sides exported at other checkpoints, NaN rows, sides that do not match."""
-    from .scoring import FITTED_ON, CheckpointMismatchError, FittedKindError, WhitenedNormalizeError
+    from .scoring import (
+        FITTED_ON,
+        CheckpointMismatchError,
+        FittedKindError,
+        WhitenedNormalizeError,
+        fitted_elsewhere_told,
+    )
 
     # a whitened test side's whitening: --whitening, or the one a whitened --test store records
     owner = "--test's whitening" if whitening is None else "--whitening"
-    try:
-        yield
+    try:  # --whitening fitted on another store than --train's: _whitening_for warned in the options' words
+        with fitted_elsewhere_told() if whitening is not None else nullcontext():
+            yield
     except WhitenedNormalizeError as e:  # the library's advice (normalize=False) is Python's
         head = "--normalize does not combine with whitened gradients (metadata['whitening'])"
         if len(e.sides) == 2:  # the same whitening on both is no space mismatch: two whitened sides are refused
@@ -840,7 +847,15 @@ def _whitened(whitening: Any, rows: Any, option: str, args: argparse.Namespace) 
         raise CommandError(_fitted_mismatch(e, option)) from e
     except ValueError as e:
         advice = _mismatch_advice(e, "--train", odd_rows=option)
-        raise CommandError(f"--whitening applied to {option}: {_one_line(e)}{advice}") from e
+        raise CommandError(f"--whitening applied to {option}: {_unadvised(e)}{advice}") from e
+
+
+def _unadvised(e: ValueError) -> str:
+    """The library's refusal of rows for not matching a whitening, on one line, without its Python advice
+    (Whitening.fit(train)): _mismatch_advice gives the command line's."""
+    from .whitening._whitening import MATCHING_ADVICE
+
+    return _one_line(e).replace(MATCHING_ADVICE, "")
 
 
 def _mismatch_advice(e: ValueError, fitted_on: str, odd_rows: str | None = None) -> str:
@@ -1070,7 +1085,7 @@ def _whitened_self_influence(whitening: Any, store: Any, args: argparse.Namespac
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
         raise CommandError(_fitted_mismatch(e, "path")) from e
     except ValueError as e:
-        raise CommandError(f"--whitening applied to path: {_one_line(e)}{_mismatch_advice(e, 'path')}") from e
+        raise CommandError(f"--whitening applied to path: {_unadvised(e)}{_mismatch_advice(e, 'path')}") from e
 
 
 def _check_self_influence_store(store: Any, path: str) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 
 from . import _progress, _tunables
+from ._caller import user_stacklevel
 from ._cpus import usable_cores
 from ._export.resume import static_digest_note
 from ._progress import check_progress, progress_bar, shows_automatically
@@ -125,7 +129,49 @@ def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]
     _check_same_gradient_space(test, train)
     if test.dims != train.dims:
         raise ValueError(f"test dims {list(test.dims)} differ from train dims {list(train.dims)}")
+    _warn_fitted_elsewhere(test, train)
     return test, train, weights
+
+
+# True while a caller has told (or will tell) the user itself that a whitening was fitted on another store: the
+# command line (in its options' words), tracin.distributed's tasks (the client warned once for all shards)
+_FITTED_ELSEWHERE_TOLD: ContextVar[bool] = ContextVar("tracin_fitted_elsewhere_told", default=False)
+
+
+@contextmanager
+def fitted_elsewhere_told() -> Iterator[None]:
+    """Inside: _pair does not warn of a whitening fitted on another store than the other side (the caller
+    did, once); this thread's (or task's) context only."""
+    token = _FITTED_ELSEWHERE_TOLD.set(True)
+    try:
+        yield
+    finally:
+        _FITTED_ELSEWHERE_TOLD.reset(token)
+
+
+def _warn_fitted_elsewhere(test: GradientSet, train: GradientSet) -> None:
+    """A UserWarning at the user's line where a whitened side (metadata['whitening'], as Whitening.apply
+    records it) was fitted on a store (its fitted_on id; None: fitted in memory, nothing to compare) other than
+    the other side, a GradientStore with another store_id: the scores are whitened by another set's R (say a
+    whitening fitted on the test store)."""
+    if _FITTED_ELSEWHERE_TOLD.get():
+        return
+    for whitened, other, name, other_name in ((test, train, "test", "train"), (train, test, "train", "test")):
+        fitted = whitened.metadata.get("whitening")
+        fitted_on = fitted.get("fitted_on") if isinstance(fitted, dict) else None
+        store_id = getattr(other, "store_id", None)
+        if isinstance(fitted_on, str) and isinstance(store_id, str) and fitted_on != store_id:
+            where = getattr(other, "path", None)
+            warnings.warn(
+                f"the {name} side's whitening was fitted on another gradient store (id {fitted_on}) than the "
+                f"{other_name} store{'' if where is None else f' {where}'} (id {store_id}); its scores are whitened "
+                f"by that store's second moment: fit the whitening on the {other_name} gradients "
+                f"(Whitening.fit({other_name}), then apply it to {name}) unless that was meant (a subset or a copy "
+                "re-exported)",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+            return
 
 
 class _Recorded(Protocol):

@@ -413,7 +413,7 @@ class Whitening:
         if kinds[0] != kinds[1]:
             raise ValueError(
                 f"{name} gradients are preconditioner={kinds[0]!r} but the whitening was fitted on "
-                f"preconditioner={kinds[1]!r}"
+                f"preconditioner={kinds[1]!r}{MATCHING_ADVICE}"
             )
         if kinds[0] is not None:  # the records left out of _matching below: the preconditioner's settings and states
             names = (name, "the gradients the whitening was fitted on")
@@ -526,20 +526,26 @@ def _overflowed(beyond: list[tuple[int, np.ndarray]], per_checkpoint: bool) -> N
     )
 
 
+# what to do, in Python, where rows do not match a whitening's kind, checkpoints or dims (the command line
+# replaces it with its options' advice)
+MATCHING_ADVICE = "; apply a whitening fitted on gradients exported the same way: Whitening.fit(train)"
+
+
 def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whitening") -> GradientSet:
     """`s` if it has the kind, checkpoints, dims and gradient space of `fitted` (named `against` in
-    messages); ValueError otherwise."""
+    messages); ValueError otherwise (against a whitening: with MATCHING_ADVICE)."""
     from ..scoring import _check_same_gradient_space, _slots_text
 
+    advice = MATCHING_ADVICE if against == "the whitening" else ""
     if s.factored != fitted.factored:
         kinds = ("full", "factored")
         raise ValueError(
-            f"{name} gradients are {kinds[s.factored]} but {against} is for {kinds[fitted.factored]} gradients"
+            f"{name} gradients are {kinds[s.factored]} but {against} is for {kinds[fitted.factored]} gradients{advice}"
         )
     if s.n_checkpoints != fitted.n_checkpoints:
-        raise ValueError(f"{name} has {_slots_text(s)} but {against} has {_slots_text(fitted)}")
+        raise ValueError(f"{name} has {_slots_text(s)} but {against} has {_slots_text(fitted)}{advice}")
     if tuple(s.dims) != tuple(fitted.dims):
-        raise ValueError(f"{name} dims {list(s.dims)} differ from {against}'s dims {list(fitted.dims)}")
+        raise ValueError(f"{name} dims {list(s.dims)} differ from {against}'s dims {list(fitted.dims)}{advice}")
     fitted_on = against if against == "train" else f"the gradients {against} was fitted on"
     _check_same_gradient_space(s, fitted, (name, fitted_on))
     return s
