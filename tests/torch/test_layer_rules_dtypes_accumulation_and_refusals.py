@@ -123,3 +123,29 @@ def test_a_callers_bfloat16_autocast_does_not_round_the_products(accumulate, str
             accumulate,
         )
     np.testing.assert_allclose(out.numpy(), np.einsum("bto,bti->boi", b, a), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_weight_gradients_formed_in_several_temporaries_are_all_written():
+    """With two threads a strided destination's small (128 x 128) per-example gemms are formed 512 examples
+    (32 MiB) at a time and copied into place: 513 examples need two temporaries, the example on each side of
+    the boundary included."""
+    rng = np.random.default_rng(15)
+    a, b = rng.standard_normal((513, 2, 128)), rng.standard_normal((513, 2, 128))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        wide = torch.full((513, 128, 129), np.nan)
+        out = wide[:, :, :128]
+        write_per_example_grad(
+            nn.Linear(128, 128),
+            "weight",
+            torch.tensor(a, dtype=torch.float32),
+            torch.tensor(b, dtype=torch.float32),
+            out,
+            accumulate=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    want = np.einsum("bto,bti->boi", b, a)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+    assert torch.isnan(wide[:, :, 128]).all()  # the column past the view untouched
