@@ -73,3 +73,17 @@ def test_a_one_row_store_does_not_warn(tmp_path, client):
         warnings.simplefilter("error")
         got = td.self_influence(store, shards=4, client=client, progress=False)
     assert got.tolist() == [3.0]
+
+
+def test_aggregate_chain_over_a_test_store_of_one_row_chunks_warns(small, client, tmp_path):
+    """Full gradients, the test store cut (its shards a chain of column sums) read one row per chunk: shards=
+    above its rows runs one task per row as the other cut sides do, and says so (it was silent)."""
+    rng = np.random.default_rng(12)
+    test = rng.standard_normal((6, 5)).astype(np.float32)
+    store = write_store(tmp_path / "test", [test], [0.5], chunk_bytes=5 * 4)
+    assert store.row_chunks() == 1
+    with pytest.warns(UserWarning, match=r"shards=50, but the test store \(the side cut\) has 6 rows") as record:
+        got = td.aggregate(store, tracin.Gradients([small["train"]], [0.5]), shards=50, client=client, progress=False)
+    assert len(record) == 1 and record[0].filename == __file__
+    exact = 0.5 * (test.astype(np.float64) @ small["train"].astype(np.float64).T).sum(0)
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)

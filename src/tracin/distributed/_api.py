@@ -280,6 +280,8 @@ def _full_aggregate(
         return np.concatenate(job.wait(parts, progress))
     assert isinstance(test, GradientStore)
     _warn_chunks(test, shards)
+    if test.row_chunks() == 1:  # chunks of one row: shards= above the rows is _per_shard's case (a chain here)
+        _warn_above_rows("aggregate", test, shards, "test")
     whole, links = job.rows_of(test), []
     summed: Future | None = None
     for a, b in shard_ranges(test.n_rows, test.row_bytes, slots, shards, test.row_chunks()):
