@@ -86,17 +86,21 @@ def second_moments(s: GradientSet, bar: Any, precision: str, name: str = "train"
     chunk = s.row_chunks()
     for start, stop in row_ranges(s, chunked=False):
         if chunk and chunk < stop - start:
-            # A store read in pieces smaller than a block product (a small chunk_bytes): each kernel block's
-            # rows gathered into one float32 buffer (at most BLOCK_BYTES), so that R's products, and so its
-            # bits, are those of any chunk_bytes, and a block's d x d product and float64 sum are not paid
-            # per piece (256 KiB pieces of 2048-wide rows made the fit 13x slower).
-            for b, total in enumerate(acc):
-                x = np.empty((stop - start, sides[b]), dtype=np.float32)
+            # A store read in pieces smaller than a block product (a small chunk_bytes): the kernel blocks' rows
+            # gathered into float32 buffers, so that R's products, and so its bits, are those of any chunk_bytes,
+            # and a block's d x d product and float64 sum are not paid per piece (256 KiB pieces of 2048-wide
+            # rows made the fit 13x slower). Blocks are gathered in groups of at most BLOCK_BYTES of buffers
+            # (one block always fits: row_ranges), each group in one pass over the pieces: a piece read per
+            # block would map (or read) every block's rows once per block.
+            for group in _groups(sides, stop - start):
+                xs = {b: np.empty((stop - start, sides[b]), dtype=np.float32) for b in group}
                 for a in range(start, stop, chunk):
                     side = s.kernel_side(a, min(a + chunk, stop))
-                    x[a - start : a - start + chunk] = as_float32(side.blocks[b], side.dtypes[b])
+                    for b, x in xs.items():
+                        x[a - start : a - start + chunk] = as_float32(side.blocks[b], side.dtypes[b])
                     del side
-                _add_product(total, x, precision, s, name)
+                for b in group:
+                    _add_product(acc[b], xs.pop(b), precision, s, name)  # each buffer freed once multiplied
         else:
             side = s.kernel_side(start, stop)
             for total, block, code in zip(acc, side.blocks, side.dtypes, strict=True):
@@ -106,6 +110,21 @@ def second_moments(s: GradientSet, bar: Any, precision: str, name: str = "train"
     for total in acc:
         total /= s.n_rows
     return acc
+
+
+def _groups(sides: list[int], rows: int) -> list[list[int]]:
+    """Kernel block indices in order, cut into runs whose float32 (rows, side) buffers take at most
+    BLOCK_BYTES together (a block above that alone in its run)."""
+    groups: list[list[int]] = []
+    used = BLOCK_BYTES
+    for b, k in enumerate(sides):
+        size = 4 * rows * k
+        if used + size > BLOCK_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(b)
+        used += size
+    return groups
 
 
 def _add_product(total: np.ndarray, x: np.ndarray, precision: str, s: GradientSet, name: str) -> None:
