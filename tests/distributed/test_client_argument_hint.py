@@ -38,3 +38,30 @@ def test_a_scheduler_address_is_refused_naming_the_client_to_make(tied):
         "client must be a distributed.Client or None, got str ('tcp://127.0.0.1:8786'): "
         "pass distributed.Client('tcp://127.0.0.1:8786') to use the scheduler at that address"
     )
+
+
+def test_client_local_is_told_to_leave_client_none(tied):
+    """'local' (the CLI's --scheduler local) is no address: distributed.Client('local') would fail too."""
+    with pytest.raises(TypeError) as e:
+        td.top_k(tied["test"], tied["store"], client="local", progress=False)
+    assert str(e.value) == (
+        "client must be a distributed.Client or None, got str ('local'): "
+        "leave client=None to run on a LocalCluster made for the call (or the default client)"
+    )
+
+
+class _Unstarted:
+    """A cluster-like object whose scheduler_address raises something other than AttributeError."""
+
+    def scale(self, n: int) -> None:
+        pass
+
+    @property
+    def scheduler_address(self) -> str:
+        raise RuntimeError("cluster not started")
+
+
+def test_an_object_whose_properties_raise_still_gets_the_type_error(tied):
+    with pytest.raises(TypeError) as e:
+        td.aggregate(tied["test"], tied["store"], client=_Unstarted(), progress=False)
+    assert str(e.value) == "client must be a distributed.Client or None, got _Unstarted"

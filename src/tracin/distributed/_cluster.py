@@ -52,8 +52,16 @@ def check_client(client: Any) -> None:
 def _client_hint(client: Any) -> str:
     """What to pass instead of a cluster object or a scheduler's address given as client=."""
     if isinstance(client, str):
+        if client.strip().lower() == "local":  # the CLI's --scheduler local: no address
+            return (
+                f" ({client!r}): leave client=None to run on a LocalCluster made for the call (or the default client)"
+            )
         return f" ({client!r}): pass distributed.Client({client!r}) to use the scheduler at that address"
-    if callable(getattr(client, "scale", None)) and hasattr(client, "scheduler_address"):
+    try:  # an object's own property may raise anything (a cluster not started): the TypeError still stands
+        cluster = callable(getattr(client, "scale", None)) and hasattr(client, "scheduler_address")
+    except Exception:
+        cluster = False
+    if cluster:
         return " (a cluster object): pass distributed.Client(cluster), a client of that cluster"
     return ""
 
