@@ -16,10 +16,8 @@ from .conftest import write_store
 WEIGHTS = [0.5, 2.0]
 
 
-# the client warns once (tracin.scoring._pair); the shards' tasks and _full_aggregate's second _pair warn again
-# until they run in scoring.fitted_elsewhere_told(): /tmp/fix-fx372-_tasks.py.patch, /tmp/fix-fx372-_api.py.patch
-# (remove this mark when applying them: strict, it fails once they are in)
-@pytest.mark.xfail(strict=True, reason="needs the distributed patches (fitted_elsewhere_told in the tasks)")
+# the client warns once (tracin.scoring._pair); the shards' tasks and _full_aggregate's second _pair run in
+# scoring.fitted_elsewhere_told()
 @pytest.mark.parametrize("call", ["top_k", "aggregate"])
 def test_a_whitening_fitted_elsewhere_warns_once_on_the_client(client, tmp_path, rng, call):
     blocks = {

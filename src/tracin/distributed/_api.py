@@ -28,6 +28,7 @@ from ..scoring import (
     _width,
     as_gradient_set,
     check_self_influence_rows,
+    fitted_elsewhere_told,
 )
 from ..store import GradientStore
 from . import _tasks
@@ -263,7 +264,8 @@ def _full_aggregate(
     test store that is the side cut, a chain of tasks over its shards in order, each adding its rows
     to the sums of the shards before it), then the train rows' products with them (a task per train
     shard, or one over the in-memory train side)."""
-    _, _, weights = _pair(test, train)
+    with fitted_elsewhere_told():  # aggregate's own _pair warned of a whitening fitted on another store
+        _, _, weights = _pair(test, train)
     run = _normalize_run(normalize, test, train)
     if isinstance(train, GradientStore):
         whole = _sent(job, test)
