@@ -93,3 +93,21 @@ def test_rows_that_do_not_match_a_whitening_are_told_what_to_do_in_python(rng, r
     with pytest.raises(ValueError, match=expected.replace("test", "train", 1)) as e:
         whitening.self_influence(odd)
     assert str(e.value).endswith(advice)
+
+
+@pytest.mark.parametrize("via", ["Whitening.self_influence", "tracin.self_influence"])
+def test_whitened_self_influence_of_another_store_warns_at_the_users_line(stores, via):
+    """self_influence(train, whitening=w) with w fitted on another store: the self-influence is whitened by that
+    store's R, silently (the command line warned, Python did not); once, at the caller's line, naming both ids."""
+    test, train = stores
+    w = tracin.Whitening.fit(test, damping=0.1, progress=False)
+    if via == "tracin.self_influence":
+        found = _warned(lambda: tracin.self_influence(train, whitening=w, progress=False))
+    else:
+        found = _warned(lambda: w.self_influence(train, progress=False))
+    assert len(found) == 1, [str(f.message) for f in found]
+    assert found[0].filename == __file__
+    text = str(found[0].message)
+    assert f"(id {test.store_id}) than the train store {train.path} (id {train.store_id})" in text, text
+    assert "Whitening.fit(train)" in text
+    assert not _warned(lambda: tracin.Whitening.fit(train, damping=0.1, progress=False).self_influence(train))

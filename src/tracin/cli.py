@@ -1075,11 +1075,12 @@ def _whitened_self_influence(whitening: Any, store: Any, args: argparse.Namespac
     gradient space than the whitening was fitted on, a NaN row) names path and --whitening."""
     import tracin
 
-    from .scoring import CheckpointMismatchError
+    from .scoring import CheckpointMismatchError, fitted_elsewhere_told
     from .store import StoreFormatError
 
     try:
-        return tracin.self_influence(store, num_threads=args.threads, progress=_progress(args), whitening=whitening)
+        with fitted_elsewhere_told():  # fitted on another store than path's: warned in the options' words
+            return tracin.self_influence(store, num_threads=args.threads, progress=_progress(args), whitening=whitening)
     except StoreFormatError:  # a store changed or damaged while read: _run names it as such
         raise
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell

@@ -149,18 +149,26 @@ def fitted_elsewhere_told() -> Iterator[None]:
         _FITTED_ELSEWHERE_TOLD.reset(token)
 
 
+def fitted_elsewhere(fitted_on: Any, other: Any) -> str | None:
+    """The store id of `other` where a whitening fitted on the store of id `fitted_on` (None: fitted in memory)
+    meets it and it is another GradientStore (the scores whitened by another set's R), unless a caller told the
+    user already (fitted_elsewhere_told); else None."""
+    store_id = getattr(other, "store_id", None)
+    if _FITTED_ELSEWHERE_TOLD.get() or not isinstance(fitted_on, str) or not isinstance(store_id, str):
+        return None
+    return store_id if fitted_on != store_id else None
+
+
 def _warn_fitted_elsewhere(test: GradientSet, train: GradientSet) -> None:
     """A UserWarning at the user's line where a whitened side (metadata['whitening'], as Whitening.apply
     records it) was fitted on a store (its fitted_on id; None: fitted in memory, nothing to compare) other than
     the other side, a GradientStore with another store_id: the scores are whitened by another set's R (say a
     whitening fitted on the test store)."""
-    if _FITTED_ELSEWHERE_TOLD.get():
-        return
     for whitened, other, name, other_name in ((test, train, "test", "train"), (train, test, "train", "test")):
         fitted = whitened.metadata.get("whitening")
-        fitted_on = fitted.get("fitted_on") if isinstance(fitted, dict) else None
-        store_id = getattr(other, "store_id", None)
-        if isinstance(fitted_on, str) and isinstance(store_id, str) and fitted_on != store_id:
+        store_id = fitted_elsewhere(fitted.get("fitted_on") if isinstance(fitted, dict) else None, other)
+        if store_id is not None:
+            fitted_on = fitted["fitted_on"]
             where = getattr(other, "path", None)
             warnings.warn(
                 f"the {name} side's whitening was fitted on another gradient store (id {fitted_on}) than the "

@@ -9,6 +9,7 @@ import math
 import numbers
 import os
 import stat
+import warnings
 import zipfile
 import zlib
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from .._caller import user_stacklevel
 from .._progress import check_progress, progress_bar
 from .._validate import flag, positive_int
 from .._whole_file import whole_file
@@ -357,10 +359,19 @@ class Whitening:
         overflows float32. A row whose own gradient is tiny beside the others (a memorised example's, 1e-20 of them)
         has a term that float32 rounds to a subnormal or 0, as plain self_influence does; a damping that would do so
         to every row is refused by fit, with_damping and load."""
-        from ..scoring import check_self_influence_rows
+        from ..scoring import check_self_influence_rows, fitted_elsewhere
 
         train = self._accept(train, "train")
         check_self_influence_rows(train)
+        if (store_id := fitted_elsewhere(self.spec.fitted_on, train)) is not None:
+            warnings.warn(
+                f"the whitening was fitted on another gradient store (id {self.spec.fitted_on}) than the train store "
+                f"{train.path} (id {store_id}); its self-influence is whitened by that store's second moment: fit the "
+                "whitening on these gradients (Whitening.fit(train)) unless that was meant (a subset or a copy "
+                "re-exported)",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         per_checkpoint = flag(per_checkpoint, "per_checkpoint")
         check_progress(progress)
         result = np.empty((train.n_rows, train.n_checkpoints) if per_checkpoint else train.n_rows, dtype=np.float32)
