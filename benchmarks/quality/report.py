@@ -27,13 +27,28 @@ def method_order(results: dict[str, dict]) -> list[str]:
     return sorted(names, key=lambda m: (not m.startswith("tracin"), names.index(m)))
 
 
+def seed_se(per_seed: list[list[float]] | None, j: int) -> float | None:
+    """Standard error over the seeds of column j of per-seed curves (seeds, fractions): the sample
+    deviation (ddof=1) over sqrt(seeds); None with fewer than two seeds."""
+    values = [row[j] for row in per_seed or ()]
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
 def _detection_rows(payload: dict) -> list[str]:
+    """The detection table: per method the mean fraction found at the winners' `detection_at`, with
+    its s.e. over the seeds where there are several (the seed-to-seed spread is what a tie is read
+    against)."""
     detect = payload["detection"]
     at = payload["winners"]["detection_at"]
     best_of = detection_winners(detect, at, payload["winners"]["tie"])["detection_best"]
     names = method_order(detect)
+    seeds = {len(r["per_seed"]) for d in detect.values() for r in d["methods"].values() if "per_seed" in r}
+    spread = " (mean ± s.e. over seeds)" if max(seeds, default=0) > 1 else ""
     rows = [
-        f"| Flipped labels found at {at:.0%} inspected | " + " | ".join(detect) + " |",
+        f"| Flipped labels found at {at:.0%} inspected{spread} | " + " | ".join(detect) + " |",
         "|---|" + "---|" * len(detect),
     ]
     rows.append(
@@ -47,9 +62,11 @@ def _detection_rows(payload: dict) -> list[str]:
             if m not in d["methods"]:
                 cells.append(_failed(d["errors"], m))
                 continue
-            v = d["methods"][m]["found"][d["inspect"].index(at)]
+            j = d["inspect"].index(at)
+            v, se = d["methods"][m]["found"][j], seed_se(d["methods"][m].get("per_seed"), j)
+            cell = f"{v:.3f}" if se is None else f"{v:.3f} ± {se:.3f}"
             best = m in best_of.get(name, {}).get("methods", ())
-            cells.append(f"**{v:.3f}**" if best else f"{v:.3f}")
+            cells.append(f"**{cell}**" if best else cell)
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return rows
 
@@ -247,7 +264,8 @@ def markdown(payload: dict) -> str:
         + ". Detection: "
         f"{cfg['noise']:.0%} of training labels flipped, mean over seeds {list(cfg['seeds'])}. "
         f"LDS: {cfg['lds_models']} models retrained on random {cfg['lds_fraction']:.0%} subsets, Spearman "
-        f"correlation of summed attribution with -test loss, up to {cfg['lds_test']} held-out examples. In both "
+        f"correlation of summed attribution with -test loss, up to {cfg['lds_test']} held-out examples (s.e. "
+        "over those examples, for one model trained on all rows and one set of subset models). In both "
         "tables the best is in bold among the methods whose settings are not picked on the data they are "
         "measured on (the fixed whitened dampings, six settings of one method, are never marked)."
     )

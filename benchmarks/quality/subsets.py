@@ -15,7 +15,7 @@ from .config import Training
 from .data import Split
 from .training import mlp, test_losses, train
 
-FORMAT = 1  # bump when the way subset models are trained changes
+FORMAT = 2  # bump when the way subset models are trained or their losses computed changes (2: float64 losses)
 
 
 def cache_key(split: Split, spec: Training, models: int, fraction: float, n_test: int) -> str:
