@@ -22,7 +22,7 @@ class Training:
 
     def rate_at(self, epoch: int) -> float:
         """The rate in force during `epoch` (0-based)."""
-        return self.learning_rate * (1.0 if epoch < self.decay_at * self.epochs else 0.1)
+        return self.learning_rate * (1.0 if epoch < round(self.decay_at * self.epochs, 9) else 0.1)  # as tracin.demo
 
     def checkpoint_epochs(self) -> list[int]:
         """Number of epochs completed at each checkpoint, ascending."""
