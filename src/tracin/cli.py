@@ -586,15 +586,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         rows = _pair_rows(sides, test_ids, train_ids)
         _write_csv(f, PAIRS_HEADER, rows, pairs, _progress(args), ids=(test_ids, train_ids))
 
-    if out is None:
-        with _stdout(WRITE_A_FILE) as f:
-            write_csv(f)
-        print(summary, file=sys.stderr)
-    else:
-        with _output_file(out) as f:
-            write_csv(f)
-        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
-        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
+    _written(out, write_csv, summary)
 
 
 def _check_whitening_options(args: argparse.Namespace) -> None:
@@ -1059,6 +1051,11 @@ def _write_ranking(
         rows = ([rank, i, ids[i] if ids else i, f"{values[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
         _write_csv(f, header, rows, len(order), _progress(args), ids=(ids,))
 
+    _written(out, write, summary)
+
+
+def _written(out: Path | None, write: Callable[[IO[str]], None], summary: str) -> None:
+    """write(f) to the text file `out` (None: stdout), then `summary` on stderr (naming `out`)."""
     if out is None:
         with _stdout(WRITE_A_FILE) as f:
             write(f)
