@@ -2131,21 +2131,26 @@ def test_normalize_with_a_whitened_store_names_that_store_and_the_option(tmp_pat
     capsys.readouterr()
     # review112 F6: with both stores whitened the rewrite said their cosines "would compare different spaces", false
     # for the same whitening. Two whitened stores are refused first by the pair check (with or without --normalize,
-    # the whitening applies once, to the test rows); with that check out of the way the rewrite says the same.
+    # the whitening applies once, to the test rows), in command line words (r370 F5: it gave Python's advice,
+    # Whitening.apply); with that check out of the way the rewrite says the same.
     both = {"test": tmp_path / "white", "train": tmp_path / "white"}
+    said = {}
     for extra in (["--normalize"], []):
         assert main(_score(both, *extra)) == 1
-        line = _error_line(capsys.readouterr().err, "score")
-        assert "both whitened" in line and "whiten only the test side" in line and "different spaces" not in line
+        said[bool(extra)] = line = _error_line(capsys.readouterr().err, "score")
+        assert "both whitened" in line and "different spaces" not in line and "Whitening.apply" not in line, line
     monkeypatch.setattr(tracin.scoring, "_check_same_gradient_space", lambda *a, **k: None)
     assert main(_score(both, "--normalize")) == 1
     line = _error_line(capsys.readouterr().err, "score")
+    white = tmp_path / "white"
     assert line.endswith(
-        "--normalize does not combine with whitened gradients (metadata['whitening']), and --test and --train are "
-        "both whitened, which is refused without --normalize too: the whitening applies once, to the test rows; "
-        "score a whitened --test against an unwhitened --train, without --normalize"
+        f"--normalize does not combine with whitened gradients (metadata['whitening']), and --test {white} and "
+        f"--train {white} are both whitened, which is refused without --normalize too: the whitening applies once, "
+        "to the test rows; score a whitened --test against an unwhitened --train, or the unwhitened stores with "
+        "--whitening, without --normalize"
     ), line
     assert "different spaces" not in line and "normalize=" not in line
+    assert said[True] == line  # the pair check's refusal, rewritten, says the same
 
 
 def test_the_readme_states_the_exit_codes_of_pipes_and_signals_and_that_output_files_are_whole():

@@ -622,6 +622,7 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
     sides exported at other checkpoints, NaN rows, sides that do not match."""
     from .scoring import (
         FITTED_ON,
+        FITTED_ON_TRAIN,
         CheckpointMismatchError,
         FittedKindError,
         WhitenedNormalizeError,
@@ -636,11 +637,7 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
     except WhitenedNormalizeError as e:  # the library's advice (normalize=False) is Python's
         head = "--normalize does not combine with whitened gradients (metadata['whitening'])"
         if len(e.sides) == 2:  # the same whitening on both is no space mismatch: two whitened sides are refused
-            message = (
-                f"{head}, and --test and --train are both whitened, which is refused without --normalize too: the "
-                "whitening applies once, to the test rows; score a whitened --test against an unwhitened --train, "
-                "without --normalize"
-            )
+            message = _both_whitened(args)
         else:
             which = f"--{e.sides[0]} is whitened and --{'train' if e.sides == ('test',) else 'test'} is not"
             message = (
@@ -649,6 +646,11 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
             )
         raise CommandError(message) from e
     except FittedKindError as e:  # the library's advice (Whitening.fit(train)) is Python's
+        if FITTED_ON_TRAIN in str(e):  # a whitened --train store's whitening, checked against --test
+            raise CommandError(
+                f"--train is whitened by a whitening fitted on preconditioner={short(e.kinds[0])} gradients but "
+                f"--test holds preconditioner={short(e.kinds[1])} ones; {_WHITENED_TRAIN_ADVICE}"
+            ) from e
         fitted = "--whitening was" if whitening is not None else "--test is whitened by a whitening"
         raise CommandError(
             f"{fitted} fitted on preconditioner={short(e.kinds[0])} gradients but --train holds "
@@ -661,6 +663,12 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
                 f"{owner} was fitted on gradients exported differently from --train ({what} {e.listed} "
                 f"differ); {_refit_advice(whitening)}"
             ) from e
+        if e.names[0] == FITTED_ON_TRAIN:  # as above, a whitened --train store's whitening against --test
+            what = "the optimizer states of checkpoints" if e.optimizer_states else "checkpoints"
+            raise CommandError(
+                f"--train's whitening was fitted on gradients exported differently from --test ({what} {e.listed} "
+                f"differ); {_WHITENED_TRAIN_ADVICE}"
+            ) from e
         if e.optimizer_states:
             raise CommandError(
                 f"--test and --train were exported with different optimizer states (of checkpoints {e.listed}); "
@@ -672,14 +680,58 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
             "export both sides from the same checkpoints (same files or state dicts)"
         ) from e
     except ValueError as e:  # another record of the fitted-on gradients than --train's (mode, projection, params)
+        if _one_line(e).startswith(_BOTH_WHITENED):  # the library's advice (Whitening.apply) is Python's
+            raise CommandError(_both_whitened(args)) from e
+        if FITTED_ON_TRAIN in str(e):  # a whitened --train store's whitening does not fit --test
+            said = _one_line(e).replace(FITTED_ON_TRAIN, "the gradients --train's whitening was fitted on")
+            raise CommandError(f"--train's whitening does not fit --test: {said}; {_WHITENED_TRAIN_ADVICE}") from e
         if FITTED_ON not in str(e):
             raise _sides_named(e, {"test": f"--test {args.test}", "train": f"--train {args.train}"}) from e
         said = _one_line(e).replace(FITTED_ON, f"the gradients {owner} was fitted on")
         raise CommandError(f"{owner} does not fit --train: {said}; {_refit_advice(whitening)}") from e
 
 
-# the library's refusals of a pair of sides that do not match (scoring._pair, _weights), in its words
-_UNMATCHED = ("test dims ", "test has ", "test is ", "test and train carry ")
+# what to do about a whitened --train store (Whitening.apply's output passed as the train side) whose whitening
+# was fitted on other gradients than --test's
+_WHITENED_TRAIN_ADVICE = (
+    "score --train against the gradients its whitening was fitted on, or the unwhitened stores with --whitening (a "
+    "whitening fitted on --train)"
+)
+
+# scoring._check_same_gradient_space's refusal of two whitened sides, in its words
+_BOTH_WHITENED = "test and train are both whitened (metadata['whitening'])"
+
+
+def _both_whitened(args: argparse.Namespace) -> str:
+    """The refusal of a whitened --test and a whitened --train (--whitening refuses whitened stores before), in
+    command line terms, with or without --normalize."""
+    both = f"--test {args.test} and --train {args.train} are both whitened"
+    advice = (
+        "the whitening applies once, to the test rows; score a whitened --test against an unwhitened --train, or "
+        "the unwhitened stores with --whitening"
+    )
+    if args.normalize:
+        return (
+            "--normalize does not combine with whitened gradients (metadata['whitening']), and "
+            f"{both}, which is refused without --normalize too: {advice}, without --normalize"
+        )
+    return f"{both} (metadata['whitening']): {advice}"
+
+
+# the library's refusals of a pair of sides that do not match (scoring._pair, _weights, _check_same_gradient_space,
+# _check_same_preconditioner, _check_same_hyperparameters, Projection.check_compatible), in its words
+_UNMATCHED = (
+    "test dims ",
+    "test has ",
+    "test is ",
+    "test and train carry ",
+    "test gradients are ",  # mode=, preconditioner=
+    "train gradients are preconditioner=",  # 'adam_update' against preconditioned test rows
+    "test and train are gradients of different parameters",
+    "test and train were preconditioned with other settings",
+    "test (",  # the two frameworks lay out their rows differently
+    "projection mismatch",
+)
 
 
 def _sides_named(e: ValueError, names: dict[str, str]) -> Exception:
@@ -698,7 +750,7 @@ def _sides_named(e: ValueError, names: dict[str, str]) -> Exception:
     if "test" in names and text.startswith(_UNMATCHED):
         return CommandError(
             f"{names['test']} and {names['train']} do not match: {text}; score stores exported the same way "
-            "(model, checkpoints, layers, mode, projection)"
+            f"(model, checkpoints, layers, mode, projection{', preconditioner' if 'preconditioner' in text else ''})"
         )
     return e
 
