@@ -613,7 +613,9 @@ def test_one_row_and_several_rows_copies_of_a_row_warning_are_one_warning():
             warnings.simplefilter("always")
             make()
         return [
-            _warnings.Raised(_warnings._category_named(w.category), str(w.message), "x.py", 3, None, task, "w")
+            _warnings.Raised(
+                _warnings._category_named(w.category), str(w.message), "x.py", 3, None, task, "w", ours=True
+            )
             for w in record
         ]
 
@@ -803,7 +805,9 @@ def test_a_shards_float16_overflow_advice_is_not_merged_away():
             watch(losses, SimpleNamespace(start=rows[0] // 100 * 100, count=100))
             watch.flush()
         return [
-            _warnings.Raised(_warnings._category_named(w.category), str(w.message), "x.py", 3, None, task, "w")
+            _warnings.Raised(
+                _warnings._category_named(w.category), str(w.message), "x.py", 3, None, task, "w", ours=True
+            )
             for w in record
         ]
 
@@ -821,3 +825,23 @@ def test_a_shards_float16_overflow_advice_is_not_merged_away():
         "(105, 107)"
     ), overflow
     assert "a float16 loss that overflowed to infinity" in overflow and "compute loss_fn in float32" in overflow
+
+
+def test_a_warning_of_the_users_starting_as_tracins_is_shown_as_itself():
+    """A user's (or a library's) warning that happens to start with the NaN-loss warning's words was merged into
+    tracin's own as if a shard's copy of it, its text shown only as "other numbers" (fr375 F4): only tracin's own
+    warnings (Raised.ours) are merged by the rows they name."""
+    from tracin._export.loss_watch import STARTS
+
+    category = ("builtins", "RuntimeWarning", "RuntimeWarning")
+    labels = {"t0": "rows [0, 100)", "t1": "rows [100, 200)"}
+    ours = f"{STARTS}row 7 of the data at checkpoint 0: its gradient row is stored"
+    theirs = f"{STARTS}my own note of the data: something else entirely"
+    raised = [
+        _warnings.Raised(category, ours, "x.py", 3, None, "t0", "w", ours=True),
+        _warnings.Raised(category, theirs, "y.py", 5, None, "t1", "w"),
+    ]
+    with pytest.warns(RuntimeWarning) as record:
+        _warnings.show(raised, 0, "export", labels, 2)
+    shown = [str(w.message) for w in record]
+    assert len(shown) == 2 and shown[1].endswith(f"(from 1 of 2 shards): {theirs}"), shown
