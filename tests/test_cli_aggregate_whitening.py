@@ -122,7 +122,7 @@ def test_on_a_local_cluster_the_whitened_sums_are_the_local_ones(sides, tmp_path
 
 
 def test_the_test_rows_are_summed_before_whitening_as_one_row(sides, monkeypatch):
-    """Whitening is linear: --test's rows are summed per checkpoint and whitened as one row (Whitening.apply of
+    """Whitening is linear: the mean of --test's rows per checkpoint is whitened as one row (Whitening.apply of
     (1, d) rows), not all whitened and held in memory (test rows x dims, 30 s for 20000 x 4000: review370 F1);
     the sums are the float64 reference's (the first test above)."""
     paths, _, _, white = sides
@@ -154,16 +154,35 @@ def test_a_nan_test_row_is_named_with_its_option_and_store(sides, tmp_path, caps
     ), err
 
 
-def test_test_rows_summing_beyond_float32_are_refused_saying_so(sides, tmp_path, capsys):
-    paths, test, _, white = sides
-    big = [np.full_like(b, 3e38) for b in test]
-    huge = _store(tmp_path / "big-te", big)
-    assert main(["aggregate", "--test", huge, "--train", paths["train"], "--whitening", white]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (
-        f"tracin aggregate: error: --test {huge}: its rows summed at checkpoint 0 are beyond float32, which "
-        "--whitening whitens the sum in; rescale the gradients (or aggregate without --whitening: summed in float64)"
-    )
+def test_test_rows_whose_sum_whitens_beyond_float32_are_aggregated(tmp_path, rng, capsys):
+    """Rows of 1e37 each whiten within float32 and their aggregate is in range, but their sum whitened is not: the
+    whitened sum was refused as an overflow of 'rows from 0' (fr375 F1); the mean row is whitened, the aggregate
+    scaled by the rows in float64, as the float64 reference."""
+    train = [(0.3 * rng.standard_normal((40, 3))).astype(np.float32) for _ in WEIGHTS]
+    test = [np.full((7, 3), 1e37, np.float32) for _ in WEIGHTS]
+    weights = [1e-3, 1e-3]
+    paths = {}
+    for name, blocks in (("test", test), ("train", train)):
+        w = tracin.GradientStore.create(tmp_path / name, len(blocks[0]), [3, 3], weights=weights)
+        for c, b in enumerate(blocks):
+            w.write(c, 0, b)
+        w.finalize()
+        paths[name] = str(tmp_path / name)
+    white = tmp_path / "white.npz"
+    tracin.Whitening.fit(tracin.GradientStore.open(paths["train"]), damping=DAMPING, progress=False).save(white)
+    out = tmp_path / "agg.csv"
+    assert main(_aggregate(paths, "--whitening", str(white), "-o", str(out))) == 0, capsys.readouterr().err
+    exact, widest = np.zeros(40), 0.0
+    for t, x in zip(test, train, strict=True):
+        g = x.astype(np.float64)
+        r = g.T @ g / len(g)
+        inverse = np.linalg.inv(r + DAMPING * np.trace(r) / len(r) * np.eye(len(r)))
+        widest = max(widest, np.abs(t.astype(np.float64).sum(0) @ inverse).max())
+        exact += 1e-3 * t.astype(np.float64).sum(0) @ inverse @ g.T
+    assert np.abs(exact).max() < np.finfo(np.float32).max < widest  # the whitened sum alone is beyond float32
+    rows, values = _ranking(out)
+    assert rows == np.argsort(-exact, kind="stable").tolist()
+    np.testing.assert_allclose(values, exact[rows], rtol=1e-5)
 
 
 def test_a_refused_whitening_is_told_before_a_cluster_starts(sides, tmp_path, rng, monkeypatch, capsys):

@@ -193,3 +193,31 @@ def test_a_users_own_npy_file_in_or_below_a_store_is_advised_to_become_a_store(w
     assert main(["info", str(path)]) == 1
     said = _error(capsys.readouterr().err, "info")
     assert said.startswith(f"{path} is a NumPy array file (np.save), not a gradient store"), said
+
+
+def test_a_link_to_a_stores_file_names_the_store_it_points_into(tmp_path, capsys):
+    """A symbolic link to a store's checkpoint file got the make-a-store advice, which drops the other checkpoints,
+    the weights and the ids (fr375 F2): the store the link points into is named."""
+    store = tmp_path / "train"
+    _store(store)
+    (inside,) = [f for f in os.listdir(store) if f.endswith(".npy")]
+    link = tmp_path / "mine.npy"
+    link.symlink_to(store / inside)
+    assert main(["info", str(link)]) == 1
+    assert (
+        _error(capsys.readouterr().err, "info") == f"{link} is a file of the gradient store {store}: give that folder"
+    )
+
+
+@pytest.mark.parametrize("name", ["checkpoint_007.npy", "ids.npy"])
+def test_a_file_named_like_a_stores_own_that_it_does_not_list_is_the_users(name, tmp_path, capsys):
+    """A file in a store's folder named like a store's own but not among its files (a checkpoint it does not
+    have; ids.npy in a store without ids) was called the store's (fr375 F3): it is the user's, told how to make a
+    store of it."""
+    store = tmp_path / "train"
+    _store(store)
+    path = store / name
+    np.save(path, np.zeros((4, 3), np.float32))
+    assert main(["info", str(path)]) == 1
+    said = _error(capsys.readouterr().err, "info")
+    assert said.startswith(f"{path} is a NumPy array file (np.save), not a gradient store"), said

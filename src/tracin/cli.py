@@ -179,8 +179,8 @@ def _numpy_file_advice(path: str) -> str | None:
         what, rows = "archive (np.savez)", f"np.load({str(path)!r})[NAME]"
     else:
         return None
-    if _own_file_of_store(Path(path)):  # all its checkpoints, weights and ids are the folder's
-        return f"{path} is a file of the gradient store {_path_text(Path(path).parent)}: give that folder"
+    if (store := _store_owning(Path(path))) is not None:  # all its checkpoints, weights and ids are the folder's
+        return f"{path} is a file of the gradient store {_path_text(store)}: give that folder"
     folder = str(Path(path).with_suffix("")) if Path(path).suffix else f"{path}-store"
     return (
         f"{path} is a NumPy {what}, not a gradient store (a folder holding a manifest.json and .npy files): make "
@@ -190,12 +190,22 @@ def _numpy_file_advice(path: str) -> str | None:
     )
 
 
-def _own_file_of_store(path: Path) -> bool:
-    """Whether `path` is a file a gradient store wrote (checkpoint_000.npy, ids.npy) in that store's folder (a
-    user's own .npy file there, or in a folder below, is not)."""
-    from .store._format import is_own_file
+def _store_owning(path: Path) -> Path | None:
+    """The folder of the gradient store whose data or ids file `path` is (a link to one too: the store named where
+    the link points), as its manifest lists them; None for any other file (a user's own .npy in or below a store's
+    folder, one named like a checkpoint the store does not have)."""
+    from .store._files import read_manifest
+    from .store._format import IDS_FILE
 
-    return is_own_file(path.name) and enclosing_store(path) == path.parent.resolve()
+    real = path.resolve()
+    folder = enclosing_store(real)
+    if folder is None or folder != real.parent:
+        return None
+    manifest = read_manifest(folder)
+    owned = {name for names in manifest.files for name in names} | ({IDS_FILE} if manifest.has_ids else set())
+    if real.name not in owned:
+        return None
+    return path.parent if path.parent.resolve() == folder else folder
 
 
 FOLDER_NAMES_SHOWN = 3  # entries a folder that is not a store is described by
@@ -1035,7 +1045,9 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     whitening = _whitening_for(args, test, train)
     options = {"num_threads": args.threads, "progress": _progress(args), "normalize": args.normalize}
     with _scoring_refusals(args, whitening):
-        scored = test if whitening is None else _whitened(whitening, _test_sums(test, args), "--test", args)
+        scored, rows = (test, 1) if whitening is None else _test_mean(test, args)
+        if whitening is not None:
+            scored = _whitened(whitening, scored, "--test", args)
         with _cluster(args) as client:  # after the whitening: one refused is told at once
             if client is None:
                 sums = tracin.aggregate(scored, train, device=args.device, **options)
@@ -1043,6 +1055,12 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
                 from . import distributed
 
                 sums = distributed.aggregate(scored, train, client=client, **options)
+        if rows != 1:  # the aggregate of the mean row, times the rows: in float64, refused beyond float32
+            from .scoring import _refuse_float32_overflow
+
+            total = sums.astype(np.float64) * rows
+            _refuse_float32_overflow(total)
+            sums = total.astype(np.float32)
     lowest = args.side == "opponents"
     order = np.argsort(sums if lowest else -sums, kind="stable")[: args.top]
     ids = _ids(train, "--train")  # before the output is opened
@@ -1053,12 +1071,13 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     _write_ranking(out, AGGREGATE_HEADER, order, sums, ids, summary, args)
 
 
-def _test_sums(test: Any, args: argparse.Namespace) -> Any:
-    """For aggregate --whitening: the rows of the --test store summed per checkpoint (float64, a chunk of rows at a
-    time, NaN rows refused as Whitening.apply refuses them), as one row (float32 Gradients, --test's weights and
-    metadata): whitening is linear, so whitening that row and aggregating it is the aggregate of the whitened rows,
-    without test rows x dims whitened and held in memory. A factored --test as it is (a sum of K-FAC rows is no
-    K-FAC row: its rows are whitened one by one)."""
+def _test_mean(test: Any, args: argparse.Namespace) -> tuple[Any, int]:
+    """For aggregate --whitening: the mean of the --test store's rows per checkpoint (summed in float64, a chunk of
+    rows at a time, NaN rows refused as Whitening.apply refuses them) as one row (float32 Gradients, --test's weights
+    and metadata), and its row count: whitening is linear, so the aggregate of that row whitened, times the rows, is
+    the aggregate of the whitened rows, without test rows x dims whitened and held in memory (the mean, not the sum:
+    a sum of rows that each whiten within float32 may not). A factored --test as it is, and 1 (a mean of K-FAC rows
+    is no K-FAC row: its rows are whitened one by one)."""
     import numpy as np
 
     import tracin
@@ -1067,7 +1086,7 @@ def _test_sums(test: Any, args: argparse.Namespace) -> Any:
     from .whitening._moments import finite_float32, row_ranges
 
     if test.factored:
-        return test
+        return test, 1
     sums = [np.zeros(d, dtype=np.float64) for d in test.dims]
     bar = progress_bar(test.n_rows, _progress(args), "tracin aggregate: summing --test", unit="row")
     try:
@@ -1077,14 +1096,9 @@ def _test_sums(test: Any, args: argparse.Namespace) -> Any:
             bar.update(stop - start)
     finally:
         bar.close()
-    for c, total in enumerate(sums):
-        if np.abs(total).max(initial=0.0) > np.finfo(np.float32).max:
-            raise CommandError(
-                f"--test {args.test}: its rows summed at checkpoint {c} are beyond float32, which --whitening "
-                "whitens the sum in; rescale the gradients (or aggregate without --whitening: summed in float64)"
-            )
-    rows = [total[None].astype(np.float32) for total in sums]
-    return tracin.Gradients(rows, test.weights if test.weights_given else None, metadata=test.metadata)
+    rows = [(total / test.n_rows)[None].astype(np.float32) for total in sums]  # within float32: finite rows' mean
+    mean = tracin.Gradients(rows, test.weights if test.weights_given else None, metadata=test.metadata)
+    return mean, test.n_rows
 
 
 def _write_ranking(
