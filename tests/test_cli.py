@@ -2146,7 +2146,7 @@ def test_normalize_with_a_whitened_store_names_that_store_and_the_option(tmp_pat
     assert line.endswith(
         f"--normalize does not combine with whitened gradients (metadata['whitening']), and --test {white} and "
         f"--train {white} are both whitened, which is refused without --normalize too: the whitening applies once, "
-        "to the test rows; score a whitened --test against an unwhitened --train, or the unwhitened stores with "
+        "to the test rows; give a whitened --test and an unwhitened --train, or the unwhitened stores with "
         "--whitening, without --normalize"
     ), line
     assert "different spaces" not in line and "normalize=" not in line

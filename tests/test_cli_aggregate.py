@@ -184,7 +184,7 @@ def test_stores_of_other_weights_name_both_options(command, pair, tmp_path, caps
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"tracin {command}: error: --test {te} and --train {tr} do not match: "), line
     assert "test and train carry different checkpoint weights ([0.5] vs [0.1])" in line, line
-    assert line.endswith("score stores exported the same way (model, checkpoints, layers, mode, projection)"), line
+    assert line.endswith("give stores exported the same way (model, checkpoints, layers, mode, projection)"), line
 
 
 def test_the_csv_is_written_to_stdout_whole(pair, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import csv
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -215,3 +216,45 @@ def test_a_whitened_test_store_with_normalize_is_told_to_aggregate_without_it(si
         "--test is whitened and --train is not, so their cosine scores would compare different "
         "spaces; drop --normalize to aggregate them"
     ), err
+
+
+def _white_stores(tmp_path, test, train, weights):
+    paths = {}
+    for name, blocks in (("test", test), ("train", train)):
+        w = tracin.GradientStore.create(tmp_path / name, len(blocks[0]), [b.shape[1] for b in blocks], weights=weights)
+        for c, b in enumerate(blocks):
+            w.write(c, 0, b)
+        w.finalize()
+        paths[name] = str(tmp_path / name)
+    white = tmp_path / "white.npz"
+    tracin.Whitening.fit(tracin.GradientStore.open(paths["train"]), damping=DAMPING, progress=False).save(white)
+    return paths, str(white)
+
+
+def test_tiny_test_rows_keep_their_precision(tmp_path, rng, capsys):
+    """Rows of float32 subnormals (multiples of 2^-149, weight 1e30): their sum is exact in float32, their mean is
+    not (a 5e-3 relative error when the mean was whitened: fr377 F2); the sum is whitened where it fits."""
+    train = [(0.3 * rng.standard_normal((40, 3))).astype(np.float32)]
+    test = [(rng.integers(1, 8, (3000, 3)) * 2.0**-149).astype(np.float32)]
+    paths, white = _white_stores(tmp_path, test, train, [1e30])
+    out = tmp_path / "agg.csv"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny rows are warned about (they are what is tested)
+        assert main(_aggregate(paths, "--whitening", white, "-o", str(out))) == 0, capsys.readouterr().err
+    g = train[0].astype(np.float64)
+    r = g.T @ g / len(g)
+    inverse = np.linalg.inv(r + DAMPING * np.trace(r) / len(r) * np.eye(len(r)))
+    exact = 1e30 * test[0].astype(np.float64).sum(0) @ inverse @ g.T
+    rows, values = _ranking(out)
+    np.testing.assert_allclose(values, exact[rows], rtol=1e-4)
+
+
+def test_a_scaled_sum_whitening_beyond_float32_names_the_largest_row_not_row_0(tmp_path, rng, capsys):
+    """Where even the scaled sum whitens beyond float32, some row does: the refusal said 'rows from 0' of what was
+    a sum (fr377 F3); it says so."""
+    train = [(1e-3 * rng.standard_normal((20, 3))).astype(np.float32)]
+    test = [np.concatenate([np.zeros((5, 3)), np.full((1, 3), 1e38)]).astype(np.float32)]
+    paths, white = _white_stores(tmp_path, test, train, [1.0])
+    assert main(_aggregate(paths, "--whitening", white)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "overflowed float32 (the sum of the rows, scaled: so the largest row's does)" in err, err

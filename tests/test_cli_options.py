@@ -245,7 +245,7 @@ def test_stores_that_do_not_match_or_hold_nan_name_the_options_and_paths(tmp_pat
         assert main(["score", "--test", t, "--train", tr]) == 1
         line = _line(capsys.readouterr().err, "score")
         assert f"--test {t} and --train {tr} do not match: {words}" in line, line
-        assert line.endswith("score stores exported the same way (model, checkpoints, layers, mode, projection)")
+        assert line.endswith("give stores exported the same way (model, checkpoints, layers, mode, projection)")
     for command, option, path, row in (
         (["score", "--test", test, "--train", nan_train], "--train", nan_train, 4),
         (["score", "--test", nan_test, "--train", train], "--test", nan_test, 1),

@@ -31,6 +31,7 @@ import argparse
 import csv
 import difflib
 import io
+import math
 import os
 import signal
 import stat
@@ -201,7 +202,10 @@ def _store_owning(path: Path) -> Path | None:
     folder = enclosing_store(real)
     if folder is None or folder != real.parent:
         return None
-    manifest = read_manifest(folder)
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError):  # changed since enclosing_store read it: opening the file names the problem
+        return None
     owned = {name for names in manifest.files for name in names} | ({IDS_FILE} if manifest.has_ids else set())
     if real.name not in owned:
         return None
@@ -717,7 +721,7 @@ def _both_whitened(args: argparse.Namespace) -> str:
     command line terms, with or without --normalize."""
     both = f"--test {args.test} and --train {args.train} are both whitened"
     advice = (
-        "the whitening applies once, to the test rows; score a whitened --test against an unwhitened --train, or "
+        "the whitening applies once, to the test rows; give a whitened --test and an unwhitened --train, or "
         "the unwhitened stores with --whitening"
     )
     if args.normalize:
@@ -758,8 +762,10 @@ def _sides_named(e: ValueError, names: dict[str, str]) -> Exception:
             "those examples again (a NaN or infinite loss?) or write a store without them"
         )
     if "test" in names and text.startswith(_UNMATCHED):
+        if "'adam_update'" in text:  # the library's advice (test rows with preconditioner=None) is the shell's too
+            return CommandError(f"{names['test']} and {names['train']} do not match: {text}")
         return CommandError(
-            f"{names['test']} and {names['train']} do not match: {text}; score stores exported the same way "
+            f"{names['test']} and {names['train']} do not match: {text}; give stores exported the same way "
             f"(model, checkpoints, layers, mode, projection{', preconditioner' if 'preconditioner' in text else ''})"
         )
     return e
@@ -1045,9 +1051,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     whitening = _whitening_for(args, test, train)
     options = {"num_threads": args.threads, "progress": _progress(args), "normalize": args.normalize}
     with _scoring_refusals(args, whitening):
-        scored, rows = (test, 1) if whitening is None else _test_mean(test, args)
-        if whitening is not None:
-            scored = _whitened(whitening, scored, "--test", args)
+        scored, scale = (test, 1.0) if whitening is None else _whitened_sum(whitening, test, args)
         with _cluster(args) as client:  # after the whitening: one refused is told at once
             if client is None:
                 sums = tracin.aggregate(scored, train, device=args.device, **options)
@@ -1055,10 +1059,10 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
                 from . import distributed
 
                 sums = distributed.aggregate(scored, train, client=client, **options)
-        if rows != 1:  # the aggregate of the mean row, times the rows: in float64, refused beyond float32
+        if scale != 1.0:  # the aggregate of the scaled sum, times the divisor: in float64, refused beyond float32
             from .scoring import _refuse_float32_overflow
 
-            total = sums.astype(np.float64) * rows
+            total = sums.astype(np.float64) * scale
             _refuse_float32_overflow(total)
             sums = total.astype(np.float32)
     lowest = args.side == "opponents"
@@ -1071,13 +1075,15 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     _write_ranking(out, AGGREGATE_HEADER, order, sums, ids, summary, args)
 
 
-def _test_mean(test: Any, args: argparse.Namespace) -> tuple[Any, int]:
-    """For aggregate --whitening: the mean of the --test store's rows per checkpoint (summed in float64, a chunk of
-    rows at a time, NaN rows refused as Whitening.apply refuses them) as one row (float32 Gradients, --test's weights
-    and metadata), and its row count: whitening is linear, so the aggregate of that row whitened, times the rows, is
-    the aggregate of the whitened rows, without test rows x dims whitened and held in memory (the mean, not the sum:
-    a sum of rows that each whiten within float32 may not). A factored --test as it is, and 1 (a mean of K-FAC rows
-    is no K-FAC row: its rows are whitened one by one)."""
+def _whitened_sum(whitening: Any, test: Any, args: argparse.Namespace) -> tuple[Any, float]:
+    """For aggregate --whitening: the sum of the --test store's rows per checkpoint (float64, a chunk of rows at a
+    time, NaN rows refused as Whitening.apply refuses them) whitened as one row (Whitening.apply of float32
+    Gradients, --test's weights and metadata), and what it was divided by first: whitening is linear, so the
+    aggregate of that row, times the divisor, is the aggregate of the whitened rows, without test rows x dims
+    whitened and held in memory. The divisor is 1 (the sum itself, most precise) unless the sum or its whitening
+    is beyond float32 (where every row's may fit: fr375 F1); then the power of 2 at or above the row count, which
+    puts the row within the largest row's whitening. A factored --test whitened row by row, divisor 1 (a sum of
+    K-FAC rows is no K-FAC row)."""
     import numpy as np
 
     import tracin
@@ -1086,7 +1092,7 @@ def _test_mean(test: Any, args: argparse.Namespace) -> tuple[Any, int]:
     from .whitening._moments import finite_float32, row_ranges
 
     if test.factored:
-        return test, 1
+        return _whitened(whitening, test, "--test", args), 1.0
     sums = [np.zeros(d, dtype=np.float64) for d in test.dims]
     bar = progress_bar(test.n_rows, _progress(args), "tracin aggregate: summing --test", unit="row")
     try:
@@ -1096,9 +1102,26 @@ def _test_mean(test: Any, args: argparse.Namespace) -> tuple[Any, int]:
             bar.update(stop - start)
     finally:
         bar.close()
-    rows = [(total / test.n_rows)[None].astype(np.float32) for total in sums]  # within float32: finite rows' mean
-    mean = tracin.Gradients(rows, test.weights if test.weights_given else None, metadata=test.metadata)
-    return mean, test.n_rows
+    weights = test.weights if test.weights_given else None
+    divisors = [1.0] + ([2.0 ** math.ceil(math.log2(test.n_rows))] if test.n_rows > 1 else [])
+    for divisor in divisors:
+        last = divisor == divisors[-1]
+        with np.errstate(over="ignore"):
+            rows = [(total / divisor)[None].astype(np.float32) for total in sums]
+        if not last and not all(np.isfinite(r).all() for r in rows):
+            continue  # the sum beyond float32
+        try:
+            return _whitened(
+                whitening, tracin.Gradients(rows, weights, metadata=test.metadata), "--test", args
+            ), divisor
+        except CommandError as e:
+            if "overflowed float32 (rows from 0)" not in str(e) or len(divisors) == 1:  # (one row: row 0 it is)
+                raise
+            if last:  # the row at or below the largest whitened row: one of those overflows
+                raise CommandError(
+                    str(e).replace("(rows from 0)", "(the sum of the rows, scaled: so the largest row's does)")
+                ) from e
+    raise AssertionError("unreachable: the last divisor returns or raises")
 
 
 def _write_ranking(
