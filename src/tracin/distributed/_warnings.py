@@ -369,8 +369,9 @@ def _differing(message: str, first: str) -> str:
 
 def _copies(r: Raised) -> tuple:
     """What the shards' copies of one warning share: its category and message with every number a "#", or
-    for tracin's own NaN-loss or all-0-rows warning, singular or plural, its kind (and its other wordings: ZeroRows' naming
-    all of a shard's rows, LossWatch's with a 16-bit loss that may have overflowed, whose advice differs)."""
+    for tracin's own NaN-loss or all-0-rows warning, singular or plural, its kind (and its other wordings:
+    ZeroRows' naming all of a shard's rows, LossWatch's with a 16-bit loss that may have overflowed, whose
+    advice differs)."""
     if r.ours and (named := _ROWS_NAMED.match(r.message)) is not None:  # (another's warning may start alike)
         overflowed = re.search(r"a \w+ loss that overflowed", r.message)
         return r.category, named.group(1), named.group(2).startswith("all "), overflowed is not None
