@@ -155,24 +155,28 @@ def test_a_nan_test_row_is_named_with_its_option_and_store(sides, tmp_path, caps
     ), err
 
 
-def test_test_rows_whose_sum_whitens_beyond_float32_are_aggregated(tmp_path, rng, capsys):
-    """Rows of 1e37 each whiten within float32 and their aggregate is in range, but their sum whitened is not: the
-    whitened sum was refused as an overflow of 'rows from 0' (fr375 F1); the mean row is whitened, the aggregate
-    scaled by the rows in float64, as the float64 reference."""
-    train = [(0.3 * rng.standard_normal((40, 3))).astype(np.float32) for _ in WEIGHTS]
-    test = [np.full((7, 3), 1e37, np.float32) for _ in WEIGHTS]
-    weights = [1e-3, 1e-3]
+def _white_stores(tmp_path, test, train, weights):
     paths = {}
     for name, blocks in (("test", test), ("train", train)):
-        w = tracin.GradientStore.create(tmp_path / name, len(blocks[0]), [3, 3], weights=weights)
+        w = tracin.GradientStore.create(tmp_path / name, len(blocks[0]), [b.shape[1] for b in blocks], weights=weights)
         for c, b in enumerate(blocks):
             w.write(c, 0, b)
         w.finalize()
         paths[name] = str(tmp_path / name)
     white = tmp_path / "white.npz"
     tracin.Whitening.fit(tracin.GradientStore.open(paths["train"]), damping=DAMPING, progress=False).save(white)
+    return paths, str(white)
+
+
+def test_test_rows_whose_sum_whitens_beyond_float32_are_aggregated(tmp_path, rng, capsys):
+    """Rows of 1e37 each whiten within float32 and their aggregate is in range, but their sum whitened is not: the
+    whitened sum was refused as an overflow of 'rows from 0' (fr375 F1); the sum over a power of 2 is whitened, the
+    aggregate scaled back in float64, as the float64 reference."""
+    train = [(0.3 * rng.standard_normal((40, 3))).astype(np.float32) for _ in WEIGHTS]
+    test = [np.full((7, 3), 1e37, np.float32) for _ in WEIGHTS]
+    paths, white = _white_stores(tmp_path, test, train, [1e-3, 1e-3])
     out = tmp_path / "agg.csv"
-    assert main(_aggregate(paths, "--whitening", str(white), "-o", str(out))) == 0, capsys.readouterr().err
+    assert main(_aggregate(paths, "--whitening", white, "-o", str(out))) == 0, capsys.readouterr().err
     exact, widest = np.zeros(40), 0.0
     for t, x in zip(test, train, strict=True):
         g = x.astype(np.float64)
@@ -216,19 +220,6 @@ def test_a_whitened_test_store_with_normalize_is_told_to_aggregate_without_it(si
         "--test is whitened and --train is not, so their cosine scores would compare different "
         "spaces; drop --normalize to aggregate them"
     ), err
-
-
-def _white_stores(tmp_path, test, train, weights):
-    paths = {}
-    for name, blocks in (("test", test), ("train", train)):
-        w = tracin.GradientStore.create(tmp_path / name, len(blocks[0]), [b.shape[1] for b in blocks], weights=weights)
-        for c, b in enumerate(blocks):
-            w.write(c, 0, b)
-        w.finalize()
-        paths[name] = str(tmp_path / name)
-    white = tmp_path / "white.npz"
-    tracin.Whitening.fit(tracin.GradientStore.open(paths["train"]), damping=DAMPING, progress=False).save(white)
-    return paths, str(white)
 
 
 def test_tiny_test_rows_keep_their_precision(tmp_path, rng, capsys):
