@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import tracin
+from tests.test_cli import _records
 from tracin.cli import main
 
 _TAIL = "give stores exported the same way (model, checkpoints, layers, mode, projection"
@@ -119,18 +120,6 @@ def test_stores_whose_records_do_not_match_name_both_options(case, command, tmp_
         tail = _TAIL + (", preconditioner)" if case in ("preconditioner", "hyperparameters") or "adam" in case else ")")
         assert said.endswith(tail), said
     assert not (tmp_path / "out.csv").exists()
-
-
-def _records(checkpoints=("a", "b"), states=("s0", "s1"), kind=None):
-    """Records as tracin.torch writes them, of a full export from two checkpoint files."""
-    return {
-        "framework": "torch",
-        "mode": "full",
-        "preconditioner": None if kind is None else {"kind": kind},
-        "fingerprints": {"data": "d", "checkpoints": list(checkpoints), "optimizer_states": list(states)},
-        "checkpoint_sources": ["file", "file"],
-        "optimizer_state_sources": ["file", "file"],
-    }
 
 
 _FITTED_ON = {  # what differs in the records of the gradients the --train store's whitening was fitted on
