@@ -97,6 +97,11 @@ _CASES = {  # the two stores' metadata -> the library's words for them
         {"projection": tracin.Projection(4, seed=0).to_dict()},
         "projection mismatch (projected gradients are only comparable under the same projection): seed",
     ),
+    "projection segment layouts": (
+        {"projection": {**tracin.Projection(4, seed=0, per_layer=True).to_dict(), "segments": [2, 2]}},
+        {"projection": {**tracin.Projection(4, seed=0, per_layer=True).to_dict(), "segments": [4]}},
+        "projection mismatch: test gradients and train gradients are projected over different segment layouts",
+    ),
 }
 
 
@@ -185,3 +190,33 @@ def test_a_whitened_train_store_fitted_on_other_gradients_is_named_as_train(case
         "--whitening (a whitening fitted on --train)"
     ), said
     assert "--test is whitened" not in said and "Whitening.fit" not in said and "side's" not in said, said
+
+
+_UNREADABLE = {  # a side's metadata['projection'] -> the library's words for it
+    "another generator": (
+        {**tracin.Projection(4, seed=0).to_dict(), "generator": 999},
+        "projection spec from generator version 999; this tracin generates version 1 and cannot reproduce it: use "
+        "the tracin that wrote it, or export again with this one",
+    ),
+    "not a spec": ("gaussian", "metadata['projection'] is not a projection spec tracin can read"),
+}
+
+
+@pytest.mark.parametrize("command", ["score", "aggregate"])
+@pytest.mark.parametrize("side", ["test", "train"])
+@pytest.mark.parametrize("case", sorted(_UNREADABLE))
+def test_a_store_whose_projection_record_cannot_be_read_is_named_by_its_option(
+    case, side, command, tmp_path, rng, capsys
+):
+    """A store whose metadata['projection'] tracin cannot read was named by its path alone ('test gradients (gradient
+    store /abs/te): ...'), not by the option that gave it: now by the option and the path as given."""
+    spec, words = _UNREADABLE[case]
+    meta = {"test": {"projection": None}, "train": {"projection": None}}
+    meta[side] = {"projection": spec}
+    te = _store(tmp_path / "te", rng.standard_normal((3, 4)), meta["test"])
+    tr = _store(tmp_path / "tr", rng.standard_normal((5, 4)), meta["train"])
+    assert main([command, "--test", te, "--train", tr, "-o", str(tmp_path / "out.csv")]) == 1
+    said = _error(capsys, command)
+    assert said.startswith(f"--{side} {te if side == 'test' else tr}: {words}"), said
+    assert "gradient store" not in said and "do not match" not in said, said
+    assert not (tmp_path / "out.csv").exists()

@@ -750,9 +750,9 @@ _UNMATCHED = (
 
 def _sides_named(e: ValueError, names: dict[str, str]) -> Exception:
     """The library's refusal `e` of the rows it was given, its "test" / "train" named as `names` says (an
-    option and its store's path) with what to do from a shell: rows holding NaN or Inf, sides that do not
-    match; `e` itself for other refusals."""
-    from .scoring import _NON_FINITE
+    option and its store's path) with what to do from a shell: rows holding NaN or Inf, a side's records
+    it cannot read, sides that do not match; `e` itself for other refusals."""
+    from .scoring import _NON_FINITE, _gradients
 
     text = _one_line(e)
     if (found := _NON_FINITE.match(text)) is not None:
@@ -761,6 +761,9 @@ def _sides_named(e: ValueError, names: dict[str, str]) -> Exception:
             f"{names[side]}: {block} holds NaN or Inf values, first in rows [{rows}], so nothing was scored: export "
             "those examples again (a NaN or infinite loss?) or write a store without them"
         )
+    for side, option in names.items():  # a side's own records the library cannot read (metadata['projection'])
+        if text.startswith(prefix := f"{_gradients(side)} (gradient store ") and "): " in text[len(prefix) :]:
+            return CommandError(f"{option}: {text[len(prefix) :].split('): ', 1)[1]}")
     if "test" in names and text.startswith(_UNMATCHED):
         if "'adam_update'" in text:  # the library's advice (test rows with preconditioner=None) is the shell's too
             return CommandError(f"{names['test']} and {names['train']} do not match: {text}")

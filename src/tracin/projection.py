@@ -710,7 +710,8 @@ class Projection:
         if spec.get("generator") != GENERATOR_VERSION:
             raise ValueError(
                 f"projection spec from generator version {short(spec.get('generator'))}; this "
-                f"tracin generates version {GENERATOR_VERSION} and cannot reproduce it"
+                f"tracin generates version {GENERATOR_VERSION} and cannot reproduce it: use the "
+                "tracin that wrote it, or export again with this one"
             )
         missing = {"kind", "dim", "seed", "per_layer"} - spec.keys()
         if missing:
