@@ -540,6 +540,7 @@ def _overflowed(beyond: list[tuple[int, np.ndarray]], per_checkpoint: bool) -> N
 # what to do, in Python, where rows do not match a whitening's kind, checkpoints or dims (the command line
 # replaces it with its options' advice)
 MATCHING_ADVICE = "; apply a whitening fitted on gradients exported the same way: Whitening.fit(train)"
+_MIX_ADVICE = "; give mix= gradients exported the same way as train (model, checkpoints, layers, mode, projection)"
 
 
 def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whitening") -> GradientSet:
@@ -547,7 +548,7 @@ def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whiten
     messages); ValueError otherwise (against a whitening: with MATCHING_ADVICE)."""
     from ..scoring import _check_same_gradient_space, _slots_text
 
-    advice = MATCHING_ADVICE if against == "the whitening" else ""
+    advice = MATCHING_ADVICE if against == "the whitening" else _MIX_ADVICE
     if s.factored != fitted.factored:
         kinds = ("full", "factored")
         raise ValueError(
