@@ -381,7 +381,7 @@ def _show(value: Any) -> str:
 
 def _both(first: Any, other: Any) -> str:
     """ "X here, Y in the first checkpoint" for two values that differ (not _same_value), with the first
-    index where arrays of one shape and dtype differ, and a note when the two texts are the same (two
+    index where arrays of one shape differ, and a note when the two texts are the same (two
     lambdas, two functions of one name, or equal arrays of which one is NumPy and the other JAX)."""
     shown, first_shown = _show(other), _show(first)
     text = f"{shown} here, {first_shown} in the first checkpoint"
@@ -410,13 +410,20 @@ def _is_array(value: Any) -> bool:
 
 
 def _first_unequal(first: Any, other: Any) -> tuple[int, ...] | None:
-    """The first index where two arrays of one shape and dtype differ (NaN equal to NaN), else None."""
+    """The first index where two arrays of one shape differ (NaN equal to NaN), else None; numeric (or bool) arrays
+    of two dtypes (a NumPy float64 and a JAX float32 one, with x64 off) compared as their common type
+    (np.result_type), so that a value the narrower one cannot hold exactly differs there too."""
     if not all(isinstance(v, (jax.Array, np.ndarray)) for v in (first, other)):
         return None
     try:
         a, b = host_array(first), host_array(other)
-        if a.shape != b.shape or a.dtype != b.dtype:
+        if a.shape != b.shape:
             return None
+        if a.dtype != b.dtype:
+            if not all(v.dtype.kind in "biufc" for v in (a, b)):  # strings, objects: not cast to each other
+                return None
+            common = np.result_type(a.dtype, b.dtype)
+            a, b = a.astype(common, copy=False), b.astype(common, copy=False)
         unequal = np.asarray(a != b)
         if jnp.issubdtype(a.dtype, jnp.inexact):
             unequal &= ~(np.isnan(a) & np.isnan(b))
