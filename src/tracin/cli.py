@@ -41,7 +41,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -614,8 +614,10 @@ def _check_whitening_options(args: argparse.Namespace) -> None:
 
 def _whitening_for(args: argparse.Namespace, test: Any, train: Any) -> Any:
     """The tracin.Whitening of --whitening (None without it), once neither store is whitened already; warns
-    when it was fitted on another store than --train."""
+    when it was fitted on another store than --train (without --whitening: when a whitened store's whitening was
+    fitted on another store than the other option's)."""
     if args.whitening is None:
+        _warn_whitened_store_elsewhere(test, train)
         return None
     for option, store in (("--test", test), ("--train", train)):
         if "whitening" in store.metadata:
@@ -627,6 +629,38 @@ def _whitening_for(args: argparse.Namespace, test: Any, train: Any) -> Any:
     whitening = _load_whitening(args.whitening)
     _warn_fitted_elsewhere(whitening, train, "--train")
     return whitening
+
+
+def _warn_whitened_store_elsewhere(test: Any, train: Any) -> None:
+    """Without --whitening: a warning where a whitened store (metadata['whitening'], as Whitening.apply records it)
+    was fitted on another store (its fitted_on id; None: fitted in memory, nothing to compare) than the other
+    option's, in the options' words with what to do from a shell (the library's own warning, with Python advice,
+    is silenced by _scoring_refusals). Two whitened stores are refused there: no warning first."""
+    sides = (("--test", test, "--train", train), ("--train", train, "--test", test))
+    for option, whitened, other_option, other in sides:
+        record = whitened.metadata.get("whitening")
+        if record is None:
+            continue
+        if "whitening" in other.metadata:
+            return
+        fitted_on = record.get("fitted_on") if isinstance(record, dict) else None
+        store_id = other.store_id
+        if not isinstance(fitted_on, str) or not isinstance(store_id, str) or fitted_on == store_id:
+            return
+        advice = (
+            "score --test against the store its whitening was fitted on, or give the unwhitened test rows as --test "
+            "with --whitening (a whitening fitted on --train)"
+            if option == "--test"
+            else f"{_WHITENED_TRAIN_ADVICE}"
+        )
+        warnings.warn(
+            f"{option} {whitened.path} is whitened by a whitening fitted on another gradient store (id {fitted_on}) "
+            f"than {other_option} {other.path} (id {store_id}); its scores are whitened by that store's second "
+            f"moment: {advice}, unless that was meant (a subset or a copy re-exported)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return
 
 
 @contextmanager
@@ -645,8 +679,8 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
 
     # a whitened test side's whitening: --whitening, or the one a whitened --test store records
     owner = "--test's whitening" if whitening is None else "--whitening"
-    try:  # --whitening fitted on another store than --train's: _whitening_for warned in the options' words
-        with fitted_elsewhere_told() if whitening is not None else nullcontext():
+    try:  # a whitening fitted on another store than the other side's: _whitening_for warned in the options' words
+        with fitted_elsewhere_told():
             yield
     except WhitenedNormalizeError as e:  # the library's advice (normalize=False) is Python's
         head = "--normalize does not combine with whitened gradients (metadata['whitening'])"
@@ -909,6 +943,10 @@ def _whitened(whitening: Any, rows: Any, option: str, args: argparse.Namespace) 
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
         raise CommandError(_fitted_mismatch(e, option)) from e
     except ValueError as e:
+        from .scoring import _NON_FINITE
+
+        if _NON_FINITE.match(_one_line(e)) is not None:  # a NaN row: the store named, with the shell's advice
+            raise _sides_named(e, {"test": f"{option} {getattr(args, option[2:])}"}) from e
         advice = _mismatch_advice(e, "--train", odd_rows=option)
         raise CommandError(f"--whitening applied to {option}: {_unadvised(e)}{advice}") from e
 
@@ -1442,7 +1480,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="whitened TracIn summed over --test, sum_c w_c (sum_t g_c(t))^T (R_c + lambda_c I)^-1 g_c(train): FILE "
         "is a tracin.Whitening saved with Whitening.save, fitted on --train's gradients; the --test rows are "
-        "whitened with it (Whitening.apply, held in memory: float32, test rows x dims); not with --normalize",
+        "summed per checkpoint and that one row whitened with it (Whitening.apply; a factored --test's rows are "
+        "whitened one by one, held in memory: float32, test rows x dims); not with --normalize",
     )
     _scoring_options(p)
 
