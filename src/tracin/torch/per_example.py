@@ -719,7 +719,9 @@ class PerExampleGradients:
                 warnings.warn(
                     f"torch.func.vmap {cannot} ({type(e).__name__}: {why}); falling back to a slower "
                     f"per-example loop for {modules} (any warning saying they are computed with vmap is "
-                    "superseded)" + (" (about 1 / batch of vmap's memory)" if out_of_memory else ""),
+                    "superseded)"
+                    + (" (about 1 / batch of vmap's memory)" if out_of_memory else "")
+                    + f"; layers= leaving them out skips the loop{_vmap_way_out(self.model, why)}",
                     RuntimeWarning,
                     stacklevel=4,
                 )
@@ -970,6 +972,20 @@ def _largest_finite(t: torch.Tensor) -> torch.Tensor:
 def _stacked(grads: list[list[torch.Tensor]], k: int) -> torch.Tensor:
     """(rows, numel) of parameter k's gradients, one row per example."""
     return torch.stack([g[k].reshape(-1) for g in grads])
+
+
+def _vmap_way_out(model: nn.Module, why: str) -> str:
+    """The rest of the vmap fallback's advice: a Hugging Face model whose 'sdpa' attention reads a given
+    attention_mask's values (masking_utils: padding_mask.all(), data-dependent control flow vmap cannot run)
+    runs under vmap with eager attention, the same gradients up to rounding (the loop: ~10x the export time
+    of a tiny LLaMA with padded batches)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or "data-dependent" not in why:
+        return ""
+    return (
+        ", or let vmap run the model: its 'sdpa' attention reads the attention_mask's values, which vmap cannot; "
+        "model.set_attn_implementation('eager') before the export avoids that (the same gradients up to rounding)"
+    )
 
 
 def _listed(items: Sequence[str]) -> str:
