@@ -12,7 +12,7 @@ DEVICE_TILE_SCORES scores: one float32 GEMM per checkpoint (two for factored set
 elementwise; a block wider than DEVICE_SUM_DEPTH columns one GEMM per slice of that many, added in
 float64: _gemm), scaled by the weight and added in float32. Weights go on the test rows as in the C++
 kernel, so that a GEMM sees the magnitudes of weighted rows (a dot product of rows may exceed
-float32 where the weighted score does not): unless every weight is within 2^+-24 of 1 and every
+float32 where the weighted score does not): unless every weight is in [2^-24, 2) and every
 weighted test row in float32's comfortable range, each test block (a factored set's left factor) is
 replaced, once per test chunk, by a copy (one block at a time; for test rows used in place on the
 device, a copy of one score block's rows at a time, made before its GEMM and freed after, so that
@@ -267,7 +267,7 @@ class TorchBackend:
 _TINY = 2.0**-64  # cosine scores: rows of a norm below it or above its inverse are first brought near 1
 _OVERFLOW = (
     "influence overflowed float32 although every input is finite: a score (or, for factored gradients, a "
-    "product of left or of right factors; or a dot product of gradients before weights within 2^+-24 of 1) "
+    "product of left or of right factors; or a dot product of gradients before weights in [2^-24, 2)) "
     "exceeds float32's range{where}; scale the gradients down"
 )
 
@@ -818,10 +818,13 @@ def _fold_weights(
     copying a block used in place, and runs torch.nonzero, a wait on CUDA, only when some row is
     lowered): such a row overflows, and the call is the overflow error rather than scores missing the
     row's small checkpoints (aggregate of factored gradients then sums in float64 instead, as the C++
-    kernel: _exact_factored_sums). Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks stay
+    kernel: _exact_factored_sums). Where every e_r is 0 and every |w_c| in [2^-24, 2) the blocks stay
     as they are and the GEMMs take the weights (returns (weights, None, None, overflowing): no copy; a dot product of
-    such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise the rows r of each
-    block of nonzero weight are multiplied by 2^(k_c - e_r), k_c the binary exponent of w_c, which is
+    such rows exceeds float32 only for weighted scores beyond about 2^104, and falls below float32's normal
+    range only where the weighted score nearly does too: under a weight of 2 or more, a raw dot product
+    rounded as a subnormal, then multiplied by w, would miss the bound of a normal weighted score).
+    Otherwise the rows r of each block of nonzero weight are multiplied by 2^(k_c - e_r), k_c the binary
+    exponent of w_c, which is
     exact but where the product is below float32's normal range (rounded once, as the C++ kernel rounds
     w_c x value: a checkpoint far below the row's largest loses bits, or packs as 0 at or below 2^-150,
     README "Numerical contract"), and the GEMMs take w_c / 2^k_c: returns those, e_r (int64, None when
@@ -860,7 +863,7 @@ def _fold_weights(
         kept, infinite = _lowering_loses_values(weighted, weights, lowered, shift[lowered])
         shift[lowered[kept]] = 0  # packed unshifted: the row overflows, reported as such
         overflowing = lowered[kept & infinite] if bool((kept & infinite).any()) else None
-    if all(-24 <= k <= 24 for k in exps) and not bool(shift.any()):
+    if all(-24 <= k <= 0 for k in exps) and not bool(shift.any()):
         return list(weights), None, None, overflowing
     later = {}
     for c, (w, k) in enumerate(zip(weights, exps, strict=True)):
