@@ -33,6 +33,7 @@ import difflib
 import io
 import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -1119,12 +1120,16 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 def _whitened_sum(whitening: Any, test: Any, args: argparse.Namespace) -> tuple[Any, float]:
     """For aggregate --whitening: the sum of the --test store's rows per checkpoint (float64, a chunk of rows at a
     time, NaN rows refused as Whitening.apply refuses them) whitened as one row (Whitening.apply of float32
-    Gradients, --test's weights and metadata), and what it was divided by first: whitening is linear, so the
-    aggregate of that row, times the divisor, is the aggregate of the whitened rows, without test rows x dims
-    whitened and held in memory. The divisor is 1 (the sum itself, most precise) unless the sum or its whitening
-    is beyond float32 (where every row's may fit: fr375 F1); then the power of 2 at or above the row count, which
-    puts the row within the largest row's whitening. A factored --test whitened row by row, divisor 1 (a sum of
-    K-FAC rows is no K-FAC row)."""
+    Gradients, --test's weights and metadata), and what to multiply their aggregate by (1.0 but in the fallback
+    below): whitening is linear, so the aggregate of that row is the aggregate of the whitened rows, without test
+    rows x dims whitened and held in memory. A checkpoint whose sum or its whitening is beyond float32 (where every
+    row's may fit: fr375 F1) has its sum divided by the least power of 2 m_c (at most the one at or above the row
+    count, which puts the row within the largest row's whitening) that brings both within float32, and its
+    whitened row given m_c times (the library sums the test side's columns in float64: exactly m_c times the row),
+    the other checkpoints' rows kept whole (one divisor for all made their float32 subnormals lose bits: review378
+    F1). Where those m rows would take over _COPIES_BYTES, every checkpoint's sum is divided by the largest m_c
+    instead, and that m returned as the factor. A factored --test whitened row by row, factor 1 (a sum of K-FAC
+    rows is no K-FAC row)."""
     import numpy as np
 
     import tracin
@@ -1144,25 +1149,48 @@ def _whitened_sum(whitening: Any, test: Any, args: argparse.Namespace) -> tuple[
     finally:
         bar.close()
     weights = test.weights if test.weights_given else None
-    divisors = [1.0] + ([2.0 ** math.ceil(math.log2(test.n_rows))] if test.n_rows > 1 else [])
-    for divisor in divisors:
-        last = divisor == divisors[-1]
+    cap = 2 ** math.ceil(math.log2(test.n_rows)) if test.n_rows > 1 else 1
+    copies = [1] * len(sums)
+
+    def rows() -> list:
         with np.errstate(over="ignore"):
-            rows = [(total / divisor)[None].astype(np.float32) for total in sums]
-        if not last and not all(np.isfinite(r).all() for r in rows):
-            continue  # the sum beyond float32
+            return [(total / m)[None].astype(np.float32) for total, m in zip(sums, copies, strict=True)]
+
+    for c in range(len(sums)):  # the sum itself beyond float32
+        while copies[c] < cap and not np.isfinite(rows()[c]).all():
+            copies[c] *= 2
+    while True:
         try:
-            return _whitened(
-                whitening, tracin.Gradients(rows, weights, metadata=test.metadata), "--test", args
-            ), divisor
+            white = _whitened(whitening, tracin.Gradients(rows(), weights, metadata=test.metadata), "--test", args)
+            break
         except CommandError as e:
-            if "overflowed float32 (rows from 0)" not in str(e) or len(divisors) == 1:  # (one row: row 0 it is)
+            found = _WHITENED_OVERFLOW.search(str(e))
+            if found is None or cap == 1:  # (one row: row 0 it is)
                 raise
-            if last:  # the row at or below the largest whitened row: one of those overflows
+            c = int(found[1])
+            if copies[c] >= cap:  # the row at or below the largest whitened row: one of those overflows
                 raise CommandError(
                     str(e).replace("(rows from 0)", "(the sum of the rows, scaled: so the largest row's does)")
                 ) from e
-    raise AssertionError("unreachable: the last divisor returns or raises")
+            copies[c] *= 2
+    most = max(copies)
+    if most == 1:
+        return white, 1.0
+    if most * 4 * sum(test.dims) > _COPIES_BYTES:  # one divisor for all: the whitened row is linear in it
+        matrices = [m * (n / most) for m, n in zip(white.matrices, copies, strict=True)]
+        return tracin.Gradients(matrices, weights, metadata=white.metadata), float(most)
+    matrices = []
+    for m, n in zip(white.matrices, copies, strict=True):
+        block = np.zeros((most, m.shape[1]), dtype=np.float32)
+        block[:n] = m
+        matrices.append(block)
+    return tracin.Gradients(matrices, weights, metadata=white.metadata), 1.0
+
+
+# Whitening.apply's refusal of a whitened row beyond float32, naming its checkpoint (a full --test's)
+_WHITENED_OVERFLOW = re.compile(r"whitened test checkpoint ([0-9]+) overflowed float32 \(rows from 0\)")
+# the most memory aggregate --whitening gives the copies of a whitened sum divided by m_c (_whitened_sum)
+_COPIES_BYTES = 64 * 2**20
 
 
 def _write_ranking(
