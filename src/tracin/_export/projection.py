@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,6 +31,12 @@ def check_projection(projection: Any, factored: bool) -> None:
             f"'last_layer') are projected by one pair of matrices: pass Projection({projection.dim}, "
             f"seed={projection.seed}, kind={projection.kind!r}) (per_layer=False), or use mode='full' for "
             "per-layer maps"
+        )
+    if isinstance(projection, numbers.Integral) and not isinstance(projection, bool):
+        raise TypeError(  # a dim given for the projection itself
+            f"projection must be a tracin.Projection, got the int {int(projection)}: pass "
+            f"projection=tracin.Projection({int(projection)}) (a seed= to choose its random map; per_layer=True, "
+            "kronecker=True to project a language model's layers per token)"
         )
     if projection is not None and not isinstance(projection, Projection):
         raise TypeError(

@@ -1,0 +1,56 @@
+"""Messages a language-model user meets in a first hour: a projection given as its dim, and test / train
+sides exported over other layers= with the same per-layer Kronecker projection (the same dim, so the rows'
+widths agree and only the recorded parameters and segment layouts differ)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tracin
+from tracin.torch import export_gradients
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, LENGTH = 32, 8
+
+
+def gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def token_loss(outputs, labels):
+    logits = outputs.logits[:, :-1].transpose(1, 2)
+    return nn.functional.cross_entropy(logits, labels[:, 1:], reduction="none").sum(1)
+
+
+def passages(n: int):
+    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids
+
+
+def test_a_projection_given_as_its_dim_is_told_to_wrap_it_in_a_projection():
+    model = gpt2()
+    with pytest.raises(TypeError, match=r"got the int 4096: pass projection=tracin\.Projection\(4096\)") as e:
+        export_gradients(model, [(model.state_dict(), 1.0)], passages(2), token_loss, projection=4096, progress=False)
+    assert "bfloat16" not in str(e.value)  # the advice for other projections' rows is not this user's
+
+
+@pytest.mark.xfail(strict=True, reason="pending /tmp/fix-r382-scoring.py.patch (the params check before the layout's)")
+def test_sides_exported_over_other_layers_are_told_so_not_other_tracin_versions():
+    model = gpt2()
+    projection = tracin.Projection(1024, seed=0, per_layer=True, kronecker=True)
+    checkpoints = [(model.state_dict(), 1.0)]
+    train = export_gradients(
+        model, checkpoints, passages(4), token_loss, layers=["transformer.h.*.mlp.*"], projection=projection
+    )
+    test = export_gradients(
+        model, checkpoints, passages(2), token_loss, layers=["transformer.h.0.mlp.*"], projection=projection
+    )
+    assert test.dims == train.dims  # the dim is split over the layers: the widths agree
+    with pytest.raises(ValueError, match="gradients of different parameters") as e:
+        tracin.top_k(test, train, k=2)
+    assert "tracin versions" not in str(e.value)
