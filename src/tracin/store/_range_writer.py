@@ -57,9 +57,11 @@ class GradientStoreRangeWriter(GradientStoreWriter):
         )
 
     def close(self) -> None:
-        super().close()
-        if self._claim is not None:
-            self._claim.release()
+        try:
+            super().close()
+        finally:  # a failed close must not keep the rows claimed in this process
+            if self._claim is not None:
+                self._claim.release()
 
     def __repr__(self) -> str:
         done = [self.rows_done(c) for c in range(self.n_checkpoints)]

@@ -329,10 +329,13 @@ class GradientStoreWriter:
     def close(self) -> None:
         """Closes the files and releases the lock; progress so far stays on disk. In a child forked
         while the writer was open it writes nothing: the release closes only the child's copy of the
-        lock's descriptor, if the fork left one (it never unlocks), and the parent's lock stays."""
-        if self._files is not None:
-            self._files.close()
-        self._lock.release()
+        lock's descriptor, if the fork left one (it never unlocks), and the parent's lock stays. The lock
+        is released even where closing the files fails."""
+        try:
+            if self._files is not None:
+                self._files.close()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> GradientStoreWriter:
         return self
