@@ -285,12 +285,28 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
             :: 1 if x["projection"] is not None else -1
         ]
         specs[projected_name].check_compatible(other["projection"], what=other_name, this=projected_name)
+        _check_same_params(t, x, names)  # other layers= under one per-layer projection: other layouts too
         _check_same_layout(t["projection"], x["projection"], names, (t.get("framework"), x.get("framework")))
     if "whitening" in t and "whitening" in x:
         raise ValueError(
             f"{names[0]} and {names[1]} are both whitened (metadata['whitening']); whiten only the test side "
             "(Whitening.apply) and score it against the unwhitened train gradients"
         )
+    _check_same_params(t, x, names)
+    _check_same_checkpoints(t, x, names)
+    _check_same_optimizer_states(t, x, names)
+    if names != ("test", "train"):
+        return
+    for whitened, other, name, fitted_on in ((t, train, "train", FITTED_ON), (x, test, "test", FITTED_ON_TRAIN)):
+        fitted = whitened.get("whitening")
+        if isinstance(fitted, dict) and isinstance(fitted.get("space"), dict):
+            # then the space of the gradients the whitening was fitted on: the other side's too (bare
+            # arrays carry no records of their own, their whitening's are checked)
+            _check_same_train_space(fitted["space"], other, fitted_on, name)
+
+
+def _check_same_params(t: dict[str, Any], x: dict[str, Any], names: tuple[str, str]) -> None:
+    """Refuses two sides of one framework whose recorded parameters (metadata["params"]) differ."""
     if (
         t.get("framework") is not None
         and t.get("framework") == x.get("framework")
@@ -302,16 +318,6 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
             f"{names[0]} and {names[1]} are gradients of different parameters: "
             + _params_differ(t["params"], x["params"])
         )
-    _check_same_checkpoints(t, x, names)
-    _check_same_optimizer_states(t, x, names)
-    if names != ("test", "train"):
-        return
-    for whitened, other, name, fitted_on in ((t, train, "train", FITTED_ON), (x, test, "test", FITTED_ON_TRAIN)):
-        fitted = whitened.get("whitening")
-        if isinstance(fitted, dict) and isinstance(fitted.get("space"), dict):
-            # then the space of the gradients the whitening was fitted on: the other side's too (bare
-            # arrays carry no records of their own, their whitening's are checked)
-            _check_same_train_space(fitted["space"], other, fitted_on, name)
 
 
 def _comparable(params: list[dict]) -> list[dict]:
