@@ -40,7 +40,6 @@ def test_a_projection_given_as_its_dim_is_told_to_wrap_it_in_a_projection():
     assert "bfloat16" not in str(e.value)  # the advice for other projections' rows is not this user's
 
 
-@pytest.mark.xfail(strict=True, reason="pending /tmp/fix-r382-scoring.py.patch (the params check before the layout's)")
 def test_sides_exported_over_other_layers_are_told_so_not_other_tracin_versions():
     model = gpt2()
     projection = tracin.Projection(1024, seed=0, per_layer=True, kronecker=True)
@@ -57,7 +56,6 @@ def test_sides_exported_over_other_layers_are_told_so_not_other_tracin_versions(
     assert "tracin versions" not in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="pending /tmp/fix-r382-data.py.patch (a note on a list of examples)")
 def test_a_list_of_single_tokenized_examples_is_told_it_was_read_as_batches():
     model = gpt2()
     inputs, labels = passages(4)
@@ -70,7 +68,6 @@ def test_a_list_of_single_tokenized_examples_is_told_it_was_read_as_batches():
     np.testing.assert_array_equal(rows.matrices[0], whole.matrices[0])
 
 
-@pytest.mark.xfail(strict=True, reason="pending /tmp/fix-r382-data.py.patch (a dict of inputs alone as data)")
 def test_the_model_inputs_alone_as_data_are_told_to_pair_them_with_targets():
     model = gpt2()
     inputs, _ = passages(2)

@@ -449,6 +449,27 @@ TWO_BATCHES = (
 )
 
 
+def _listed_keys(data: Mapping) -> str:
+    keys = [repr(k) for k in list(data)[:6]]
+    return ", ".join(keys) + (" ..." if len(data) > 6 else "") if keys else "no keys"
+
+
+def _list_of_batches(data: list | tuple) -> str | None:
+    """How a list of more than two (inputs, targets) pairs was read, for errors raised on its first batch: each
+    item a batch whose dimension 0 is its rows (a list of single examples, a tokenized example each, is read
+    as batches whose rows are its tokens)."""
+    if len(data) <= 2 or not all(_is_pair(d) for d in data):
+        return None
+    leaves = [leaf for _, leaf in _named_leaves(data[0], "data[0]")]
+    shapes = sorted({tuple(leaf.shape) for leaf in leaves if isinstance(leaf, (torch.Tensor, np.ndarray))})
+    return (
+        f"data, a list of {len(data)} (inputs, targets) pairs, was read as {len(data)} batches, each item's "
+        f"dimension 0 its rows (data[0]'s leaves have shapes {', '.join(map(str, shapes))}); for a list of "
+        "single examples, collate them into one pair first: torch.utils.data.default_collate(data), or a "
+        "DataLoader(data, batch_size=64)"
+    )
+
+
 def _is_pair(node: Any) -> bool:
     return isinstance(node, (tuple, list)) and len(node) == 2
 
@@ -858,6 +879,12 @@ def as_batches(data: Any, max_rows: int) -> Batches:
         if not hasattr(data, "__len__"):
             raise TypeError("data is a Dataset without __len__; wrap it in a DataLoader")
         return Batches(_InOrder(data), _no_rows(len(data)), max_rows, one_shot=False)
+    if isinstance(data, Mapping):  # iterating it gives its keys: "batch 0 ... got str"
+        raise TypeError(
+            f"data is a {type(data).__name__} of {_listed_keys(data)}, the model's inputs alone: pass an (inputs, "
+            "targets) pair, (data, labels), whose targets loss_fn(outputs, targets) takes (a causal LM's: the ids with "
+            "-100 where no loss is wanted)"
+        )
     if isinstance(data, Iterable):
         one_shot = iter(data) is data
         n = None
@@ -865,7 +892,8 @@ def as_batches(data: Any, max_rows: int) -> Batches:
             n = _no_rows(sum(_target_rows(b, f"batch {i}") for i, b in enumerate(data)))
         two = _is_pair(data) and all(_is_pair(d) for d in data)
         two = two and all(isinstance(leaf, (torch.Tensor, np.ndarray)) for _, leaf in _named_leaves(data, "data"))
-        return Batches(data, n, max_rows, one_shot=one_shot, note=TWO_BATCHES if two else None)
+        note = TWO_BATCHES if two else _list_of_batches(data) if isinstance(data, (list, tuple)) else None
+        return Batches(data, n, max_rows, one_shot=one_shot, note=note)
     raise TypeError(
         "data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, a DataLoader or an "
         f"iterable of (inputs, targets) batches; got {type(data).__name__}"
