@@ -394,9 +394,9 @@ def _both(first: Any, other: Any) -> str:
     )
     at = _first_unequal(first, other)
     if at is not None:
-        a, b = host_array(first)[at].tolist(), host_array(other)[at].tolist()
+        a, b = (_SHORT.repr(_element(v, at)) for v in (first, other))
         also = f"; {kind}" if other_kinds else ""
-        return f"{text} (first differing at index {at}: {b!r} here, {a!r} in the first checkpoint{also})"
+        return f"{text} (first differing at index {at}: {b} here, {a} in the first checkpoint{also})"
     if other_kinds:  # equal values of one text: the kind differs (_same_value)
         return f"{text} ({kind})"
     if shown == first_shown:
@@ -409,10 +409,18 @@ def _is_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray))
 
 
+def _element(array: Any, at: tuple[int, ...]) -> Any:
+    """array[at] as a Python value (an object array's element as it is: a dict or str has no .tolist())."""
+    value = host_array(array)[at]
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
 def _first_unequal(first: Any, other: Any) -> tuple[int, ...] | None:
     """The first index where two arrays of one shape differ (NaN equal to NaN), else None; numeric (or bool) arrays
     of two dtypes (a NumPy float64 and a JAX float32 one, with x64 off) compared as their common type
-    (np.result_type), so that a value the narrower one cannot hold exactly differs there too."""
+    (np.result_type), so that a value the narrower one cannot hold exactly differs there too: ml_dtypes' bfloat16,
+    float8 and int4 (NumPy kind 'V') widened first to float32 or int64, which hold them exactly, and 64-bit integers
+    against a common float type (int64 and uint64 meet as float64) compared as Python numbers, exactly."""
     if not all(isinstance(v, (jax.Array, np.ndarray)) for v in (first, other)):
         return None
     try:
@@ -420,17 +428,34 @@ def _first_unequal(first: Any, other: Any) -> tuple[int, ...] | None:
         if a.shape != b.shape:
             return None
         if a.dtype != b.dtype:
+            a, b = _numeric(a), _numeric(b)
             if not all(v.dtype.kind in "biufc" for v in (a, b)):  # strings, objects: not cast to each other
                 return None
             common = np.result_type(a.dtype, b.dtype)
+            if common.kind in "fc" and any(v.dtype.kind in "iu" and v.dtype.itemsize == 8 for v in (a, b)):
+                exact = np.asarray(a.astype(object) != b.astype(object), dtype=bool)  # float64 rounds 2**53 + 1
+                a, b = a.astype(common, copy=False), b.astype(common, copy=False)
+                return _first_true(exact & ~(np.isnan(a) & np.isnan(b)), a.shape)
             a, b = a.astype(common, copy=False), b.astype(common, copy=False)
         unequal = np.asarray(a != b)
         if jnp.issubdtype(a.dtype, jnp.inexact):
             unequal &= ~(np.isnan(a) & np.isnan(b))
-        found = np.flatnonzero(unequal)
-        return tuple(int(i) for i in np.unravel_index(int(found[0]), a.shape)) if found.size else None
+        return _first_true(unequal, a.shape)
     except Exception:  # noqa: BLE001 - arrays that cannot be compared elementwise: their texts alone
         return None
+
+
+def _first_true(unequal: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    found = np.flatnonzero(unequal)
+    return tuple(int(i) for i in np.unravel_index(int(found[0]), shape)) if found.size else None
+
+
+def _numeric(x: np.ndarray) -> np.ndarray:
+    """ml_dtypes' numeric types (bfloat16, float8_*, int4: NumPy kind 'V', which np.result_type may not combine
+    with others) as float32 or int64, which hold each of their values exactly; other arrays as they are."""
+    if x.dtype.kind != "V" or not jnp.issubdtype(x.dtype, jnp.number):
+        return x
+    return x.astype(np.float32 if jnp.issubdtype(x.dtype, jnp.floating) else np.int64)
 
 
 def _static_difference(node_type: type, first: Any, other: Any) -> str:
