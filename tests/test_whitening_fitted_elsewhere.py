@@ -58,9 +58,11 @@ def test_a_whitening_fitted_on_the_test_store_warns_once_at_the_users_line(store
 
 @pytest.mark.parametrize("name", sorted(CALLS))
 def test_a_whitened_train_side_warns_against_a_test_store_of_another_id(stores, name):
-    """The score is symmetric: a whitened train argument plays the test rows' part, the test store the train's."""
+    """The score is symmetric: a whitened train argument plays the test rows' part, the test store the train's
+    (rows of another store than its whitening was fitted on; those of that store are W g_train, whitened TracIn:
+    tests/test_whitened_train_rows_not_warned.py)."""
     test, train = stores
-    whitened = tracin.Whitening.fit(train, damping=0.1, progress=False).apply(train, progress=False)
+    whitened = tracin.Whitening.fit(train, damping=0.1, progress=False).apply(test, progress=False)
     found = _warned(lambda: CALLS[name](test, whitened))
     assert len(found) == 1
     assert f"(id {train.store_id})" in str(found[0].message) and f"(id {test.store_id})" in str(found[0].message)

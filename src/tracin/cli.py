@@ -648,6 +648,8 @@ def _warn_whitened_store_elsewhere(test: Any, train: Any) -> None:
         store_id = other.store_id
         if not isinstance(fitted_on, str) or not isinstance(store_id, str) or fitted_on == store_id:
             return
+        if option == "--train" and whitened.metadata.get("whitened_store") == fitted_on:  # W g_train: whitened TracIn
+            return
         advice = (
             "score --test against the store its whitening was fitted on, or give the unwhitened test rows as --test "
             "with --whitening (a whitening fitted on --train)"

@@ -163,10 +163,15 @@ def _warn_fitted_elsewhere(test: GradientSet, train: GradientSet) -> None:
     """A UserWarning at the user's line where a whitened side (metadata['whitening'], as Whitening.apply
     records it) was fitted on a store (its fitted_on id; None: fitted in memory, nothing to compare) other than
     the other side, a GradientStore with another store_id: the scores are whitened by another set's R (say a
-    whitening fitted on the test store)."""
+    whitening fitted on the test store). Not where the train argument is the rows of the store its whitening was
+    fitted on (metadata['whitened_store']: W g_train, whitened TracIn's other form, against any test rows); the
+    same rows as the test argument are warned of (by the arguments' order, a whitening fitted on the test rows)."""
     for whitened, other, name, other_name in ((test, train, "test", "train"), (train, test, "train", "test")):
         fitted = whitened.metadata.get("whitening")
-        store_id = fitted_elsewhere(fitted.get("fitted_on") if isinstance(fitted, dict) else None, other)
+        fitted_on = fitted.get("fitted_on") if isinstance(fitted, dict) else None
+        if name == "train" and fitted_on is not None and whitened.metadata.get("whitened_store") == fitted_on:
+            continue
+        store_id = fitted_elsewhere(fitted_on, other)
         if store_id is not None:
             fitted_on = fitted["fitted_on"]
             where = getattr(other, "path", None)

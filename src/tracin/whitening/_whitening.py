@@ -322,9 +322,10 @@ class Whitening:
         rows; ValueError if one overflows float32. A row whose own gradient is tiny, e.g. 1e-38 of the others, may
         whiten to float32 subnormals or 0, as it would unwhitened; a damping that would do so to every row is refused
         by fit, with_damping and load), in memory: Gradients (or FactoredGradients) with
-        test's weights and metadata plus metadata["whitening"] (spec.to_dict()). Score them against
-        the untouched train side. progress: tqdm bar over rows (None: after a few seconds, if tqdm is
-        installed), as in fit: n x d_c^2 multiply-adds per checkpoint, long for large stores."""
+        test's weights and metadata plus metadata["whitening"] (spec.to_dict()) and, test being a gradient
+        store, metadata["whitened_store"] (its id). Score them against the untouched train side. progress:
+        tqdm bar over rows (None: after a few seconds, if tqdm is installed), as in fit: n x d_c^2 multiply-adds
+        per checkpoint, long for large stores."""
         test = self._accept(test, "test")
         check_progress(progress)
         out = [np.empty((test.n_rows, inv.shape[0]), dtype=np.float32) for inv in self._inverses]
@@ -346,6 +347,8 @@ class Whitening:
             bar.close()
         weights = test.weights if test.weights_given else None
         metadata = {**test.metadata, "whitening": self.to_dict()}
+        if isinstance(store_id := getattr(test, "store_id", None), str):  # rows of the store fitted on: W g_train
+            metadata["whitened_store"] = store_id
         if self.factored:
             return FactoredGradients(out[0::2], out[1::2], weights, metadata=metadata)
         return Gradients(out, weights, metadata=metadata)
