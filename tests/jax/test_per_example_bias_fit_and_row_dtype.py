@@ -50,3 +50,46 @@ def test_full_rows_are_given_in_the_dtype_they_are_built_for(mlp, data, dtype):
     ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
     eps = float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(np.asarray(rows, np.float64), ref, rtol=eps, atol=1e-3 * eps)
+
+
+def test_compute_eps_skips_a_cast_of_an_input_to_a_dtype_of_the_same_precision():
+    """float8 e4m3fn inputs cast to e4m3fnuz (the same 3-bit mantissa, eps 0.125: every e4m3fn value up to
+    fnuz's largest, 240, is kept exactly) and then to float32 round nothing: the function computes in float32
+    (its eps, 2**-23), as for a cast to a finer dtype; a float8 product would give 0.125."""
+    import jax
+
+    from tracin.jax.per_example import compute_eps
+
+    fn = lambda w, x: x.astype(jnp.float8_e4m3fnuz).astype(jnp.float32) @ w  # noqa: E731
+    closed = jax.make_jaxpr(fn)(jnp.ones(8), jnp.ones((4, 8), jnp.float8_e4m3fn))
+    assert [e.primitive.name for e in closed.jaxpr.eqns][0] == "convert_element_type"
+    assert compute_eps(closed) == 2.0**-23
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_nan_input_row_in_last_layer_mode_is_stored_not_refused_as_a_wrong_layer_input(mlp, data, bias):
+    """x[1] holds a NaN: layer_input and the input the head's dot_general gets are NaN alike on that row, which
+    is no evidence that layer_input is wrong (the loss is NaN, warned about by the export); the other rows are
+    the float64 reference factors dL/dz and [h, 1] (h without a bias)."""
+    import warnings
+
+    x, y = data
+    x, y = x[:6].copy(), y[:6]
+    x[1, 0] = np.nan
+    params = mlp.params[0] if bias else {"l1": mlp.params[0]["l1"], "l2": {"kernel": mlp.params[0]["l2"]["kernel"]}}
+
+    def loss(p, inputs, targets):
+        return mlp.cross_entropy(mlp.hidden(p, inputs) @ p["l2"]["kernel"] + p["l2"].get("bias", 0.0), targets)
+
+    weights = dict(mlp.weights[0]) if bias else {**mlp.weights[0], "b2": np.zeros(3)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(
+            loss, [(params, 1.0)], (x, y), mode="last_layer", layers=["l2"], layer_input=mlp.hidden, progress=False
+        )
+    assert any("NaN or infinite loss for row 1 of the data" in str(w.message) for w in caught)
+    keep = [0, 2, 3, 4, 5]
+    ref = mlp.reference_grads(weights, x[keep], y[keep])
+    right = np.hstack([ref["hidden"], np.ones((5, 1))]) if bias else ref["hidden"]
+    np.testing.assert_allclose(np.asarray(got.left[0], np.float64)[keep], ref["b2"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(got.right[0], np.float64)[keep], right, rtol=1e-5, atol=1e-7)
