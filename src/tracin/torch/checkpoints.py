@@ -509,7 +509,7 @@ class OptimizerState:
             if other:
                 raise ValueError(
                     f"{self.located}: parameter {name} was trained with {other}; the preconditioner follows plain "
-                    "Adam / AdamW steps and does not take it as one"
+                    f"Adam / AdamW steps and does not take it as one: {_NOT_ADAM_WAY_OUT}"
                 )
             if "lr" in group:  # a tensor lr and its float are one rate: equal to 1e-6 relative
                 lr = float(group["lr"])
@@ -612,12 +612,55 @@ class OptimizerState:
             )
         names = next((n for n in (self.all_names, self.trainable_names) if len(n) == len(keys)), None)
         if names is None:
-            raise ValueError(
-                f"{self.located} holds {len(keys)} parameters, the model has {len(self.all_names)} "
-                f"({len(self.trainable_names)} trainable){_BY_POSITION}"
-            )
+            raise ValueError(self._counts_differ(state["state"], [k for k, _ in keys]))
         self._check_positions(state["state"], names, [k for k, _ in keys])
         return dict(zip(names, keys, strict=True)), True
+
+    def _counts_differ(self, entries: Mapping, keys: Sequence[Any]) -> str:
+        """Why an unnamed state of another parameter count than the model's cannot be matched by position:
+        when every moment shape it holds is one of the model's (an optimizer over some of its parameters),
+        the missing names; else that its parameters are not the model's, naming the first position whose
+        moments have another shape than the model's parameter there and a shape the model has none of."""
+        head = (
+            f"{self.located} holds {len(keys)} parameters, the model has {len(self.all_names)} "
+            f"({len(self.trainable_names)} trainable)"
+        )
+        held = []  # (position, the exp_avg's shape) of the positions holding Adam moments
+        for position, key in enumerate(keys):
+            entry = entries.get(key, entries.get(str(key)))
+            shape = getattr(entry["exp_avg"], "shape", None) if _adam_entry(entry) else None
+            if shape is not None:
+                held.append((position, tuple(shape)))
+        model = list(self.shapes.values())
+        left = list(model)
+        foreign = None  # a shape the state holds more often than the model has it
+        for position, shape in held:
+            if shape in left:
+                left.remove(shape)
+            elif foreign is None:
+                foreign = (position, shape)
+        if foreign is None:
+            return head + _BY_POSITION
+        names = self.all_names
+        position, shape = next(((p, s) for p, s in held if p >= len(names) or s != self.shapes[names[p]]), held[-1])
+        there = (
+            f"the model's {names[position]} has shape {self.shapes[names[position]]}"
+            if position < len(names)
+            else f"the model has no parameter there (it has {len(names)})"
+        )
+        lacking = (
+            "of a shape none of the model's parameters has"
+            if foreign[1] not in model
+            else "of a shape the model has fewer parameters of"
+        )
+        also = "" if foreign[0] == position else f"; its position {foreign[0]} holds moments of shape {foreign[1]}"
+        return (
+            f"{head}: the state's parameters do not match the model's, whatever their names: at position "
+            f"{position} (in model.named_parameters() order) {there}, while the state's exp_avg there has shape "
+            f"{shape}{also} ({lacking}). The state is not this model's: another model's (another depth, width or "
+            "vocabulary), or one saved before a parameter was resized (resize_token_embeddings); pass the optimizer "
+            "state saved with these weights, or export with preconditioner=None (plain TracIn) without the state"
+        )
 
     def _trainer_split(self, state: Mapping, keys: Sequence[Any]) -> list[str] | str | None:
         """The parameter names of a transformers Trainer's two unnamed groups (Trainer.create_optimizer:
@@ -785,6 +828,21 @@ def _other_moments(entry: Mapping) -> str:
     )
 
 
+# the next step after a refusal of an optimizer state the preconditioners do not read
+_NOT_ADAM_WAY_OUT = (
+    "export with preconditioner=None (plain TracIn, learning-rate weighted gradients) and checkpoints of "
+    "(weights, learning_rate) without the optimizer state, or pass the state of a torch.optim.Adam / AdamW "
+    "trained with amsgrad=False and maximize=False (whose steps preconditioner='adam' and 'adam_update' follow)"
+)
+
+
+def _held_keys(group: Mapping) -> str:
+    """What a param group that is not Adam's holds: its settings' keys (an SGD's lr, momentum, ...)."""
+    keys = sorted(str(k) for k in group if k not in ("params", "param_names"))
+    more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+    return f"(its settings: {', '.join(keys[:8])}{more})" if keys else "(it has no settings)"
+
+
 def _not_adam(group: Mapping, entry: Mapping) -> str | None:
     """What makes a param group and state not plain Adam / AdamW (None when nothing does). torch's Adam
     and AdamW groups carry amsgrad; a torch.optim group with weight_decay and no amsgrad, and Adam's
@@ -928,7 +986,10 @@ def _check_optimizer_dict(state: Any, where: str) -> None:
         )
     for g in state["param_groups"]:
         if "betas" not in g or "eps" not in g:
-            raise ValueError(f"{where} is not the state of an Adam-type optimizer (a param group lacks betas / eps)")
+            raise ValueError(
+                f"{where} is not the state of an Adam-type optimizer (a param group lacks betas / eps) "
+                f"{_held_keys(g)}: {_NOT_ADAM_WAY_OUT}"
+            )
     for i, g in enumerate(state["param_groups"]):
         _check_group(g, f"{where}: param_groups[{i}]")
     groups = [g for g in state["param_groups"] if "param_names" in g]
