@@ -55,3 +55,16 @@ def test_a_weight_on_the_left_of_its_product_taps_the_other_operand():
     np.testing.assert_allclose(float(loss), ((w64 @ x64) ** 2).sum(), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(act), x)
     np.testing.assert_allclose(np.asarray(dy, np.float64) @ x64.T, 2 * w64 @ x64 @ x64.T, rtol=1e-5, atol=1e-5)
+
+
+def test_a_table_stored_transposed_is_looked_up_on_its_columns():
+    """t (2, 5), an embedding stored (dim, vocab), read as t.T[ids]: a lookup whose ids index the leaf's axis 1
+    (contract 1, its columns), the rows of the transposed view; t (5, 2) read as t[ids] indexes axis 0."""
+    ids = jnp.asarray(np.array([3, 0, 4], np.int32))
+    stored_t = jax.make_jaxpr(lambda t: t.T[ids])(jnp.zeros((2, 5), jnp.float32))
+    plain = jax.make_jaxpr(lambda t: t[ids])(jnp.zeros((5, 2), jnp.float32))
+    for closed, contract in ((stored_t, 1), (plain, 0)):
+        sites, reasons = find_sites(closed, {0: "t"})
+        assert reasons == {}
+        site = sites["t"]
+        assert (site.lookup, site.contract, site.out_axes, site.out_shape) == (True, contract, (1,), (3, 2))
