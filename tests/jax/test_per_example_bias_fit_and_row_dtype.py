@@ -93,3 +93,21 @@ def test_a_nan_input_row_in_last_layer_mode_is_stored_not_refused_as_a_wrong_lay
     right = np.hstack([ref["hidden"], np.ones((5, 1))]) if bias else ref["hidden"]
     np.testing.assert_allclose(np.asarray(got.left[0], np.float64)[keep], ref["b2"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.asarray(got.right[0], np.float64)[keep], right, rtol=1e-5, atol=1e-7)
+
+
+def test_a_zero_loss_off_by_a_rounding_of_the_largest_loss_is_not_taken_for_coupling():
+    """check_uncoupled's tolerance is relative to the largest loss, not to each loss: a loss that is exactly 0 on
+    row 0 (a zero input) and 1e-6 more in the eager batch of 2 than in that of 4 (1e-6 of the O(1) losses, as
+    another summation order rounds) is accepted, and the rows are the float64 gradients 2 x_i (x_i . w)."""
+    x = np.random.default_rng(5).normal(size=(6, 3)).astype(np.float32)
+    x[0] = 0.0
+    w = np.random.default_rng(6).normal(size=(3, 2)).astype(np.float32)
+
+    def loss(p, inputs, targets):
+        return ((inputs @ p["w"]) ** 2).sum(-1) + 1e-6 * (inputs.shape[0] == 2)
+
+    with pytest.warns(UserWarning, match="all-0 gradients for row 0 of the data"):  # the zero input's row
+        got = export_gradients(loss, [({"w": jnp.asarray(w)}, 1.0)], (x, None), progress=False)
+    x64 = x.astype(np.float64)
+    expected = 2 * np.einsum("ni,nk->nik", x64, x64 @ w.astype(np.float64)).reshape(6, -1)
+    np.testing.assert_allclose(np.asarray(got.matrices[0], np.float64), expected, rtol=1e-5, atol=1e-6)
