@@ -110,3 +110,19 @@ def test_a_huge_integer_is_named_by_its_bit_count_not_its_digits(store, tmp_path
     # 10**5000 (16610 bits) is past Python's 4300-digit limit for int -> str: repr() itself would fail
     with pytest.raises(ValueError, match=r"ids\[0\] = an integer of 16610 bits does not fit in uint64"):
         tracin.GradientStore.create(tmp_path / "t", 2, [3], ids=[10**5000, 1])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(dtype=["float32"]), r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got \["),
+        (lambda d: d.update(dtype={"float32": 1}), r"dtype must be one of .*, got \{'float32': 1\}"),
+        (lambda d: d.update(id=12345678901234567890123456789012), r"id must be 32 lowercase hex digits, got 1234"),
+        (lambda d: d.update(version=True), r"format version must be a positive integer, got True"),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_refused_as_malformed(store, change, message):
+    # a list or object where a string is due is unhashable, a number of 32 digits reads like an id, true == 1
+    _edit(store.path, change)
+    with pytest.raises(StoreFormatError, match=message):
+        tracin.GradientStore.open(store.path)
