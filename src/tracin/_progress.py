@@ -59,6 +59,13 @@ def in_a_notebook_kernel() -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
+def progress_note(enabled: bool | None, text: str) -> None:
+    """Prints one line about the work (a resumed or finished export) to stderr where its progress bar would
+    show: enabled True, or None where shows_automatically(); nothing for False."""
+    if enabled or (enabled is None and shows_automatically()):
+        print(text, file=sys.stderr, flush=True)
+
+
 def progress_bar(
     total: int | None,
     enabled: bool | None,
@@ -67,6 +74,7 @@ def progress_bar(
     *,
     passes: int = 1,
     unit_scale: bool = True,
+    initial: int = 0,
 ) -> Any:
     """A bar counting `unit`s towards `total` (None: unknown), with update(n), set_postfix_str(s)
     and close().
@@ -78,17 +86,54 @@ def progress_bar(
     ("desc checkpoint 2/3") and its units, so that it counts examples, not examples x passes (with
     total None, one plain bar). unit_scale: counts shown with SI prefixes ("1.2k ex"); False for
     small counts of whole units ("6/6 shard", not "6.00/6.00 shard").
+    initial: units done before (the rows a resumed export finds in its store): the bar starts there (in its
+    pass), its rate and time left counting only the units done from now; the caller still counts them,
+    first, with update() (as a pass that skips them does), and those first `initial` units are not counted
+    again.
     tqdm is needed only when enabled is True.
     """
     if enabled is None and shows_automatically():
         start = time.time()
         paced = total if passes > 1 and total else None
-        return _Delayed(functools.partial(_bar, total, desc, unit, passes, unit_scale, start), start, paced, passes)
-    return _bar(total, desc, unit, passes, unit_scale) if enabled else _Silent()
+        make = functools.partial(_bar, total, desc, unit, passes, unit_scale, start, initial)
+        bar: Any = _Delayed(make, start, paced, passes, initial)
+    elif enabled:
+        bar = _bar(total, desc, unit, passes, unit_scale, initial=initial)
+    else:
+        return _Silent()
+    return _Counted(bar, initial) if initial > 0 else bar
 
 
-def _bar(total: int | None, desc: str, unit: str, passes: int, unit_scale: bool, start: float | None = None) -> Any:
-    """A tqdm bar shown at once; `start`: when the work began (time.time()), if before now. Without tqdm,
+class _Counted:
+    """A bar made at `initial` units: the first `initial` units update() is given are those, not counted again."""
+
+    def __init__(self, bar: Any, initial: int):
+        self._bar, self._left = bar, initial
+
+    def update(self, n: int = 1) -> None:
+        seen = min(n, self._left)
+        self._left -= seen
+        if n - seen > 0:
+            self._bar.update(n - seen)
+
+    def set_postfix_str(self, s: str) -> None:
+        self._bar.set_postfix_str(s)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _bar(
+    total: int | None,
+    desc: str,
+    unit: str,
+    passes: int,
+    unit_scale: bool,
+    start: float | None = None,
+    initial: int = 0,
+) -> Any:
+    """A tqdm bar shown at once; `start`: when the work began (time.time()), if before now; `initial`: units
+    done before (over all passes), where the bar starts. Without tqdm,
     a ModuleNotFoundError naming progress=True and how to install tqdm (the core install has only NumPy)."""
     try:
         from tqdm.auto import tqdm
@@ -102,16 +147,20 @@ def _bar(total: int | None, desc: str, unit: str, passes: int, unit_scale: bool,
         ) from e
 
     plain = passes == 1 or total is None  # one pass, or passes of unknown length
+    # a resumed pass-by-pass bar starts in the pass holding the first unit not done
+    first = 0 if plain or not total else min(initial // total, passes - 1)
+    within = initial if plain else initial - first * total
     bar = tqdm(
         total=total,
+        initial=within,
         unit=unit,
         unit_scale=unit_scale,
         dynamic_ncols=True,
-        desc=desc if plain else _pass_desc(desc, 0, passes),
+        desc=desc if plain else _pass_desc(desc, first, passes),
     )
     if start is not None:  # elapsed time and rate counted from the start of the work
         bar.start_t = bar.last_print_t = start
-    return bar if plain else _Passes(bar, total, passes, desc)
+    return bar if plain else _Passes(bar, total, passes, desc, first, within)
 
 
 def _pass_desc(desc: str, i: int, passes: int) -> str:
@@ -122,10 +171,10 @@ class _Passes:
     """A tqdm bar over one pass of `total` units, restarted for each of `passes` passes; update()
     takes counts over all passes (a count that crosses a pass boundary moves to the next pass)."""
 
-    def __init__(self, bar: Any, total: int, passes: int, desc: str):
+    def __init__(self, bar: Any, total: int, passes: int, desc: str, first: int = 0, done: int = 0):
         self._bar, self._total, self._passes = bar, total, passes
         self._desc = desc
-        self._pass, self._done = 0, 0  # current pass, units done in it
+        self._pass, self._done = first, done  # current pass, units done in it
         self._last = bar.start_t  # when the units counted so far were done (the work's start, for a late bar)
 
     def update(self, n: int = 1) -> None:
@@ -140,7 +189,7 @@ class _Passes:
             if self._done == self._total and self._pass + 1 < self._passes:
                 self._pass, self._done = self._pass + 1, 0
                 # Not tqdm's reset(), which redraws at once: a bar still inside its delay stays hidden.
-                self._bar.n = self._bar.last_print_n = 0
+                self._bar.n = self._bar.last_print_n = self._bar.initial = 0  # a resumed pass's initial too
                 # Each pass's clock too: else elapsed and the closing rate (n / elapsed) span all passes. A
                 # count crossing the boundary part-way (a late bar's replay of the work so far, since its
                 # start) is taken as done at an even rate: the pass began that share of the count before now.
@@ -164,10 +213,13 @@ class _Delayed:
     """A bar made by `make()` at the first update() once AUTO_DELAY_S seconds have passed since this
     one was made, given the count and postfix so far; until then (and for quick work, ever) nothing."""
 
-    def __init__(self, make: Callable[[], Any], start: float, total: int | None = None, passes: int = 1):
+    def __init__(
+        self, make: Callable[[], Any], start: float, total: int | None = None, passes: int = 1, initial: int = 0
+    ):
         self._make, self._start = make, time.monotonic()
         self._bar: Any = None
-        self._count, self._postfix = 0, None
+        # units counted, from the `initial` a resumed bar is made at (and update() is not given)
+        self._initial, self._count, self._postfix = initial, initial, None
         # passes of `total` units: when the last one counted began (time.time()), the update before it
         self._total, self._passes, self._last, self._pass_began = total, passes, start, None
 
@@ -187,7 +239,7 @@ class _Delayed:
             self._bar = self._make()
             if self._postfix is not None:
                 self._bar.set_postfix_str(self._postfix)
-            self._bar.update(self._count)
+            self._bar.update(self._count - self._initial)
             if self._pass_began is not None:
                 self._bar.pass_began(self._pass_began)
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .._progress import progress_bar
+from .._progress import progress_bar, progress_note
 from ..projection import NonFiniteRowError
 from ..store._files import store_root
 from .checkpoints import Checkpoint, missing_optimizer_state
@@ -276,6 +276,10 @@ def export(
         )
     loop = None
     try:  # the sink (a store's lock and files) is released on any error, the bar's creation included
+        # a resumed store's rows already written, done first: where the bar starts (a range writer's from 0)
+        initial = 0
+        if isinstance(sink, StoreSink):
+            initial = _note_store_state(framework.name, options, sink, n_rows, len(checkpoints), slots, rows)
         loop = _Loop(
             framework,
             sink,
@@ -283,10 +287,13 @@ def export(
             transforms,
             slots,
             len(checkpoints),
-            options.progress,
+            # a finished store: no bar drawn at 0 of a pass computing nothing (an automatic one, None, made but
+            # never updated, never shows)
+            options.progress and not sink.complete,
             n_rows,
             stop=None if rows is None else rows[1],
             stats=stats,
+            initial=initial if rows is None else 0,
         )
         if not sink.complete:
             for c, entry in enumerate(checkpoints):
@@ -300,6 +307,38 @@ def export(
             loop.bar.close()
     loop.zeros.warn()  # after the store is finalized: a filter "error" leaves it whole
     return result
+
+
+def _note_store_state(
+    name: str, options: Options, sink: Any, n_rows: int, n_checkpoints: int, slots: int, rows: tuple[int, int] | None
+) -> int:
+    """Says once, where progress is shown (progress_note), that the export's store is finished already (its
+    rows are not computed again) or that the export resumes it, with the rows already in it. Returns the rows
+    (of its range, over the checkpoints in order) written before the first one missing: where a resumed
+    export's bar starts."""
+    start, stop = (0, n_rows) if rows is None else rows
+    span = stop - start
+    each = [
+        max(0, min(min(sink.rows_done(c * slots + s) for s in range(slots)), stop) - start)
+        for c in range(n_checkpoints)
+    ]
+    done = sum(each)
+    leading = 0
+    for count in each:
+        leading += count
+        if count < span:
+            break
+    where = f"gradient store {os.fsdecode(options.store)}" + ("" if rows is None else f" (rows [{start}, {stop}))")
+    total = span * n_checkpoints
+    shape = f"{span} examples x {n_checkpoints} checkpoint{'s' if n_checkpoints != 1 else ''}"
+    if sink.complete:
+        text = f"{where} holds all {total} rows already ({shape}): nothing to compute"
+    elif done:
+        text = f"resuming {where}: {done} of {total} rows already in it ({shape}); computing the other {total - done}"
+    else:
+        return 0
+    progress_note(options.progress, f"tracin.{name} export: {text}")
+    return leading
 
 
 def optimizer_state_source(state: Any) -> str:
@@ -410,7 +449,8 @@ class _Loop:
     """The pass over the data at each checkpoint, with the progress bar, the one-time check of the
     user's functions and the data fingerprint check. stop: the end of the range the sink writes
     (None: every row); rows from there on are not computed. stats: per checkpoint the FileStats of the
-    files its digest read (None: in memory), compared once it is loaded (check_unchanged)."""
+    files its digest read (None: in memory), compared once it is loaded (check_unchanged). initial: the rows
+    a resumed store holds before its first missing one, where the bar starts."""
 
     def __init__(
         self,
@@ -424,6 +464,7 @@ class _Loop:
         n_rows: int | None,
         stop: int | None = None,
         stats: Sequence[list[FileStat] | None] = (),
+        initial: int = 0,
     ):
         self.framework, self.sink, self.fingerprint, self.transforms = framework, sink, fingerprint, transforms
         self.slots, self.n_checkpoints = slots, n_checkpoints
@@ -433,16 +474,18 @@ class _Loop:
         self.countable = getattr(framework, "countable_data", None) or COUNTABLE
         self.checked = False
         self.progress = progress
-        self.bar = self._bar()
+        self.bar = self._bar(initial)
         self.zeros = ZeroRows()  # rows all 0 at every checkpoint this export computes (warned at its end)
 
-    def _bar(self) -> Any:
+    def _bar(self, initial: int = 0) -> Any:
+        """initial: rows a resumed store holds, done first (the updates of the passes count them again)."""
         return progress_bar(
             self.n_rows,
             self.progress,
             f"tracin.{self.framework.name} export",
             passes=self.n_checkpoints,
             unit_scale=False,
+            initial=initial,
         )
 
     def checkpoint(self, c: int, source: Any) -> None:
