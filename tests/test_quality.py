@@ -783,3 +783,27 @@ def test_the_cache_is_checked_before_running(tmp_path, monkeypatch, capsys):
     taken.write_text("")
     assert quality_main.main(["--quick", "--cache", str(taken), "--out", str(tmp_path / "out")]) == 2
     assert f"--cache: cannot use {taken}" in capsys.readouterr().err
+
+
+def test_detection_ties_read_against_the_seed_spread():
+    """'Within 0.02 of the best' ignored the seeds' spread (breast_cancer's s.e. over seeds is ~0.06): a method
+    0.04 behind the best mean, with either one's s.e. over seeds above 0.04, now ties; one 0.04 behind where both
+    spreads are below it does not, nor one behind by more than the larger spread. s.e.: float64 NumPy."""
+    per_seed = {  # fraction found at 0.1 and 0.2 inspected, per seed
+        "best": [[0.0, 0.90], [0.0, 0.90], [0.0, 0.90]],
+        "spread": [[0.0, 0.76], [0.0, 0.86], [0.0, 0.96]],  # mean 0.86 (0.04 behind), s.e. 0.0577
+        "steady": [[0.0, 0.86], [0.0, 0.86], [0.0, 0.86]],  # 0.04 behind, no spread
+        "far": [[0.0, 0.70], [0.0, 0.80], [0.0, 0.90]],  # 0.10 behind, s.e. 0.0577
+    }
+    spread_se = np.std([0.76, 0.86, 0.96], ddof=1) / np.sqrt(3)
+    assert 0.04 < spread_se < 0.10
+    methods_ = {m: {"found": np.mean(v, axis=0).tolist(), "per_seed": v} for m, v in per_seed.items()}
+    detect = {"a": {"inspect": [0.1, 0.2], "perfect": [0.5, 1.0], "methods": methods_, "errors": {}}}
+    w = run.winners(detect, {}, 0.2)
+    assert w["detection_best"]["a"]["methods"] == ["best"]
+    assert w["detection_wins_or_ties_everywhere"] == ["best", "spread"]
+    # the best's own spread counts too: a steady method 0.04 behind a spread-out best ties
+    flipped = {"best": per_seed["spread"], "steady": [[0.0, 0.82]] * 3}
+    methods_ = {m: {"found": np.mean(v, axis=0).tolist(), "per_seed": v} for m, v in flipped.items()}
+    detect = {"a": {"inspect": [0.1, 0.2], "perfect": [0.5, 1.0], "methods": methods_, "errors": {}}}
+    assert run.winners(detect, {}, 0.2)["detection_wins_or_ties_everywhere"] == ["best", "steady"]

@@ -107,22 +107,23 @@ def detection_winners(detect: dict[str, dict], at: float, tie: float) -> dict:
     """Per dataset the best fraction of flipped labels found at `at` inspected ("detection_best": best and
     the methods reaching it), by the rule of the LDS table (_best): the fixed whitened dampings are left
     out of "best", as the best of six settings would be picked on the flipped labels themselves; and the
-    methods (those too) within `tie` of that best on every dataset (recomputed from the results, so records
-    made under the earlier rule, which counted the dampings, render by this one)."""
+    methods (those too) within `tie`, or one s.e. over the seeds (the larger of the two methods'), of that
+    best on every dataset (recomputed from the results, so records made under earlier rules, which counted
+    the dampings or ignored the seed spread, render by this one)."""
     out: dict = {"detection_best": {}}
     ties: list[set] = []
     for name, d in detect.items():
         j = d["inspect"].index(at)
         found = {m: r["found"][j] for m, r in d["methods"].items()}
+        spread = {m: seed_se(r.get("per_seed"), j) or 0.0 for m, r in d["methods"].items()}
         fair = [v for m, v in found.items() if not WHITENED.match(m)]
         if not fair:
             continue
         best = max(fair)
-        out["detection_best"][name] = {
-            "best": best,
-            "methods": sorted(m for m, v in found.items() if v == best and not WHITENED.match(m)),
-        }
-        ties.append({m for m, v in found.items() if v >= best - tie})
+        leaders = sorted(m for m, v in found.items() if v == best and not WHITENED.match(m))
+        out["detection_best"][name] = {"best": best, "methods": leaders}
+        best_se = max(spread[m] for m in leaders)
+        ties.append({m for m, v in found.items() if v >= best - max(tie, best_se, spread[m])})
     out["detection_wins_or_ties_everywhere"] = sorted(set.intersection(*ties)) if ties else []
     return out
 
@@ -293,7 +294,7 @@ def markdown(payload: dict) -> str:
     if cfg.get("quick"):
         head += " **Quick (smoke-test) settings: not meaningful as quality numbers.**"
     tail = (
-        f"Within {w['tie']} of the best detector on every dataset: "
+        f"Within {w['tie']} (or one s.e. over seeds) of the best detector on every dataset: "
         f"{', '.join(w['detection_wins_or_ties_everywhere']) or 'none'}. Within one s.e. of the best LDS on "
         f"every dataset: {', '.join(w['lds_within_se_of_best_everywhere']) or 'none'}; of the tracin recipes: "
         f"{', '.join(w['lds_within_se_of_best_tracin_everywhere']) or 'none'}."
