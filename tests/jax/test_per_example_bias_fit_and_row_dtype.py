@@ -111,3 +111,48 @@ def test_a_zero_loss_off_by_a_rounding_of_the_largest_loss_is_not_taken_for_coup
     x64 = x.astype(np.float64)
     expected = 2 * np.einsum("ni,nk->nik", x64, x64 @ w.astype(np.float64)).reshape(6, -1)
     np.testing.assert_allclose(np.asarray(got.matrices[0], np.float64), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_coupling_tolerance_on_a_gpu_is_at_least_1e_3_though_the_loss_computes_in_float32(monkeypatch):
+    """uncoupled_rtol on a GPU (its docstring): 1e-3, or 8 eps of the coarsest dtype computed in (TF32's 2**-10:
+    0.0078125), or 8 eps of the losses' dtype, at most 8 eps of bfloat16 (0.0625). A float32 loss without a
+    default-precision product (eps 2**-23) gets the 1e-3 floor, not a CPU's 1e-4."""
+    import jax
+
+    from tracin.jax import per_example
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    f32 = float(jnp.finfo(jnp.float32).eps)
+    assert per_example.uncoupled_rtol(f32, jnp.float32) == 1e-3
+    assert per_example.uncoupled_rtol(2.0**-10, jnp.float32) == 0.0078125
+    assert per_example.uncoupled_rtol(f32, jnp.float8_e4m3fn) == 0.0625
+
+
+def test_a_bfloat16_bias_used_scaled_is_refused_to_8_eps_of_bfloat16():
+    """A float32 head with a bfloat16 bias whose loss uses 1.25 b: dL/db = 1.25 dL/dy, 25% off the kernel's
+    dL/dy, beyond the bias's widened tolerance 8 eps of bfloat16 (0.0625): refused naming it."""
+    import jax
+
+    from tracin.jax.per_example import LayerInputError
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 6)).astype(np.float32), rng.integers(0, 5, 8)
+    params = {
+        "kernel": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32),
+        "bias": jnp.asarray(rng.standard_normal(5), jnp.bfloat16),
+    }
+
+    def loss(p, inputs, targets):
+        z = inputs @ p["kernel"] + 1.25 * p["bias"].astype(jnp.float32)
+        return -jax.nn.log_softmax(z)[jnp.arange(targets.shape[0]), targets]
+
+    with pytest.raises(LayerInputError, match=r"allowed: 0\.0625\)"):
+        export_gradients(
+            loss,
+            [(params, 1.0)],
+            (x, y),
+            mode="last_layer",
+            layers=["kernel", "bias"],
+            layer_input=lambda p, inputs: inputs,
+            progress=False,
+        )
