@@ -1,7 +1,8 @@
-"""tracin.jax.per_example's edges the other tests leave open: mode='last_layer' refusing a bias whose length
-is neither side of the kernel (named with both shapes, before anything is traced), and FullRows giving its
-rows in the dtype it is built for (its docstring's contract; the export builds it for float32). References:
-the documented message, float64 NumPy gradients of the shared MLP (conftest)."""
+"""tracin.jax.per_example's edges the other tests leave open (killer tests of hand mutants): mode='last_layer'
+refusing a bias whose length is neither side of the kernel, a NaN input row stored rather than refused as a wrong
+layer_input, a bfloat16 bias held to 8 eps of bfloat16; FullRows giving its rows in the dtype it is built for;
+compute_eps skipping a cast to a dtype of the same precision; the coupling check's tolerance relative to the
+largest loss and its 1e-3 floor on a GPU. References: documented messages and values, float64 NumPy gradients."""
 
 from __future__ import annotations
 
@@ -151,6 +152,40 @@ def test_a_bfloat16_bias_used_scaled_is_refused_to_8_eps_of_bfloat16():
             loss,
             [(params, 1.0)],
             (x, y),
+            mode="last_layer",
+            layers=["kernel", "bias"],
+            layer_input=lambda p, inputs: inputs,
+            progress=False,
+        )
+
+
+def test_a_small_penalty_on_the_kernel_is_refused_by_the_probe_check():
+    """loss_i + lam |K|^2: the kernel's per-example gradient is dL/dy (x) x + 2 lam K, off dL/dy (x) x by 2 lam |K|,
+    set (float64 NumPy forward pass) to 0.3% of |dL/dy| |x| on the probed rows 0 and 7: past the check's 1e-4 of
+    the gradient + 1e-6 of the product, so refused as a use of the kernel outside y = x K + b."""
+    import jax
+
+    from tracin.jax.per_example import LayerInputError
+
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((8, 6)), rng.integers(0, 5, 8)
+    k, b = rng.standard_normal((6, 5)), rng.standard_normal(5)
+    z = x @ k + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    dy = p / p.sum(1, keepdims=True) - np.eye(5)[y]
+    onorm = np.linalg.norm(dy, axis=1) * np.linalg.norm(x, axis=1)
+    lam = 0.003 * min(onorm[0], onorm[7]) / (2 * np.linalg.norm(k))
+    params = {"kernel": jnp.asarray(k, jnp.float32), "bias": jnp.asarray(b, jnp.float32)}
+
+    def loss(p, inputs, targets):
+        z = inputs @ p["kernel"] + p["bias"]
+        return -jax.nn.log_softmax(z)[jnp.arange(targets.shape[0]), targets] + lam * (p["kernel"] ** 2).sum()
+
+    with pytest.raises(LayerInputError, match="differs from the kernel's per-example gradient by"):
+        export_gradients(
+            loss,
+            [(params, 1.0)],
+            (x.astype(np.float32), y),
             mode="last_layer",
             layers=["kernel", "bias"],
             layer_input=lambda p, inputs: inputs,
