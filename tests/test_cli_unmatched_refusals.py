@@ -186,8 +186,8 @@ def test_a_whitened_train_store_fitted_on_other_gradients_is_named_as_train(case
     said = _error(capsys, command)
     assert said.startswith(said_first), said
     assert said.endswith(
-        "; score --train against the gradients its whitening was fitted on, or the unwhitened stores with "
-        "--whitening (a whitening fitted on --train)"
+        "; whiten --train's unwhitened store with a whitening fitted on it, or give the unwhitened --train with "
+        "--whitening (a whitening fitted on it)"
     ), said
     assert "--test is whitened" not in said and "Whitening.fit" not in said and "side's" not in said, said
 

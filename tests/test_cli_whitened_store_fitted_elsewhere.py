@@ -61,17 +61,20 @@ def test_a_whitened_test_store_fitted_on_another_store_is_warned_about_in_the_op
 
 @pytest.mark.parametrize("command", ["score", "aggregate"])
 def test_a_whitened_train_store_fitted_on_another_store_than_test_is_warned_about(command, stores, tmp_path, capsys):
-    """The library's symmetric check (a whitened train side against the test store), in the options' words."""
+    """Whitened train rows (W g_train) need W fitted on those rows: rows of --train's store whitened by a whitening
+    fitted on another store are warned of, in the options' words, whatever --test."""
     train, other, test = stores
     white = _whitened_store(tmp_path / "white", other, train)
     assert main(_argv(command, test, white, tmp_path / "out.csv")) == 0
     err = capsys.readouterr().err
     warned = _warnings(err, command)
     assert len(warned) == 1, err
-    assert (
-        f"--train {white.path} is whitened by a whitening fitted on another gradient store (id {other.store_id}) "
-        f"than --test {test.path} (id {test.store_id})"
-    ) in warned[0]
+    assert warned[0] == f"tracin {command}: warning: " + (
+        f"--train {white.path} holds rows of a gradient store (id {train.store_id}) whitened by a whitening fitted "
+        f"on another gradient store (id {other.store_id}): whiten --train's unwhitened store with a whitening "
+        "fitted on it, or give the unwhitened --train with --whitening (a whitening fitted on it), unless that was "
+        "meant (a subset or a copy re-exported)"
+    )
     assert "Whitening.fit(" not in err
 
 

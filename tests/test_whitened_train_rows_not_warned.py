@@ -83,4 +83,16 @@ def test_whitened_rows_of_another_store_than_fitted_on_still_warn(sides, tmp_pat
     capsys.readouterr()
     assert main(["score", "--test", str(test.path), "--train", str(saved.path), "-o", str(tmp_path / "o.csv")]) == 0
     said = [line for line in capsys.readouterr().err.splitlines() if ELSEWHERE in line]
-    assert len(said) == 1 and said[0].startswith(f"tracin score: warning: --train {saved.path} is whitened"), said
+    assert len(said) == 1, said
+    assert said[0].startswith(f"tracin score: warning: --train {saved.path} holds rows of a gradient store (id "), said
+
+
+def test_train_rows_whitened_by_a_whitening_fitted_on_the_test_store_warn(sides):
+    """W fitted on the test store T applied to the train store X and scored against T: the same scores as W_T g_T
+    against X, which warns; it was silent as the train argument, its fitted_on being the other side's id."""
+    test, train, *_ = sides
+    w_test = tracin.Whitening.fit(test, damping=0.5, progress=False)
+    white_train = w_test.apply(train, progress=False)
+    found = _warned(lambda: tracin.scores(test, white_train))
+    assert len(found) == 1 and f"(id {test.store_id})" in found[0] and f"(id {train.store_id})" in found[0], found
+    assert len(_warned(lambda: tracin.scores(w_test.apply(test, progress=False), train))) == 1

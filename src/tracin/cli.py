@@ -636,7 +636,9 @@ def _warn_whitened_store_elsewhere(test: Any, train: Any) -> None:
     """Without --whitening: a warning where a whitened store (metadata['whitening'], as Whitening.apply records it)
     was fitted on another store (its fitted_on id; None: fitted in memory, nothing to compare) than the other
     option's, in the options' words with what to do from a shell (the library's own warning, with Python advice,
-    is silenced by _scoring_refusals). Two whitened stores are refused there: no warning first."""
+    is silenced by _scoring_refusals). Two whitened stores are refused there: no warning first. A whitened --train
+    that records the store it holds rows of (metadata['whitened_store']) is warned of only where its whitening was
+    fitted on another store (W g_train needs W fitted on those rows), whatever --test."""
     sides = (("--test", test, "--train", train), ("--train", train, "--test", test))
     for option, whitened, other_option, other in sides:
         record = whitened.metadata.get("whitening")
@@ -645,10 +647,19 @@ def _warn_whitened_store_elsewhere(test: Any, train: Any) -> None:
         if "whitening" in other.metadata:
             return
         fitted_on = record.get("fitted_on") if isinstance(record, dict) else None
+        own = whitened.metadata.get("whitened_store")
+        if option == "--train" and isinstance(own, str):  # W g_train: whitened TracIn with W fitted on those rows
+            if isinstance(fitted_on, str) and fitted_on != own:
+                warnings.warn(
+                    f"--train {whitened.path} holds rows of a gradient store (id {own}) whitened by a whitening "
+                    f"fitted on another gradient store (id {fitted_on}): {_WHITENED_TRAIN_ADVICE}, unless that was "
+                    "meant (a subset or a copy re-exported)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return
         store_id = other.store_id
         if not isinstance(fitted_on, str) or not isinstance(store_id, str) or fitted_on == store_id:
-            return
-        if option == "--train" and whitened.metadata.get("whitened_store") == fitted_on:  # W g_train: whitened TracIn
             return
         advice = (
             "score --test against the store its whitening was fitted on, or give the unwhitened test rows as --test "
@@ -745,8 +756,8 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
 # what to do about a whitened --train store (Whitening.apply's output passed as the train side) whose whitening
 # was fitted on other gradients than --test's
 _WHITENED_TRAIN_ADVICE = (
-    "score --train against the gradients its whitening was fitted on, or the unwhitened stores with --whitening (a "
-    "whitening fitted on --train)"
+    "whiten --train's unwhitened store with a whitening fitted on it, or give the unwhitened --train with "
+    "--whitening (a whitening fitted on it)"
 )
 
 # scoring._check_same_gradient_space's refusal of two whitened sides, in its words

@@ -163,17 +163,26 @@ def _warn_fitted_elsewhere(test: GradientSet, train: GradientSet) -> None:
     """A UserWarning at the user's line where a whitened side (metadata['whitening'], as Whitening.apply
     records it) was fitted on a store (its fitted_on id; None: fitted in memory, nothing to compare) other than
     the other side, a GradientStore with another store_id: the scores are whitened by another set's R (say a
-    whitening fitted on the test store). Not where the train argument is the rows of the store its whitening was
-    fitted on (metadata['whitened_store']: W g_train, whitened TracIn's other form, against any test rows); the
-    same rows as the test argument are warned of (by the arguments' order, a whitening fitted on the test rows)."""
+    whitening fitted on the test store). A whitened train argument that records the store it holds the rows of
+    (metadata['whitened_store']) is W g_train, whitened TracIn's other form, only with a whitening fitted on that
+    store: warned of where it was fitted on another, whatever the test side."""
     for whitened, other, name, other_name in ((test, train, "test", "train"), (train, test, "train", "test")):
         fitted = whitened.metadata.get("whitening")
         fitted_on = fitted.get("fitted_on") if isinstance(fitted, dict) else None
-        if name == "train" and fitted_on is not None and whitened.metadata.get("whitened_store") == fitted_on:
-            continue
+        own = whitened.metadata.get("whitened_store")
+        if name == "train" and isinstance(own, str):
+            if isinstance(fitted_on, str) and fitted_on != own and not _FITTED_ELSEWHERE_TOLD.get():
+                warnings.warn(
+                    f"the train side holds rows of a gradient store (id {own}) whitened by a whitening fitted on "
+                    f"another gradient store (id {fitted_on}); whitened train rows are whitened TracIn only with a "
+                    "whitening fitted on them: Whitening.fit(train).apply(train), or whiten the test side with "
+                    "Whitening.fit(train).apply(test), unless that was meant (a subset or a copy re-exported)",
+                    UserWarning,
+                    stacklevel=user_stacklevel(),
+                )
+            return
         store_id = fitted_elsewhere(fitted_on, other)
         if store_id is not None:
-            fitted_on = fitted["fitted_on"]
             where = getattr(other, "path", None)
             warnings.warn(
                 f"the {name} side's whitening was fitted on another gradient store (id {fitted_on}) than the "
