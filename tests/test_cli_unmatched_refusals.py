@@ -220,3 +220,13 @@ def test_a_store_whose_projection_record_cannot_be_read_is_named_by_its_option(
     assert said.startswith(f"--{side} {te if side == 'test' else tr}: {words}"), said
     assert "gradient store" not in said and "do not match" not in said, said
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_store_path_holding_the_separator_is_named_whole(tmp_path, rng, capsys):
+    """The option-named refusal cut the library's message at the first '): ' after its prefix, inside a path such
+    as 'odd): name/te': the path as given, then the library's words, whole."""
+    spec, words = _UNREADABLE["another generator"]
+    te = _store(tmp_path / "odd): name" / "te", rng.standard_normal((3, 4)), {"projection": spec})
+    tr = _store(tmp_path / "tr", rng.standard_normal((5, 4)), {"projection": None})
+    assert main(["score", "--test", te, "--train", tr, "-o", str(tmp_path / "out.csv")]) == 1
+    assert _error(capsys, "score") == f"--test {te}: {words}"

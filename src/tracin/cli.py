@@ -796,11 +796,19 @@ _UNMATCHED = (
 )
 
 
+# scoring._projection_of's refusal of a store's own metadata['projection']
+_UNREADABLE_RECORD = re.compile(
+    r"(?P<side>test|train) gradients \(gradient store .*\): (?P<said>(?:projection spec from generator version|"
+    r"metadata\['projection'\] is not a projection spec).*)",
+    re.S,
+)
+
+
 def _sides_named(e: ValueError, names: dict[str, str]) -> Exception:
     """The library's refusal `e` of the rows it was given, its "test" / "train" named as `names` says (an
     option and its store's path) with what to do from a shell: rows holding NaN or Inf, a side's records
     it cannot read, sides that do not match; `e` itself for other refusals."""
-    from .scoring import _NON_FINITE, _gradients
+    from .scoring import _NON_FINITE
 
     text = _one_line(e)
     if (found := _NON_FINITE.match(text)) is not None:
@@ -809,9 +817,8 @@ def _sides_named(e: ValueError, names: dict[str, str]) -> Exception:
             f"{names[side]}: {block} holds NaN or Inf values, first in rows [{rows}], so nothing was scored: export "
             "those examples again (a NaN or infinite loss?) or write a store without them"
         )
-    for side, option in names.items():  # a side's own records the library cannot read (metadata['projection'])
-        if text.startswith(prefix := f"{_gradients(side)} (gradient store ") and "): " in text[len(prefix) :]:
-            return CommandError(f"{option}: {text[len(prefix) :].split('): ', 1)[1]}")
+    if (found := _UNREADABLE_RECORD.match(text)) is not None and found["side"] in names:  # a path may hold "): "
+        return CommandError(f"{names[found['side']]}: {found['said']}")
     if "test" in names and text.startswith(_UNMATCHED):
         if "'adam_update'" in text:  # the library's advice (test rows with preconditioner=None) is the shell's too
             return CommandError(f"{names['test']} and {names['train']} do not match: {text}")
