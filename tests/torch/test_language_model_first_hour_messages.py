@@ -73,3 +73,37 @@ def test_the_model_inputs_alone_as_data_are_told_to_pair_them_with_targets():
     inputs, _ = passages(2)
     with pytest.raises(TypeError, match=r"data is a dict of 'input_ids', 'attention_mask', the model's inputs alone"):
         export_gradients(model, [(model.state_dict(), 1.0)], inputs, token_loss, progress=False)
+
+
+@pytest.mark.parametrize("dim", [0, -5])
+def test_a_projection_dim_below_1_is_not_told_to_wrap_it(dim):
+    """tracin.Projection(0) fails too ('dim must be >= 1'): the advice says what dim is wanted instead."""
+    model = gpt2()
+    with pytest.raises(TypeError, match=rf"got the int {dim}: pass projection=tracin\.Projection\(dim\) with the") as e:
+        export_gradients(model, [(model.state_dict(), 1.0)], passages(2), token_loss, projection=dim, progress=False)
+    assert f"Projection({dim})" not in str(e.value)
+
+
+def test_a_factored_export_given_a_projection_dim_is_not_told_of_per_token_kronecker_maps():
+    """per_layer=True, kronecker=True needs mode='full': factored rows are not told of it."""
+    model = nn.Linear(4, 3)
+    data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    with pytest.raises(
+        TypeError, match=r"pass projection=tracin\.Projection\(64\) \(a seed= to choose its random map\)$"
+    ):
+        export_gradients(model, [(model.state_dict(), 1.0)], data, loss, mode="factored", projection=64, progress=False)
+
+
+def test_batches_of_rows_get_no_single_examples_note():
+    """The list-of-pairs note is for one example per item (0-d / 1-d arrays); a list of real batches whose loss
+    is refused for another reason (a mean, one number per batch) gets that refusal alone."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+    with pytest.raises(Exception) as e:
+        export_gradients(
+            model, [(model.state_dict(), 0.1)], data, lambda out, y: out.logsumexp(1).mean(), progress=False
+        )
+    said = str(e.value) + "".join(getattr(e.value, "__notes__", []))
+    assert "reduction='none'" in said and "single examples" not in said and "default_collate" not in said, said

@@ -33,10 +33,18 @@ def check_projection(projection: Any, factored: bool) -> None:
             "per-layer maps"
         )
     if isinstance(projection, numbers.Integral) and not isinstance(projection, bool):
+        dim = int(projection)
+        if dim < 1:
+            raise TypeError(
+                f"projection must be a tracin.Projection, got the int {dim}: pass projection=tracin.Projection(dim) "
+                "with the dimension to project to, an int >= 1, or leave projection= out for unprojected rows"
+            )
+        per_token = (
+            "" if factored else "; per_layer=True, kronecker=True to project a language model's layers per token"
+        )
         raise TypeError(  # a dim given for the projection itself
-            f"projection must be a tracin.Projection, got the int {int(projection)}: pass "
-            f"projection=tracin.Projection({int(projection)}) (a seed= to choose its random map; per_layer=True, "
-            "kronecker=True to project a language model's layers per token)"
+            f"projection must be a tracin.Projection, got the int {dim}: pass projection=tracin.Projection({dim}) "
+            f"(a seed= to choose its random map{per_token})"
         )
     if projection is not None and not isinstance(projection, Projection):
         raise TypeError(

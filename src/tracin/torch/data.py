@@ -457,11 +457,15 @@ def _listed_keys(data: Mapping) -> str:
 def _list_of_batches(data: list | tuple) -> str | None:
     """How a list of more than two (inputs, targets) pairs was read, for errors raised on its first batch: each
     item a batch whose dimension 0 is its rows (a list of single examples, a tokenized example each, is read
-    as batches whose rows are its tokens)."""
+    as batches whose rows are its tokens). None where data[0]'s arrays are not all 0-d or 1-d, as one
+    example's are (a batch's inputs have rows)."""
     if len(data) <= 2 or not all(_is_pair(d) for d in data):
         return None
     leaves = [leaf for _, leaf in _named_leaves(data[0], "data[0]")]
-    shapes = sorted({tuple(leaf.shape) for leaf in leaves if isinstance(leaf, (torch.Tensor, np.ndarray))})
+    arrays = [leaf for leaf in leaves if isinstance(leaf, (torch.Tensor, np.ndarray))]
+    if not arrays or any(leaf.ndim > 1 for leaf in arrays):  # batches of rows: no note on their errors
+        return None
+    shapes = sorted({tuple(leaf.shape) for leaf in arrays})
     return (
         f"data, a list of {len(data)} (inputs, targets) pairs, was read as {len(data)} batches, each item's "
         f"dimension 0 its rows (data[0]'s leaves have shapes {', '.join(map(str, shapes))}); for a list of "

@@ -984,7 +984,8 @@ def _vmap_way_out(model: nn.Module, why: str) -> str:
         return ""
     return (
         ", or let vmap run the model: its 'sdpa' attention reads the attention_mask's values, which vmap cannot; "
-        "model.set_attn_implementation('eager') before the export avoids that (the same gradients up to rounding)"
+        "model.set_attn_implementation('eager') before the export (older transformers: load the model with "
+        "attn_implementation='eager') avoids that (the same gradients up to rounding)"
     )
 
 
