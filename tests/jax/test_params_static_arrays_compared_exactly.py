@@ -1,7 +1,8 @@
 """Static arrays that differ between checkpoints are refused naming the first differing index and both values,
 whatever their dtypes: object arrays (their elements have no .tolist(): the refusal was an AttributeError),
 ml_dtypes' bfloat16 / float8 against float32 (NumPy kind 'V': no index was named), and 64-bit integers beyond
-2**53, which float64, their common type with uint64 or a float, rounds to equal values (no index either)."""
+2**53, which float64, their common type with uint64 or a float, rounds to equal values (no index either); a
+NumPy float64 / int64 array against JAX's float32 / int32 one of other values, told the index and the kind."""
 
 from __future__ import annotations
 
@@ -85,3 +86,36 @@ def test_64_bit_integers_are_compared_exactly_against_another_dtype(first, later
     assert f"(first differing at index ({at},): {py_later[at]!r} here, {py_first[at]!r} in the first checkpoint)" in (
         text
     ), text
+
+
+# Static arrays of one shape but two dtypes (a NumPy float64 or int64 array in one checkpoint, a JAX float32 or
+# int32 one in the other, x64 off): the first differing index and the kind are told at once (it said only "give
+# every checkpoint the same kind", the differing value found only after that fix, a second round trip).
+
+
+@pytest.mark.skipif(jax.config.jax_enable_x64, reason="with x64 on, JAX keeps float64 and int64")
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
+@pytest.mark.parametrize("dtype", [np.float64, np.int64])
+def test_a_numpy_wide_and_a_jax_narrow_array_of_other_values_name_the_first_differing_index(dtype):
+    first = np.arange(100).astype(dtype)
+    later_host = first.copy()
+    later_host[50] = 7
+    later_host[80] = 9
+    later = jnp.asarray(later_host)
+    assert later.dtype != first.dtype  # narrowed by JAX
+    (where,) = np.flatnonzero(first.astype(np.float64) != np.asarray(later).astype(np.float64))[:1]
+    text = _refusal(first, later)
+    here, there = np.asarray(later)[where].item(), first[where].item()
+    assert (
+        f"(first differing at index ({where},): {here!r} here, {there!r} in the first checkpoint; a JAX array here, "
+        "a NumPy array in the first checkpoint: give every checkpoint the same kind)"
+    ) in text, text
+
+
+@pytest.mark.skipif(jax.config.jax_enable_x64, reason="with x64 on, JAX keeps float64")
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
+def test_equal_values_of_two_dtypes_and_kinds_are_told_the_kind_only():
+    first = np.arange(100.0)
+    text = _refusal(first, jnp.asarray(first))
+    assert "first differing" not in text
+    assert "(a JAX array here, a NumPy array in the first checkpoint: give every checkpoint the same kind)" in text
