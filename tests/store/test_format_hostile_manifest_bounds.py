@@ -14,6 +14,7 @@ import tracin
 from tracin.store import StoreFormatError
 
 from .helpers import random_blocks, write_store
+from .test_hostile import _nested
 
 
 @pytest.fixture
@@ -63,13 +64,6 @@ def test_the_ids_key_may_name_ids_npy_only(store, ids):
     _edit(store.path, lambda d: d.update(ids=ids))
     with pytest.raises(StoreFormatError, match=r"ids must be null or 'ids.npy', got "):
         tracin.GradientStore.open(store.path)
-
-
-def _nested(levels: int) -> list:
-    value: list = []
-    for _ in range(levels - 1):
-        value = [value]
-    return value
 
 
 def test_a_manifest_one_level_past_the_nesting_bound_is_refused(store):
