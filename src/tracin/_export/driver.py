@@ -323,6 +323,14 @@ def _note_store_state(
         for c in range(n_checkpoints)
     ]
     done = sum(each)
+    # rows in it (in every slot): those after a missing row of their checkpoint too (range writers of a
+    # distributed export leave gaps), which are computed again, each checkpoint's rows resumed from its first
+    # missing one
+    missing = sink._writer.missing  # [start, stop) ranges of a slot within the sink's rows not written yet
+    held = sum(
+        max(0, span - max(sum(b - a for a, b in missing(c * slots + s)) for s in range(slots)))
+        for c in range(n_checkpoints)
+    )
     leading = 0
     for count in each:
         leading += count
@@ -333,6 +341,12 @@ def _note_store_state(
     shape = f"{span} examples x {n_checkpoints} checkpoint{'s' if n_checkpoints != 1 else ''}"
     if sink.complete:
         text = f"{where} holds all {total} rows already ({shape}): nothing to compute"
+    elif held > done:
+        text = (
+            f"resuming {where}: {held} of {total} rows already in it ({shape}); computing {total - done}: the "
+            f"{total - held} missing and the {held - done} written after a missing row of their checkpoint (each "
+            "checkpoint resumes at its first missing row)"
+        )
     elif done:
         text = f"resuming {where}: {done} of {total} rows already in it ({shape}); computing the other {total - done}"
     else:
