@@ -641,8 +641,18 @@ class OptimizerState:
                 foreign = (position, shape)
         if foreign is None:
             return head + _BY_POSITION
-        names = self.all_names
-        position, shape = next(((p, s) for p, s in held if p >= len(names) or s != self.shapes[names[p]]), held[-1])
+        # compared with the model's parameters in order, or with its trainable ones (the optimizer of a partly
+        # frozen model holds those): whichever the state fits the longer, the trainable ones on a tie
+        orders = [(self.trainable_names, "the order of the model's trainable parameters, requires_grad=True")]
+        if len(self.trainable_names) == len(self.all_names):
+            orders = []
+        orders.append((self.all_names, "model.named_parameters() order"))
+
+        def first_misfit(names: list[str]) -> tuple[int, tuple]:
+            return next(((p, s) for p, s in held if p >= len(names) or s != self.shapes[names[p]]), held[-1])
+
+        names, order = max(orders, key=lambda o: first_misfit(o[0])[0])
+        position, shape = first_misfit(names)
         there = (
             f"the model's {names[position]} has shape {self.shapes[names[position]]}"
             if position < len(names)
@@ -656,7 +666,7 @@ class OptimizerState:
         also = "" if foreign[0] == position else f"; its position {foreign[0]} holds moments of shape {foreign[1]}"
         return (
             f"{head}: the state's parameters do not match the model's, whatever their names: at position "
-            f"{position} (in model.named_parameters() order) {there}, while the state's exp_avg there has shape "
+            f"{position} (in {order}) {there}, while the state's exp_avg there has shape "
             f"{shape}{also} ({lacking}). The state is not this model's: another model's (another depth, width or "
             "vocabulary), or one saved before a parameter was resized (resize_token_embeddings); pass the optimizer "
             "state saved with these weights, or export with preconditioner=None (plain TracIn) without the state"
