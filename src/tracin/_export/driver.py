@@ -126,6 +126,18 @@ class Options:
 
 _ROWS: ContextVar[tuple[int, int] | None] = ContextVar("tracin_export_rows", default=None)
 _BATCH_STARTS: ContextVar[list[int] | None] = ContextVar("tracin_export_batch_starts", default=None)
+_STORE_STATE_SAID: ContextVar[bool] = ContextVar("tracin_export_store_state_said", default=True)
+
+
+@contextmanager
+def store_state_unsaid() -> Iterator[None]:
+    """Inside, an export does not say that its store is resumed or finished already (the caller says what it
+    does: tracin.distributed's client, finalizing the store its range writers just filled)."""
+    token = _STORE_STATE_SAID.set(False)
+    try:
+        yield
+    finally:
+        _STORE_STATE_SAID.reset(token)
 
 
 @contextmanager
@@ -351,7 +363,8 @@ def _note_store_state(
         text = f"resuming {where}: {done} of {total} rows already in it ({shape}); computing the other {total - done}"
     else:
         return 0
-    progress_note(options.progress, f"tracin.{name} export: {text}")
+    if _STORE_STATE_SAID.get():
+        progress_note(options.progress, f"tracin.{name} export: {text}")
     return leading
 
 
