@@ -282,7 +282,7 @@ class BatchPlan:
             if isinstance(data, (str, bytes, dict)) or not _iterable(data) or hasattr(data, "shape"):
                 raise TypeError(
                     "data must be (inputs, targets) arrays or an iterable of (inputs, targets) "
-                    f"batches, got {type(data).__name__}{_dict_hint(data, 'data')}"
+                    f"batches, got {type(data).__name__}{_dict_hint(data, 'data')}{_other_hint(data)}"
                 )
             self.n_rows = self._count_rows(data)
             self.batch_size = self.size = batch_size
@@ -351,6 +351,20 @@ def _dict_hint(data: Any, name: str) -> str:
         f" (keys {shown}): pass it as ({name}, None), loss_fn(params, {name}, targets) then reading the labels "
         f"from {name} (targets is None), or split it into (inputs, targets), e.g. {split}"
     )
+
+
+def _other_hint(data: Any) -> str:
+    """For data given as a function (a generator function, not its generator) or as one array (inputs without
+    targets): what to pass instead; "" otherwise."""
+    if callable(data) and not hasattr(data, "shape"):
+        return (
+            " (a function, not an iterable: data is read once per checkpoint, so for a generator function pass "
+            "an object whose __iter__ returns a new generator, e.g. class Batches: def __iter__(self): return "
+            "batches(), or a list of its (inputs, targets) batches)"
+        )
+    if hasattr(data, "shape"):
+        return " (one array: pass (inputs, targets), or (inputs, None) for a loss_fn that takes no targets)"
+    return ""
 
 
 def _pair(batch: Any, where: str) -> tuple[Any, Any]:
