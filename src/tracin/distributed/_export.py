@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import cloudpickle
 
-from .._export.driver import batch_starts, store_rows
+from .._export.driver import batch_starts, store_rows, store_state_unsaid
 from .._progress import check_progress, progress_bar
 from .._validate import positive_int
 from ..store import GradientStore, _locks
@@ -182,7 +182,7 @@ def _export(
             "checking it against the store, and finalizes it",
             file=sys.stderr,
         )
-    with _shown_once(seen), _range_writers_named(path):
+    with _shown_once(seen), _range_writers_named(path), store_state_unsaid():  # said above
         # merges the ranges' progress and finalizes: its reading bar after a few seconds (None), not its
         # export bar, which would count passes at once that it does not compute
         return fn(*args, store=path, progress=None if progress is not False else False, **kwargs)
