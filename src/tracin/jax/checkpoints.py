@@ -417,6 +417,7 @@ class OptimizerState:
                 f"{self.where}: the Adam moments have leaves the params do not: {extra[:5]}"
                 f"{f' and {len(extra) - 5} more' if len(extra) > 5 else ''}; the optimizer must have been "
                 "initialised on the same params pytree as the checkpoint's (its moments are looked up by leaf path)"
+                f"{_under_hint(paths, have)}"
             )
 
     def _check_settings(self) -> None:
@@ -433,6 +434,31 @@ class OptimizerState:
                         f"(inject_hyperparams), but the export uses {key}={given[key]:.6g}: pass "
                         f"preconditioner_options={{'{key}': {float(np.asarray(hyperparams[key])):.6g}, ...}}"
                     )
+
+
+def _under_hint(paths: set[str], have: set[str]) -> str:
+    """Where every moment path lies under one prefix of the params' paths (the optimizer initialised on a part of
+    the checkpoint's pytree: a TrainState in a tuple or a dict beside other entries), that prefix and the two ways
+    to pass such params; "" otherwise."""
+    if not paths:
+        return ""
+    first = min(paths)
+    prefixes = {name[: -len(first)] for name in have if name.endswith("/" + first)}
+    # the optimizer state's own moments (a TrainState's opt_state in the params) hold the same paths: not a match
+    found = sorted(
+        p for p in prefixes if p.split("/")[-2] not in ("mu", "nu") and all(p + name in have for name in paths)
+    )
+    if len(found) != 1:
+        return ""
+    part = found[0]
+    if part.endswith("params/"):
+        way = (
+            "pass a checkpoint holding it as its top-level 'params' entry (linen variables {'params': ..., "
+            "'batch_stats': ...}, or the TrainState itself), whose moments are matched under 'params/'"
+        )
+    else:
+        way = "pass that part as the params (or as the 'params' entry of a dict of linen variables)"
+    return f". They all lie under {part!r} in the params, the part the optimizer was initialised on: {way}"
 
 
 def _moment_paths(adam: Any) -> set[str]:
