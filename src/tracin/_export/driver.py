@@ -204,7 +204,9 @@ def export(
     if framework.one_shot and len(checkpoints) > 1:
         raise ValueError(
             f"data is a one-shot iterator, but it is read once per checkpoint ({len(checkpoints)} "
-            "checkpoints): pass a re-iterable such as a list of (inputs, targets) batches"
+            "checkpoints): pass a re-iterable such as a list of (inputs, targets) batches, or, for data larger than "
+            "memory, an object whose __iter__ starts a new pass (class Batches: def __iter__(self): return "
+            "make_batches(), make_batches being the generator function)"
         )
     rows = _ROWS.get()
     if rows is not None and options.store is None:

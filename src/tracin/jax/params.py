@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import reprlib
 import sys
 from collections import defaultdict
@@ -253,8 +254,17 @@ class ParamLayout:
             )
         for (i, a), (_, b) in zip(self.static, other.static, strict=True):
             if not _same_value(a, b):
+                advice = (
+                    "; a non-array leaf (a Python number, a string) is static in the compiled loss, the same at "
+                    "every checkpoint: leave it out of the params you pass (a step counter beside the weights: pass "
+                    "the weights alone, such as {'params': ..., 'batch_stats': ...}), or make it an array "
+                    "(jnp.asarray) where loss_fn reads it"
+                    if all(isinstance(v, (numbers.Number, str, bytes)) for v in (a, b))
+                    else ""
+                )
                 raise ValueError(
                     f"{where}: non-array leaf {self.paths[i]!r} differs from the first checkpoint's: {_both(a, b)}"
+                    + advice
                 )
 
 
