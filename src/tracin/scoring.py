@@ -470,6 +470,7 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
     checkpoint's arrays): one checkpoint given as a file on one side and in memory on the other
     digests differently. Sides without these records (older stores, sets built by hand) are trusted."""
     differ, kinds = _differing_records(t, x, "checkpoints", "checkpoint_sources")
+    _warn_unchecked_checkpoints(t, x, names)
     if differ:
         raise CheckpointMismatchError(
             f"{names[0]} and {names[1]} were exported at different checkpoints: checkpoints "
@@ -482,6 +483,32 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
             "store: workers open stores again by path)" + static_digest_note(t["framework"], kinds),
             differ,
             names=names,
+        )
+
+
+def _warn_unchecked_checkpoints(t: dict, x: dict, names: tuple[str, str]) -> None:
+    """A UserWarning at the user's line where two sides of one framework record checkpoints given one way on
+    one side and the other way on the other (metadata["checkpoint_sources"]: "file" / "state"), whose digests
+    are made differently and so never compared: sides exported at other checkpoints (or the same ones listed
+    in another order) would be scored without a word."""
+    if t.get("framework") is None or t.get("framework") != x.get("framework"):
+        return
+    ours = _checkpoint_records(t, "checkpoints", "checkpoint_sources")
+    theirs = _checkpoint_records(x, "checkpoints", "checkpoint_sources")
+    if ours is None or theirs is None or len(ours) != len(theirs):
+        return
+    mixed = [c for c, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a[1] != b[1]]
+    if mixed:
+        given = {"file": "as a file or folder path", "state": "in memory"}
+        how = [given.get(side[mixed[0]][1], repr(side[mixed[0]][1])) for side in (ours, theirs)]
+        warnings.warn(
+            f"checkpoints {listed_indices(mixed)} were given {how[0]} for {names[0]} and {how[1]} for {names[1]} "
+            "(metadata['checkpoint_sources']): their digests are made differently, so tracin cannot check that "
+            "both sides were exported at the same checkpoints (another checkpoint, or the list in another order, "
+            "would not be caught); export both sides with their checkpoints given the same way (both as paths, "
+            "or both as loaded weights)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
         )
 
 
