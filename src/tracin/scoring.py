@@ -149,6 +149,22 @@ def fitted_elsewhere_told() -> Iterator[None]:
         _FITTED_ELSEWHERE_TOLD.reset(token)
 
 
+_CHECKPOINTS_TOLD: ContextVar[bool] = ContextVar("tracin_checkpoints_told", default=False)
+
+
+@contextmanager
+def pair_warnings_told() -> Iterator[None]:
+    """Inside: _pair warns of nothing in the pair's records (a whitening fitted elsewhere, checkpoints given
+    differently on the two sides): the caller's own _pair did, once (tracin.distributed's client; its tasks
+    score shards of the same pair); this thread's (or task's) context only."""
+    token = _CHECKPOINTS_TOLD.set(True)
+    try:
+        with fitted_elsewhere_told():
+            yield
+    finally:
+        _CHECKPOINTS_TOLD.reset(token)
+
+
 def fitted_elsewhere(fitted_on: Any, other: Any) -> str | None:
     """The store id of `other` where a whitening fitted on the store of id `fitted_on` (None: fitted in memory)
     meets it and it is another GradientStore (the scores whitened by another set's R), unless a caller told the
@@ -490,8 +506,8 @@ def _warn_unchecked_checkpoints(t: dict, x: dict, names: tuple[str, str]) -> Non
     """A UserWarning at the user's line where two sides of one framework record checkpoints given one way on
     one side and the other way on the other (metadata["checkpoint_sources"]: "file" / "state"), whose digests
     are made differently and so never compared: sides exported at other checkpoints (or the same ones listed
-    in another order) would be scored without a word."""
-    if t.get("framework") is None or t.get("framework") != x.get("framework"):
+    in another order) would be scored without a word. Not inside pair_warnings_told()."""
+    if _CHECKPOINTS_TOLD.get() or t.get("framework") is None or t.get("framework") != x.get("framework"):
         return
     ours = _checkpoint_records(t, "checkpoints", "checkpoint_sources")
     theirs = _checkpoint_records(x, "checkpoints", "checkpoint_sources")

@@ -28,7 +28,7 @@ from ..scoring import (
     _width,
     as_gradient_set,
     check_self_influence_rows,
-    fitted_elsewhere_told,
+    pair_warnings_told,
 )
 from ..store import GradientStore
 from . import _tasks
@@ -264,7 +264,7 @@ def _full_aggregate(
     test store that is the side cut, a chain of tasks over its shards in order, each adding its rows
     to the sums of the shards before it), then the train rows' products with them (a task per train
     shard, or one over the in-memory train side)."""
-    with fitted_elsewhere_told():  # aggregate's own _pair warned of a whitening fitted on another store
+    with pair_warnings_told():  # aggregate's own _pair warned of the pair's records
         _, _, weights = _pair(test, train)
     run = _normalize_run(normalize, test, train)
     if isinstance(train, GradientStore):

@@ -12,8 +12,8 @@ from ..scoring import (
     _column_sums,
     _normalize_run,
     _pair,
-    fitted_elsewhere_told,
     merge_top_k,
+    pair_warnings_told,
     rows_shifted,
     self_influence,
     top_k,
@@ -42,7 +42,7 @@ def top_k_part(
     """tracin.top_k of one shard: a TopK per name in SIDE_NAMES[side], values float32 (m, <= k),
     indices int64 (m, <= k) shifted by `offset` (the shard's first train row)."""
     threads = kernel_threads(num_threads)
-    with fitted_elsewhere_told():  # a whitening fitted on another store: the client warned once, not each shard
+    with pair_warnings_told():  # the client warned once of the pair's records (_pair), not each shard
         found = top_k(_opened(test), _opened(train), k, side, num_threads=threads, progress=False, normalize=normalize)
     parts = tuple(found) if side == "both" else (found,)
     return tuple(p._replace(indices=p.indices + offset) for p in parts)
@@ -114,7 +114,7 @@ def aggregate_part(
     shard's share of tracin.aggregate's float64 total bit for bit. per_test_chunk: float64 (test
     chunks, train rows) instead, one row per chunk, for the caller to add in order after the rows of
     the test shards before this one."""
-    with fitted_elsewhere_told():  # a whitening fitted on another store: the client warned once, not each shard
+    with pair_warnings_told():  # the client warned once of the pair's records (_pair), not each shard
         test_set, train_set, w = _pair(_opened(test), _opened(train))
     run = _normalize_run(normalize, test_set, train_set)
     threads, cpu = kernel_threads(num_threads), backends.get("cpu")
