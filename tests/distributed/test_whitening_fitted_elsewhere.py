@@ -17,7 +17,7 @@ WEIGHTS = [0.5, 2.0]
 
 
 # the client warns once (tracin.scoring._pair); the shards' tasks and _full_aggregate's second _pair run in
-# scoring.fitted_elsewhere_told()
+# scoring.pair_warnings_told()
 @pytest.mark.parametrize("call", ["top_k", "aggregate"])
 def test_a_whitening_fitted_elsewhere_warns_once_on_the_client(client, tmp_path, rng, call):
     blocks = {
