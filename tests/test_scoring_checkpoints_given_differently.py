@@ -73,3 +73,43 @@ def test_sides_given_alike_are_compared_without_the_warning(setup):
         warned = tracin.scores(mixed, export(files, slice(2, 6)))
     expected = tracin.scores(export(files, slice(0, 2)), export(files, slice(2, 6)))
     np.testing.assert_allclose(warned, expected, rtol=1e-6)  # scores are untouched by the warning
+
+
+def test_a_whitened_side_is_warned_of_once_per_call(setup):
+    """The whitening's recorded train side is compared with the other side too: one warning per call, not two."""
+    states, files, export = setup
+    train_files, train_states = export(files, slice(2, 6)), export(states, slice(2, 6))
+    whitened = tracin.Whitening.fit(train_states, progress=False).apply(export(states, slice(0, 2)), progress=False)
+    said = _unchecked(lambda: tracin.top_k(whitened, train_files, k=2))
+    assert len(said) == 1 and said[0].startswith("checkpoints [0, 1, 2] were given in memory for test"), said
+
+
+def test_checkpoints_given_differently_each_way_are_told_so(setup):
+    states, files, export = setup
+    test = export([states[0], files[1], files[2]], slice(0, 2))
+    train = export([files[0], states[1], files[2]], slice(2, 6))
+    said = _unchecked(lambda: tracin.scores(test, train))
+    assert len(said) == 1
+    assert said[0].startswith(
+        "checkpoints [0, 1] were given some as file or folder paths for test and in memory for train, some the other"
+    ), said[0]
+
+
+def test_the_cli_warns_once_with_whitening(setup, tmp_path, capsys):
+    from tracin.cli import main
+
+    states, files, export = setup
+    model_rows = {"test": (states, slice(0, 2)), "train": (files, slice(2, 6))}
+    paths = {}
+    for name, (given, rows) in model_rows.items():
+        got = export(given, rows)
+        paths[name] = tmp_path / name
+        w = tracin.GradientStore.create(paths[name], got.n_rows, list(got.dims), got.weights, metadata=got.metadata)
+        for c, m in enumerate(got.matrices):
+            w.write(c, 0, m)
+        w.finalize()
+    tracin.Whitening.fit(tracin.GradientStore.open(paths["train"]), progress=False).save(tmp_path / "w.npz")
+    argv = ["--test", str(paths["test"]), "--train", str(paths["train"]), "-o", str(tmp_path / "o.csv")]
+    assert main(["score", *argv, "--whitening", str(tmp_path / "w.npz")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if UNCHECKED in line]
+    assert len(lines) == 1 and lines[0].startswith("tracin score: warning: checkpoints [0, 1, 2] were given"), lines

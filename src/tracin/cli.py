@@ -953,12 +953,14 @@ def _warn_fitted_elsewhere(whitening: Any, store: Any, option: str) -> None:
 
 def _whitened(whitening: Any, rows: Any, option: str, args: argparse.Namespace) -> Any:
     """Whitening.apply(rows) (the store of `option`): its whitened rows in memory, float32; a refusal of the
-    rows (another layout, dims or gradient space than the whitening was fitted on, a NaN row) names both options."""
-    from .scoring import CheckpointMismatchError
+    rows (another layout, dims or gradient space than the whitening was fitted on, a NaN row) names both options.
+    Its warnings of the rows' records (checkpoints given differently) are left to the scoring that follows."""
+    from .scoring import CheckpointMismatchError, pair_warnings_told
     from .store import StoreFormatError
 
     try:
-        return whitening.apply(rows, progress=_progress(args), num_threads=args.threads)
+        with pair_warnings_told():  # scoring the whitened rows against --train warns of those records next
+            return whitening.apply(rows, progress=_progress(args), num_threads=args.threads)
     except StoreFormatError:  # a store changed or damaged while read: _run names it as such
         raise
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell

@@ -323,7 +323,7 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
             "(Whitening.apply) and score it against the unwhitened train gradients"
         )
     _check_same_params(t, x, names)
-    _check_same_checkpoints(t, x, names)
+    warned = _check_same_checkpoints(t, x, names)
     _check_same_optimizer_states(t, x, names)
     if names != ("test", "train"):
         return
@@ -331,8 +331,10 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
         fitted = whitened.get("whitening")
         if isinstance(fitted, dict) and isinstance(fitted.get("space"), dict):
             # then the space of the gradients the whitening was fitted on: the other side's too (bare
-            # arrays carry no records of their own, their whitening's are checked)
-            _check_same_train_space(fitted["space"], other, fitted_on, name)
+            # arrays carry no records of their own, their whitening's are checked); checkpoints given
+            # differently warned of once per call
+            with _checkpoints_told(warned):
+                _check_same_train_space(fitted["space"], other, fitted_on, name)
 
 
 def _check_same_params(t: dict[str, Any], x: dict[str, Any], names: tuple[str, str]) -> None:
@@ -477,16 +479,17 @@ class FittedKindError(ValueError):
         self.kinds = kinds
 
 
-def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
+def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> bool:
     """Refuses sides exported at different checkpoints (CheckpointMismatchError; `names` name the
     metadata `t` and `x` in its message). Checkpoint c (a real one: a factored set's
     layers share its digest) is compared where both sides' digests of it
     (metadata["fingerprints"]["checkpoints"]) were made the same way by the same framework
     (metadata["checkpoint_sources"]: "file", the bytes at a path, or "state", an in-memory
     checkpoint's arrays): one checkpoint given as a file on one side and in memory on the other
-    digests differently. Sides without these records (older stores, sets built by hand) are trusted."""
+    digests differently (warned of: _warn_unchecked_checkpoints, whose result it returns). Sides without these
+    records (older stores, sets built by hand) are trusted."""
     differ, kinds = _differing_records(t, x, "checkpoints", "checkpoint_sources")
-    _warn_unchecked_checkpoints(t, x, names)
+    warned = _warn_unchecked_checkpoints(t, x, names)
     if differ:
         raise CheckpointMismatchError(
             f"{names[0]} and {names[1]} were exported at different checkpoints: checkpoints "
@@ -500,32 +503,52 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
             differ,
             names=names,
         )
+    return warned
 
 
-def _warn_unchecked_checkpoints(t: dict, x: dict, names: tuple[str, str]) -> None:
+def _warn_unchecked_checkpoints(t: dict, x: dict, names: tuple[str, str]) -> bool:
     """A UserWarning at the user's line where two sides of one framework record checkpoints given one way on
     one side and the other way on the other (metadata["checkpoint_sources"]: "file" / "state"), whose digests
     are made differently and so never compared: sides exported at other checkpoints (or the same ones listed
-    in another order) would be scored without a word. Not inside pair_warnings_told()."""
+    in another order) would be scored without a word. Not inside pair_warnings_told() (nor _checkpoints_told).
+    Whether it warned."""
     if _CHECKPOINTS_TOLD.get() or t.get("framework") is None or t.get("framework") != x.get("framework"):
-        return
+        return False
     ours = _checkpoint_records(t, "checkpoints", "checkpoint_sources")
     theirs = _checkpoint_records(x, "checkpoints", "checkpoint_sources")
     if ours is None or theirs is None or len(ours) != len(theirs):
-        return
+        return False
     mixed = [c for c, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a[1] != b[1]]
-    if mixed:
-        given = {"file": "as a file or folder path", "state": "in memory"}
-        how = [given.get(side[mixed[0]][1], repr(side[mixed[0]][1])) for side in (ours, theirs)]
-        warnings.warn(
-            f"checkpoints {listed_indices(mixed)} were given {how[0]} for {names[0]} and {how[1]} for {names[1]} "
-            "(metadata['checkpoint_sources']): their digests are made differently, so tracin cannot check that "
-            "both sides were exported at the same checkpoints (another checkpoint, or the list in another order, "
-            "would not be caught); export both sides with their checkpoints given the same way (both as paths, "
-            "or both as loaded weights)",
-            UserWarning,
-            stacklevel=user_stacklevel(),
+    if not mixed:
+        return False
+    given = {"file": "as a file or folder path", "state": "in memory"}
+    ways = {(ours[c][1], theirs[c][1]) for c in mixed}
+    if len(ways) == 1:
+        how = [given.get(way, repr(way)) for way in next(iter(ways))]
+        said = f"were given {how[0]} for {names[0]} and {how[1]} for {names[1]}"
+    else:  # some one way, some the other
+        said = (
+            f"were given some as file or folder paths for {names[0]} and in memory for {names[1]}, some the other way"
         )
+    warnings.warn(
+        f"checkpoints {listed_indices(mixed)} {said} (metadata['checkpoint_sources']): their digests are made "
+        "differently, so tracin cannot check that both sides were exported at the same checkpoints (another "
+        "checkpoint, or the list in another order, would not be caught); export both sides with their checkpoints "
+        "given the same way (both as paths, or both as loaded weights)",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+    return True
+
+
+@contextmanager
+def _checkpoints_told(told: bool) -> Iterator[None]:
+    """Inside, where `told`: _warn_unchecked_checkpoints is quiet (this call warned already)."""
+    token = _CHECKPOINTS_TOLD.set(_CHECKPOINTS_TOLD.get() or told)
+    try:
+        yield
+    finally:
+        _CHECKPOINTS_TOLD.reset(token)
 
 
 def _check_same_optimizer_states(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
