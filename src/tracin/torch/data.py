@@ -459,7 +459,7 @@ def _list_of_batches(data: list | tuple) -> str | None:
     item a batch whose dimension 0 is its rows (a list of single examples, a tokenized example each, is read
     as batches whose rows are its tokens). None where data[0]'s arrays are not all 0-d or 1-d, as one
     example's are (a batch's inputs have rows)."""
-    if len(data) <= 2 or not all(_is_pair(d) for d in data):
+    if len(data) <= 2 or not _is_pair(data[0]):  # data[0] alone: a list subclass's __iter__ may count passes
         return None
     leaves = [leaf for _, leaf in _named_leaves(data[0], "data[0]")]
     arrays = [leaf for leaf in leaves if isinstance(leaf, (torch.Tensor, np.ndarray))]
