@@ -157,12 +157,8 @@ def pair_warnings_told() -> Iterator[None]:
     """Inside: _pair warns of nothing in the pair's records (a whitening fitted elsewhere, checkpoints given
     differently on the two sides): the caller's own _pair did, once (tracin.distributed's client; its tasks
     score shards of the same pair); this thread's (or task's) context only."""
-    token = _CHECKPOINTS_TOLD.set(True)
-    try:
-        with fitted_elsewhere_told():
-            yield
-    finally:
-        _CHECKPOINTS_TOLD.reset(token)
+    with _checkpoints_told(True), fitted_elsewhere_told():
+        yield
 
 
 def fitted_elsewhere(fitted_on: Any, other: Any) -> str | None:
