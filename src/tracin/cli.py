@@ -689,12 +689,19 @@ def _scoring_refusals(args: argparse.Namespace, whitening: Any) -> Iterator[None
         FittedKindError,
         WhitenedNormalizeError,
         fitted_elsewhere_told,
+        sides_worded,
     )
 
     # a whitened test side's whitening: --whitening, or the one a whitened --test store records
     owner = "--test's whitening" if whitening is None else "--whitening"
+    words = {
+        "test": "--test",
+        "train": "--train",
+        FITTED_ON: f"the gradients {owner} was fitted on",
+        FITTED_ON_TRAIN: "the gradients --train's whitening was fitted on",
+    }
     try:  # a whitening fitted on another store than the other side's: _whitening_for warned in the options' words
-        with fitted_elsewhere_told():
+        with fitted_elsewhere_told(), sides_worded(words):  # checkpoints given differently: in the options' words
             yield
     except WhitenedNormalizeError as e:  # the library's advice (normalize=False) is Python's
         head = "--normalize does not combine with whitened gradients (metadata['whitening'])"
@@ -1252,11 +1259,13 @@ def _whitened_self_influence(whitening: Any, store: Any, args: argparse.Namespac
     gradient space than the whitening was fitted on, a NaN row) names path and --whitening."""
     import tracin
 
-    from .scoring import CheckpointMismatchError, fitted_elsewhere_told
+    from .scoring import CheckpointMismatchError, fitted_elsewhere_told, sides_worded
     from .store import StoreFormatError
 
+    # checkpoints given differently for path and the whitening's gradients: warned of in the options' words
+    words = {"train": "path", "the gradients the whitening was fitted on": "the gradients --whitening was fitted on"}
     try:
-        with fitted_elsewhere_told():  # fitted on another store than path's: warned in the options' words
+        with fitted_elsewhere_told(), sides_worded(words):  # fitted on another store than path's: warned as such
             return tracin.self_influence(store, num_threads=args.threads, progress=_progress(args), whitening=whitening)
     except StoreFormatError:  # a store changed or damaged while read: _run names it as such
         raise

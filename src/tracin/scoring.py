@@ -517,24 +517,42 @@ def _warn_unchecked_checkpoints(t: dict, x: dict, names: tuple[str, str]) -> boo
     mixed = [c for c, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a[1] != b[1]]
     if not mixed:
         return False
+    worded = _SIDES_WORDED.get()
+    first, second = (names[0], names[1]) if worded is None else (worded.get(n, n) for n in names)
     given = {"file": "as a file or folder path", "state": "in memory"}
     ways = {(ours[c][1], theirs[c][1]) for c in mixed}
     if len(ways) == 1:
         how = [given.get(way, repr(way)) for way in next(iter(ways))]
-        said = f"were given {how[0]} for {names[0]} and {how[1]} for {names[1]}"
+        said = f"were given {how[0]} for {first} and {how[1]} for {second}"
     else:  # some one way, some the other
-        said = (
-            f"were given some as file or folder paths for {names[0]} and in memory for {names[1]}, some the other way"
-        )
+        said = f"were given some as file or folder paths for {first} and in memory for {second}, some the other way"
+    both = "both sides" if worded is None else f"{first} and {second}"
     warnings.warn(
         f"checkpoints {listed_indices(mixed)} {said} (metadata['checkpoint_sources']): their digests are made "
-        "differently, so tracin cannot check that both sides were exported at the same checkpoints (another "
-        "checkpoint, or the list in another order, would not be caught); export both sides with their checkpoints "
+        f"differently, so tracin cannot check that both sides were exported at the same checkpoints (another "
+        f"checkpoint, or the list in another order, would not be caught); export {both} with their checkpoints "
         "given the same way (both as paths, or both as loaded weights)",
         UserWarning,
         stacklevel=user_stacklevel(),
     )
     return True
+
+
+# the words a caller names the sides by in the warning of checkpoints given differently (the command line's
+# options), keyed by the library's names of them ("test", "train", FITTED_ON, ...); None: the library's names
+_SIDES_WORDED: ContextVar[dict[str, str] | None] = ContextVar("tracin_sides_worded", default=None)
+
+
+@contextmanager
+def sides_worded(words: dict[str, str]) -> Iterator[None]:
+    """Inside: the warning of checkpoints given differently on the two sides names each side by `words` (the
+    library's name of it -> the caller's, e.g. {"test": "--test", "train": "--train"}; a name not in it is
+    kept) and advises exporting those two, not "both sides"; this thread's (or task's) context only."""
+    token = _SIDES_WORDED.set(dict(words))
+    try:
+        yield
+    finally:
+        _SIDES_WORDED.reset(token)
 
 
 @contextmanager
