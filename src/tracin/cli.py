@@ -135,11 +135,14 @@ def _open_store(path: str, option: str, allow_partial: bool):
                 "the export"
             )
         advice = (
-            f"or pass --allow-partial to use the {store.n_rows} rows written so far for every {_each(info)}"
+            f", or pass --allow-partial to use the {store.n_rows} rows written so far for every {_each(info)}"
             if store.n_rows
-            else f"no row is written for every {_each(info)} yet, so --allow-partial has none to use"
+            else f"; no row is written for every {_each(info)} yet, so --allow-partial has none to use"
         )
-        raise CommandError(f"{option}: gradient store {path} is unfinished ({written}); finish the export ({advice})")
+        raise CommandError(
+            f"{option}: gradient store {path} is unfinished ({written}); finish the export: rerun the same export, "
+            "with the same arguments and store (it resumes from the rows written)" + advice
+        )
     if store.n_rows == 0:
         _show_held(held, store, info)
         state = (
