@@ -472,6 +472,8 @@ class OptimizerState:
         state = self._load()
         self._check_step(state)
         owner, by_position = self._owners(state)
+        if not by_position:
+            self._check_named(state["state"], owner, params)
         moments, rates = [], {}
         for name, shape in params:
             key, group = owner.get(name, (None, None))
@@ -622,7 +624,7 @@ class OptimizerState:
         the missing names; else that its parameters are not the model's, naming the first position whose
         moments have another shape than the model's parameter there and a shape the model has none of."""
         head = (
-            f"{self.located} holds {len(keys)} parameters, the model has {len(self.all_names)} "
+            f"{self.located} holds {_parameters(len(keys))}, the model has {len(self.all_names)} "
             f"({len(self.trainable_names)} trainable)"
         )
         held = []  # (position, the exp_avg's shape) of the positions holding Adam moments
@@ -671,6 +673,34 @@ class OptimizerState:
             "vocabulary), or one saved before a parameter was resized (resize_token_embeddings); pass the optimizer "
             "state saved with these weights, or export with preconditioner=None (plain TracIn) without the state"
         )
+
+    def _check_named(
+        self, entries: Mapping, owner: Mapping[str, tuple[Any, Mapping]], params: Sequence[tuple[str, Sequence[int]]]
+    ) -> None:
+        """ValueError calling a named state (param_names) another model's where it names parameters the model
+        has none of and the moments of one of `params` ((name, shape) in row order) have another shape than
+        the parameter: another depth, width or vocabulary, not a state to match by other names. A state of the
+        model's own names keeps the per-parameter shape message (check_moments)."""
+        foreign = [n for n in owner if n not in self.shapes]
+        if not foreign:
+            return
+        for name, shape in params:
+            key, _ = owner.get(name, (None, None))
+            entry = entries.get(key, entries.get(str(key)))
+            if not _adam_entry(entry):
+                continue
+            held = getattr(entry["exp_avg"], "shape", None)
+            if held is None or tuple(held) == tuple(shape):
+                continue
+            raise ValueError(
+                f"{self.located} holds {_parameters(len(owner))}, the model has {len(self.all_names)} "
+                f"({len(self.trainable_names)} trainable): the state's parameters are not the model's: it names "
+                f"{_few(foreign)}, which the model has none of, and its exp_avg of {name} has shape {tuple(held)} "
+                f"where the model's {name} has {tuple(shape)}. The state is not this model's: another model's "
+                "(another depth, width or vocabulary), or one saved before a parameter was resized "
+                "(resize_token_embeddings); pass the optimizer state saved with these weights, or export with "
+                "preconditioner=None (plain TracIn) without the state"
+            )
 
     def _trainer_split(self, state: Mapping, keys: Sequence[Any]) -> list[str] | str | None:
         """The parameter names of a transformers Trainer's two unnamed groups (Trainer.create_optimizer:
@@ -754,10 +784,12 @@ class OptimizerState:
                 "before a parameter was resized (resize_token_embeddings)",
             )
         )
+        counted = _parameters(len(names))
+        if names is not self.all_names:
+            counted = counted.replace(" ", " trainable ", 1)
         raise ValueError(
             f"{self.located}: without parameter names (param_names) its parameters are matched by position "
-            f"in model.named_parameters() order ({len(names)} "
-            f"{'parameters' if names is self.all_names else 'trainable parameters'}), and position "
+            f"in model.named_parameters() order ({counted}), and position "
             f"{position} does not fit: the model's parameter there is {name} of shape {self.shapes[name]}, "
             f"while the optimizer's {moment} there has shape {tuple(shape)} ({held}). {cause}"
         )
@@ -846,6 +878,32 @@ _NOT_ADAM_WAY_OUT = (
 )
 
 
+def _not_adam_type(state: Mapping, group: Mapping, where: str) -> str:
+    """Why an optimizer state whose param group `group` lacks Adam's betas or eps is refused: another optimizer's
+    (RMSprop, Adagrad, Adafactor, SGD: no exp_avg / exp_avg_sq moments, whatever eps it has), or Adam's moments
+    with a group that lost those settings; with what to do."""
+    lacking = " and ".join(k for k in ("betas", "eps") if k not in group)
+    entries = [e for e in state["state"].values() if isinstance(e, Mapping)]
+    if entries and all(_adam_entry(e) for e in entries):
+        return (
+            f"{where} holds Adam's moments (exp_avg, exp_avg_sq) but a param group has no {lacking} "
+            f"{_held_keys(group)}, which preconditioner='adam' and 'adam_update' read: pass the optimizer's "
+            "state_dict() as it saved it (each group with its betas and eps), or " + _NOT_ADAM_WAY_OUT
+        )
+    held = sorted({str(k) for e in entries for k in e})
+    moments = (
+        f"its entries hold {', '.join(held[:6])}{f' and {len(held) - 6} more' if len(held) > 6 else ''}"
+        if held
+        else "it holds no per-parameter state"
+    )
+    return (
+        f"{where} is not the state of an Adam-type optimizer: it has no Adam moments exp_avg / exp_avg_sq "
+        f"({moments}) and its param group no {lacking} {_held_keys(group)}: another optimizer's (RMSprop, "
+        "Adagrad, Adafactor, SGD, ...), while the preconditioners divide by the second moment only Adam / AdamW "
+        f"keep: {_NOT_ADAM_WAY_OUT}"
+    )
+
+
 def _held_keys(group: Mapping) -> str:
     """What a param group that is not Adam's holds: its settings' keys (an SGD's lr, momentum, ...)."""
     keys = sorted(str(k) for k in group if k not in ("params", "param_names"))
@@ -869,6 +927,11 @@ def _not_adam(group: Mapping, entry: Mapping) -> str | None:
     if group.get("maximize"):
         return "maximize=True (its steps ascend the loss)"
     return None
+
+
+def _parameters(n: int) -> str:
+    """'1 parameter', '2 parameters'."""
+    return f"{n} parameter{'' if n == 1 else 's'}"
 
 
 def _few(names: Sequence[str]) -> str:
@@ -996,10 +1059,7 @@ def _check_optimizer_dict(state: Any, where: str) -> None:
         )
     for g in state["param_groups"]:
         if "betas" not in g or "eps" not in g:
-            raise ValueError(
-                f"{where} is not the state of an Adam-type optimizer (a param group lacks betas / eps) "
-                f"{_held_keys(g)}: {_NOT_ADAM_WAY_OUT}"
-            )
+            raise ValueError(_not_adam_type(state, g, where))
     for i, g in enumerate(state["param_groups"]):
         _check_group(g, f"{where}: param_groups[{i}]")
     groups = [g for g in state["param_groups"] if "param_names" in g]
