@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -178,13 +179,34 @@ def _list(*directories: str) -> None:
 
 
 def as_side(x: Any, name: str) -> GradientSet | Any:
-    """A path (str or os.PathLike) opened as a GradientStore; anything else as given."""
+    """A path (str or os.PathLike) opened as a GradientStore; anything else as given. Its errors name the side
+    first (`name`), of the same type; an OSError keeps its errno and file names (a caller may test e.errno or
+    e.filename), and the store's own "no gradient store at PATH" (a FileNotFoundError without them) gets ENOENT
+    and the path given."""
     if isinstance(x, (str, os.PathLike)):
         try:
             return GradientStore.open(Path(x))
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise _named_os_error(e, name, x) from None
+        except ValueError as e:
             raise type(e)(f"{name}: {e}") from None
     return x
+
+
+def _named_os_error(e: OSError, name: str, path: Any) -> OSError:
+    """`e` with its message led by `name`: OSError(errno, f"{name}: {strerror}", filename[, filename2]) of its
+    type, or, for a FileNotFoundError of a message alone, FileNotFoundError(ENOENT, f"{name}: {e}", path); other
+    OSErrors of a message alone as type(e)(f"{name}: {e}")."""
+    if e.errno is None and isinstance(e, FileNotFoundError):
+        return FileNotFoundError(errno.ENOENT, f"{name}: {e}", os.fspath(path))
+    if e.errno is None:
+        return type(e)(f"{name}: {e}")
+    said = f"{name}: {e.strerror if e.strerror is not None else os.strerror(e.errno)}"
+    if e.filename2 is not None:
+        return type(e)(e.errno, said, e.filename, None, e.filename2)
+    if e.filename is not None:
+        return type(e)(e.errno, said, e.filename)
+    return type(e)(e.errno, said)
 
 
 def shard_ranges(n_rows: int, row_bytes: int, slots: int, shards: int | None, align: int = 1) -> list[tuple[int, int]]:
