@@ -512,7 +512,8 @@ class GradientStore(GradientSet):
         }
 
     def describe(self) -> str:
-        """A few human-readable lines: rows, checkpoints, dims, dtype, size on disk, complete or not.
+        """A few human-readable lines: rows, checkpoints, dims, dtype, size on disk, complete or not, and what
+        an export recorded of its rows (_export_lines: preconditioner, projection, parameters and layers).
         Strings from the store (metadata keys; also the path) are shown safe for a terminal: a key with a
         control character (ESC, BEL, newline), line separator, lone surrogate or bidi control (U+202E)
         as its repr, '\\x1b[2J'."""
@@ -541,6 +542,7 @@ class GradientStore(GradientSet):
                 f"range writers   {len(i['range_writers'])} with files (rows {spans}); their progress is "
                 "merged into the counts above when the store is next opened to write the whole of it"
             )
+        lines += _export_lines(i["metadata"])
         if i["metadata"]:
             lines.append(f"metadata        {_first(sorted(i['metadata']), _key_text)}")
         return "\n".join(lines)
@@ -667,6 +669,82 @@ def _key_text(key: str, limit: int = 80) -> str:
     head = key[: limit + 1]
     text = head if printable(head) == head else repr(head)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# describe() names at most this many parameters, layers and layers= patterns, then says how many more
+_NAMED = 4
+
+
+def _export_lines(metadata: dict[str, Any]) -> list[str]:
+    """describe()'s lines on what an export recorded (tracin._export.metadata): the preconditioner (kind, and
+    whether an optimizer state was used), the projection (kind, dim, seed) and the parameters and layers the rows
+    hold (counts, the first few names). A record absent (an older store, one written from NumPy or by hand) or
+    not of the form the adapters write gives no line: nothing is said of it rather than something false."""
+    lines = []
+    shown = _preconditioner_text(metadata) if "preconditioner" in metadata else None
+    if shown is not None:
+        lines.append(f"preconditioner  {shown}")
+    shown = _projection_text(metadata["projection"]) if "projection" in metadata else None
+    if shown is not None:
+        lines.append(f"projection      {shown}")
+    params = metadata.get("params")
+    if (
+        isinstance(params, list)
+        and params
+        and all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in params)
+    ):
+        names = [p["name"] for p in params]
+        lines.append(f"parameters      {len(names)}: {_named(names)}")
+        sep = "/" if metadata.get("framework") == "jax" else "."  # a JAX leaf's path joins keys with '/'
+        layers = list(dict.fromkeys(name.rpartition(sep)[0] or name for name in names))
+        chosen = metadata.get("layers")
+        by = ""
+        if isinstance(chosen, list) and chosen and all(isinstance(x, str) for x in chosen):
+            by = f" (selected by the layers= patterns {_named(chosen)})"
+        lines.append(f"layers          {len(layers)}: {_named(layers)}{by}")
+    return lines
+
+
+def _named(names: list[str]) -> str:
+    """The first _NAMED of `names` as _key_text shows them, then ', ... and N more'."""
+    more = len(names) - _NAMED
+    return ", ".join(_key_text(n) for n in names[:_NAMED]) + (f", ... and {more} more" if more > 0 else "")
+
+
+def _preconditioner_text(metadata: dict[str, Any]) -> str | None:
+    """'none (no optimizer state used)', or "adam (gradients divided by ...; Adam state used: each checkpoint's
+    optimizer state, given as a file)"; None where the record is not one the adapters write."""
+    record = metadata["preconditioner"]
+    if record is None:
+        return "none (no optimizer state used)"
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        return None
+    kind = record["kind"]
+    if kind not in ("adam", "adam_update"):
+        return _key_text(kind)
+    what = "gradients divided by Adam's sqrt(v) + eps" if kind == "adam" else "rows are Adam's update steps"
+    sources = metadata.get("optimizer_state_sources")
+    given = ""
+    if isinstance(sources, list) and sources and all(x in ("file", "state") for x in sources):
+        how = {"file": "as a file", "state": "in memory"}
+        given = ", given " + " or ".join(how[w] for w in sorted(set(sources)))
+    return f"{kind} ({what}; Adam state used: each checkpoint's optimizer state{given})"
+
+
+def _projection_text(record: Any) -> str | None:
+    """'none (full gradients)', or 'rademacher to 5 dims, seed 3' (', per layer', ', Kronecker' where so);
+    None where the record is not a tracin.Projection spec."""
+    if record is None:
+        return "none (full gradients)"
+    if not isinstance(record, dict) or record.get("type") != "tracin.Projection":
+        return None
+    kind, dim, seed = record.get("kind"), record.get("dim"), record.get("seed")
+    if not isinstance(kind, str) or type(dim) is not int or type(seed) is not int:
+        return None
+    extra = (", per layer" if record.get("per_layer") is True else "") + (
+        ", Kronecker" if record.get("kronecker") is True else ""
+    )
+    return f"{_key_text(kind)} to {dim} dims, seed {seed}{extra}"
 
 
 def _dims_text(i: dict[str, Any]) -> str:
