@@ -23,7 +23,7 @@ from jax.extend.core import ClosedJaxpr, jaxprs_in_params
 from .._export.loss_watch import LossWatch as SharedLossWatch
 from ..projection import NonFiniteRowError
 from .batches import Batch
-from .params import ParamLayout, layout_of
+from .params import ParamLayout, bundle_hint, layout_of
 
 LossFn = Callable[[Any, Any, Any], Any]
 
@@ -132,7 +132,8 @@ def check_per_example(
     except Exception as err:  # noqa: BLE001 - re-raised with the argument named
         raise ValueError(
             f"loss_fn(params, inputs, targets) failed on a batch of {size}{padded}: {type(err).__name__}: {err}"
-            f"{_container_hint(err, layout) or _lookup_hint(err, layout)}{note}"  # a TrainState: not another version
+            # a TrainState, or a whole training checkpoint's dict: not another model version
+            f"{_container_hint(err, layout) or bundle_hint(layout) or _lookup_hint(err, layout)}{note}"
         ) from err
     shape = getattr(out, "shape", None)
     if isinstance(out, (tuple, list)):  # the (loss, aux) of jax.value_and_grad(..., has_aux=True)
