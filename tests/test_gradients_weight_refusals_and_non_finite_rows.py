@@ -74,3 +74,20 @@ def test_bfloat16_rows_are_non_finite_by_all_ones_exponent_bits_alone():
     assert non_finite_rows(bits, DTYPE_CODES["bfloat16"]) == [2, 3, 5]
     half = np.array([[65504.0, 1.0], [np.inf, 0.0], [6.1e-5, -65504.0]], np.float16)
     assert non_finite_rows(half, DTYPE_CODES["float16"]) == [1]
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [np.array(True), np.array(False), "jax"],
+    ids=["numpy 0-d True", "numpy 0-d False", "jax 0-d True"],
+)
+def test_a_0d_bool_array_among_the_weights_is_refused_as_a_bool_is(flag):
+    """A 0-d bool array (NumPy's, or JAX's jnp.asarray(True)) in a list of weights was read as 1.0 / 0.0, while a
+    bool, np.bool_, a 0-d torch bool tensor and a bool array are refused: refused as they are."""
+    if isinstance(flag, str):
+        flag = pytest.importorskip("jax.numpy").asarray(True)
+    with pytest.raises(TypeError, match=r"^weights must be a sequence of real numbers \(one per checkpoint\), got"):
+        tracin.Gradients(_TWO, [flag, 1.0])
+    with pytest.raises(TypeError, match=r"^weights must be a sequence of real numbers"):
+        tracin.FactoredGradients(_TWO, _TWO, (0.5, flag))
+    assert tracin.Gradients(_TWO, [np.array(0.5), np.float32(2.0)]).weights.tolist() == [0.5, 2.0]  # 0-d numbers

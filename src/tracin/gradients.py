@@ -112,7 +112,7 @@ def _weights(weights: Any, count: int) -> np.ndarray:
     elif isinstance(weights, (list, tuple)):
         weights = [_torch_values(x) if is_torch_tensor(x) else x for x in weights]
     if isinstance(weights, (str, bytes, bytearray)) or (
-        isinstance(weights, (list, tuple)) and any(isinstance(x, (bool, np.bool_)) for x in weights)
+        isinstance(weights, (list, tuple)) and any(_is_bool(x) for x in weights)
     ):  # NumPy would turn [1, True] into integers
         raise bad
     try:
@@ -159,6 +159,12 @@ def _torch_values(t: Any) -> Any:
         t = t.float()
     values = t.numpy()
     return values.item() if values.ndim == 0 else values
+
+
+def _is_bool(x: Any) -> bool:
+    """Whether an element of a list of weights is a bool: Python's, np.bool_, or an array of bool dtype (a 0-d
+    NumPy or JAX array, which np.asarray would read as 1 or 0 beside numbers)."""
+    return isinstance(x, (bool, np.bool_)) or getattr(getattr(x, "dtype", None), "kind", None) == "b"
 
 
 def _real(x: Any) -> bool:
