@@ -321,7 +321,7 @@ def _read_record(fd: int) -> str | None:
     try:
         data = os.pread(fd, _MAX_RECORD + 1, 0)
         doc = json.loads(data) if len(data) <= _MAX_RECORD else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return None
     if not isinstance(doc, dict):
         return None
