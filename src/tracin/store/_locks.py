@@ -326,7 +326,8 @@ def _read_record(fd: int) -> str | None:
     if not isinstance(doc, dict):
         return None
     pid, host, since = doc.get("pid"), doc.get("host"), doc.get("since")
-    if not (type(pid) is int and pid > 0 and isinstance(host, str) and isinstance(since, str)):
+    # a pid beyond a 32-bit pid_t is no process's (os.kill would raise OverflowError on it)
+    if not (type(pid) is int and 0 < pid < 2**31 and isinstance(host, str) and isinstance(since, str)):
         return None
     host, since = _printable(host), _printable(since)
     if host == socket.gethostname() and not _alive(pid):

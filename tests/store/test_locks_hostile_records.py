@@ -1,8 +1,12 @@
 """A holder record (writer.info, a range writer's lock file) is anyone's to write: one nested deeper than
 the JSON parser's recursion limit, within the 4 KiB read, is left out of the refusal like any garbled record
-(it raised "maximum recursion depth exceeded while decoding a JSON array" in place of the refusal)."""
+(it raised "maximum recursion depth exceeded while decoding a JSON array" in place of the refusal), and so is
+one whose pid no process can have (beyond a 32-bit pid_t: os.kill raised OverflowError on it)."""
 
 from __future__ import annotations
+
+import json
+import socket
 
 import pytest
 
@@ -41,3 +45,18 @@ def test_a_range_lock_record_nested_too_deep_is_left_out_of_the_refusal(tmp_path
         assert "held by" not in str(e.value)
     finally:
         held.release()
+
+
+@pytest.mark.parametrize("pid", [2**31, 2**63, 10**30])
+@pytest.mark.parametrize("host", ["this", "node7"])
+def test_a_record_of_a_pid_no_process_can_have_is_left_out_of_the_refusal(tmp_path, pid, host):
+    path = tmp_path / "s"
+    w = tracin.GradientStore.create(path, **SPEC)
+    try:
+        host = socket.gethostname() if host == "this" else host
+        (path / _locks.INFO_FILE).write_text(json.dumps({"pid": pid, "host": host, "since": "2026-01-01T00:00:00Z"}))
+        with pytest.raises(RuntimeError, match="being written by another writer") as e:
+            tracin.GradientStore.create(path, **SPEC)
+        assert "held by" not in str(e.value)
+    finally:
+        w.close()
