@@ -77,3 +77,17 @@ def test_a_loss_failing_on_a_later_checkpoints_params_names_that_checkpoint_and_
         "loss_fn(params, inputs, targets) failed on a batch of 16 (rows 0 to 15 of the data, at checkpoint 1): "
         "TypeError: this loss takes float32 weights only"
     )
+
+
+def test_a_bias_free_last_layer_of_data_yielding_no_batches_is_refused_as_no_rows(mlp):
+    """A bias-free head's (p, q) are read off the first batch, read ahead: a one-shot iterator or an empty list
+    with no batch at all is 'data has no rows', as for any other export."""
+    params = [{"l1": p["l1"], "l2": {"kernel": p["l2"]["kernel"]}} for p in mlp.params]
+
+    def loss(p, x, y):
+        return mlp.cross_entropy(mlp.hidden(p, x) @ p["l2"]["kernel"], y)
+
+    kw = dict(mode="last_layer", layers=["l2"], layer_input=mlp.hidden, progress=False)
+    for data in (iter([]), []):
+        with pytest.raises(ValueError, match=r"^data has no rows$"):
+            export_gradients(loss, [(params[0], 1.0)], data, **kw)
