@@ -16,7 +16,8 @@ gradient is 0 in exact arithmetic, v ~1e-18). Where v's entries are far above ep
 eps^2 / v relatively, and a rank-one v is still factorised exactly to that. eps^2 bounds a row or a
 column near 0, not an entry whose row and column are both near 0 (denominator ~eps^2 sqrt(pq / s)):
 _scales warns where some entry's scale exceeds _OVER_ADAM times the most the full-row "adam" gives any
-(1 / eps). Rows and columns where v is exactly 0 are scaled by 0 (a parameter row or column that never
+entry of its column (1 / eps, the eps of the column's parameter: a bias's group may have its own). Rows
+and columns where v is exactly 0 are scaled by 0 (a parameter row or column that never
 had a gradient: the embedding row of a token the training never held); the full-row "adam"
 (preconditioner.py) divides a gradient there by eps, so it dominates its row. _scales warns
 (RuntimeWarning, once per layer per checkpoint, from the sums: O(size of v)) when some of a layer's
@@ -147,25 +148,28 @@ def _scales(
     if zero:
         _warn_zero_v(what, where, counted, counted.sum(1), counted.sum(0), zero, bias, w.eps)
     kept = left if padding_row is None else np.delete(left, padding_row)
-    bound = min(1 / (np.sqrt(m.eps_root) + m.eps) for m in parts)
+    # per column, its parameter's 1 / (sqrt(eps_root) + eps): a weight and its bias may be in groups of other eps
+    bound = np.hstack([np.full(np.size(m.v) // p, 1 / (np.sqrt(m.eps_root) + m.eps)) for m in parts])
     _warn_over_adam(what, where, kept, right, bound, bias)
     return left, right
 
 
-def _warn_over_adam(name: str, where: str, left: np.ndarray, right: np.ndarray, bound: float, bias: bool) -> None:
+def _warn_over_adam(name: str, where: str, left: np.ndarray, right: np.ndarray, bound: Any, bias: bool) -> None:
     """The RuntimeWarning about the rows and columns of a layer whose rank-one scale of some entry,
-    left_i right_j, is over _OVER_ADAM times `bound`, the most the full-row "adam" weighs any entry
-    (1 / (sqrt(eps_root) + eps)): a row and a column of v both near 0, where eps^2 bounds neither."""
-    top = left.max(initial=0.0) * right.max(initial=0.0)
-    if top <= _OVER_ADAM * bound:
+    left_i right_j, is over _OVER_ADAM times `bound` (a number, or one per column), the most the full-row
+    "adam" weighs any entry of that column (1 / (sqrt(eps_root) + eps) of its parameter): a row and a column
+    of v both near 0, where eps^2 bounds neither."""
+    over = right / np.broadcast_to(np.asarray(bound, np.float64), right.shape)  # each column's scale / its bound
+    top = left.max(initial=0.0) * over.max(initial=0.0)
+    if top <= _OVER_ADAM:
         return
-    far_rows = left * right.max() > _OVER_ADAM * bound
-    far_cols = right * left.max() > _OVER_ADAM * bound
+    far_rows = left * over.max() > _OVER_ADAM
+    far_cols = over * left.max() > _OVER_ADAM
     bias_col = " (the bias's, the last, among them)" if bias and far_cols[-1] else ""
     warnings.warn(
         f"preconditioner='adam': the rank-one factorisation of the second moments (v) of {name}{where} weighs "
         f"gradient entries in {int(far_rows.sum())} of {left.size} rows and {int(far_cols.sum())} of {right.size} "
-        f"columns{bias_col} by up to {top / bound:.1e} times the most the full-row 'adam' weighs any entry "
+        f"columns{bias_col} by up to {top:.1e} times the most the full-row 'adam' weighs any entry "
         f"(1 / eps): their v is near 0 in both the row and the column, where eps^2 added to v bounds neither "
         "sum. A gradient there (rounding of one that is 0 in exact arithmetic, or a small real one) then "
         "outweighs the layer's other entries far more than Adam itself would; where those scores matter, leave "
