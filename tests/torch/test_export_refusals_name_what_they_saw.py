@@ -109,3 +109,37 @@ def test_a_last_layer_search_error_of_the_models_own_type_passes_unchanged():
     with pytest.raises(_ShapeError) as e:
         export_gradients(model, [(model.state_dict(), 1.0)], _data(), LOSS, mode="last_layer", progress=False)
     assert str(e.value) == "needs two rows (1 rows)" and e.value.rows == 1
+
+
+def test_the_first_rows_note_of_a_batch_of_one_row_names_row_0_alone():
+    x, y = _data()
+    model = _Pair()
+    with pytest.raises(RuntimeError) as e:
+        export_gradients(model, [(model.state_dict(), 1.0)], (x, y), _broken, batch_size=1, progress=False)
+    assert str(e.value) == (
+        "broken loss (tracin's check ran the model and loss_fn on rows 0..0 of the first batch of 1; "
+        "the batch's inputs (1, 6), targets (1,))"
+    )
+
+
+@pytest.mark.parametrize("error", [RuntimeError, IndexError, ValueError])
+def test_an_error_on_data_read_as_two_batches_says_how_it_was_read_whatever_its_type(error):
+    """data, two pairs of tensors, is read as two batches (tracin.torch.data.TWO_BATCHES): an error of the loss on
+    the first of them says so, as one of its own type."""
+    x, y = _data()
+    model = _Pair()
+
+    def failing(outputs, targets):
+        raise error("the loss failed")
+
+    data = ((x[:4], y[:4]), (x[4:], y[4:]))
+    with pytest.raises(error) as e:
+        export_gradients(model, [(model.state_dict(), 1.0)], data, failing, progress=False)
+    assert type(e.value) is error
+    said = str(e.value)
+    assert said.startswith("the loss failed")
+    assert said.endswith(
+        "(data, two pairs of tensors, was read as a list of two batches of (inputs, targets), data[0] and data[1] "
+        "(PAIR_RULE); for one batch whose inputs and targets are tuples, pass a list of that one batch, "
+        "[((x, k), (y, w))])"
+    )
