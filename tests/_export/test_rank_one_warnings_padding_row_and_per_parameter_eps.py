@@ -88,3 +88,17 @@ def test_weight_entries_within_their_own_parameters_bound_are_not_warned_about()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _scales([_adam(weight, 1e-8), _adam(bias, 1e-2)], 0, True, 4, "'fc.weight'", 1)
+
+
+def test_the_zero_v_warning_names_the_full_row_divisor_with_eps_root():
+    """optax's eps_root: where v is 0 the full-row "adam" divides by sqrt(eps_root) + eps (1e-2 + 1e-8 here), not
+    eps; the rank-one warning says so, as the full-row one does."""
+    v = np.random.default_rng(3).uniform(0.5, 2.0, (4, 3))
+    v[1] = 0.0
+    moments = AdamMoments(
+        np.zeros(12, np.float32), v.reshape(-1).astype(np.float32), STEP, 0.9, B2, 1e-8, eps_root=1e-4
+    )
+    with pytest.warns(RuntimeWarning) as caught:
+        _scales([moments], 0, False, 4, "'emb.weight'", 0)
+    (text,) = [str(w.message) for w in caught]
+    assert f"by sqrt(eps_root) + eps={np.sqrt(1e-4) + 1e-8:g} instead" in text, text

@@ -146,7 +146,7 @@ def _scales(
     if padding_row is not None:
         what += f" (its padding_idx row {padding_row} left out: it never has gradient)"
     if zero:
-        _warn_zero_v(what, where, counted, counted.sum(1), counted.sum(0), zero, bias, w.eps)
+        _warn_zero_v(what, where, counted, counted.sum(1), counted.sum(0), zero, bias, w.eps, w.eps_root)
     kept = left if padding_row is None else np.delete(left, padding_row)
     # per column, its parameter's 1 / (sqrt(eps_root) + eps): a weight and its bias may be in groups of other eps
     bound = np.hstack([np.full(np.size(m.v) // p, 1 / (np.sqrt(m.eps_root) + m.eps)) for m in parts])
@@ -180,11 +180,20 @@ def _warn_over_adam(name: str, where: str, left: np.ndarray, right: np.ndarray, 
 
 
 def _warn_zero_v(
-    name: str, where: str, v: np.ndarray, r: np.ndarray, c: np.ndarray, zero: int, bias: bool, eps: float
+    name: str,
+    where: str,
+    v: np.ndarray,
+    r: np.ndarray,
+    c: np.ndarray,
+    zero: int,
+    bias: bool,
+    eps: float,
+    eps_root: float = 0.0,
 ) -> None:
     """The RuntimeWarning about a layer's v ((p, q) [| bias]) holding `zero` zeros: all of the weight's
     (its part of every row is zero), or some (the rows and columns of v that are all 0 are scaled by 0,
-    where the full-row "adam" divides those entries by eps). O(size of v) from its sums r, c."""
+    where the full-row "adam" divides those entries by eps, or sqrt(eps_root) + eps). O(size of v) from its sums
+    r, c."""
     p, q = v.shape
     if not r.any() or not c[: q - bias].any():  # all of v, or the weight's, is 0
         warnings.warn(
@@ -198,12 +207,13 @@ def _warn_zero_v(
     rows, cols = int(np.count_nonzero(r == 0)), int(np.count_nonzero(c == 0))
     rest = zero - (rows * q + cols * p - rows * cols)
     others = f"; its {rest} other zero entries get r c^T / s > 0" if rest else ""
+    divisor = f"eps={eps:g}" if not eps_root else f"sqrt(eps_root) + eps={np.sqrt(eps_root) + eps:g}"
     warnings.warn(
         f"preconditioner='adam': {zero} of {v.size} second moments (v) of {name}{' (bias as the last column)' * bias} "
         f"are 0{where}: {rows} of {p} rows and {cols} of {q} columns of v are all 0 (no gradient before it, as for "
         "tokens the training never held). The rank-one factorisation scales those rows and columns by 0, so a "
         f"gradient there adds nothing{others}; the full-row 'adam' (no or a flat projection) divides those entries "
-        f"by eps={eps:g} instead, so they dominate the rows with gradient there",
+        f"by {divisor} instead, so they dominate the rows with gradient there",
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )
