@@ -425,6 +425,8 @@ def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
                     "(torch.utils.data.default_collate)"
                 )
             hint += ")"
+        elif isinstance(batch, (tuple, list)) and len(batch) > 2:
+            hint = f" ({EXTRA_ITEMS})"
         raise TypeError(
             f"{name} must be an (inputs, targets) pair of torch tensors (or NumPy arrays), "
             f"got {type(batch).__name__}"
@@ -432,6 +434,40 @@ def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
             + hint
         )
     return batch[0], batch[1]
+
+
+EXTRA_ITEMS = (
+    "an item of more than two, such as a Dataset returning (x, y, index) or (x, y, weight), is not an (inputs, "
+    "targets) pair: keep those two, in the Dataset's __getitem__ or, for a DataLoader, with collate_fn=lambda "
+    "items: default_collate(items)[:2] (torch.utils.data.default_collate; a Dataset given as data can go in "
+    "DataLoader(dataset, batch_size=64, collate_fn=...)); a model taking several inputs gets them as one tuple, "
+    "((x1, x2), y)"
+)
+
+
+def _refuse_list_of_examples(data: list | tuple) -> None:
+    """ValueError where `data`, a list (or tuple) read as batches, starts with one example's (inputs, target)
+    pair: data[0]'s targets a 0-d tensor or array or a number (a class label), which no batch has (it has a
+    row per example). A list of (image, label) examples would otherwise get the 0-d leaf's advice for a
+    setting shared by every example, and _list_of_batches's note looks for 0-d / 1-d inputs only (an image
+    has more dimensions). data[0] alone is read (a list subclass's __iter__ may count passes)."""
+    if not data or not _is_pair(data[0]):
+        return
+    target = data[0][1]
+    if isinstance(target, (torch.Tensor, np.ndarray)) and target.ndim == 0:
+        got = f"a 0-d tensor ({_dtype_name(target.dtype)})" if isinstance(target, torch.Tensor) else "a 0-d array"
+    elif _number(target) and not isinstance(target, bool):
+        got = scalar_leaf_kind(target)
+    else:
+        return
+    shapes = sorted({tuple(leaf.shape) for _, leaf in _named_leaves(data[0][0], "inputs") if hasattr(leaf, "shape")})
+    inputs = f" and its inputs have shapes {', '.join(map(str, shapes))}" if shapes else ""
+    raise ValueError(
+        f"data, a list of {len(data)} (inputs, targets) pairs, is read as {len(data)} batches, each item's "
+        f"dimension 0 its rows, but data[0]'s targets are {got}{inputs}: one example's, not a batch's; for a "
+        "list of single examples, collate them into one pair first: torch.utils.data.default_collate(data), or "
+        "pass DataLoader(data, batch_size=64)"
+    )
 
 
 PAIR_RULE = (
@@ -893,6 +929,7 @@ def as_batches(data: Any, max_rows: int) -> Batches:
         one_shot = iter(data) is data
         n = None
         if isinstance(data, (list, tuple)):
+            _refuse_list_of_examples(data)
             n = _no_rows(sum(_target_rows(b, f"batch {i}") for i, b in enumerate(data)))
         two = _is_pair(data) and all(_is_pair(d) for d in data)
         two = two and all(isinstance(leaf, (torch.Tensor, np.ndarray)) for _, leaf in _named_leaves(data, "data"))
