@@ -70,3 +70,31 @@ def test_only_an_exclusive_directory_lock_records_its_holder(tmp_path):
     assert json.loads((tmp_path / _locks.INFO_FILE).read_bytes())["pid"] == os.getpid()
     exclusive.release()
     assert not (tmp_path / _locks.INFO_FILE).exists()
+
+
+def test_a_range_lock_file_removed_between_its_open_and_its_flock_is_made_anew_and_held(tmp_path, monkeypatch):
+    """A writer of the whole store removes rows-*.lock files as it merges: a range writer that opened the old
+    file just before must not hold its flock on the removed file (a second writer of the same rows would then
+    make a new file and take it too); it takes the lock file that the path names."""
+    path = tmp_path / "rows-0-10.lock"
+    path.write_bytes(b"")
+    real_open, removed = _locks._Held._open, []
+
+    def open_then_removed(self, name, flags):
+        fd = real_open(self, name, flags)
+        if not flags & os.O_CREAT and not removed:  # the existing file, opened: another process removes it
+            removed.append(name)
+            os.unlink(name)
+        return fd
+
+    monkeypatch.setattr(_locks._Held, "_open", open_then_removed)
+    held = _locks.RangeLock(tmp_path, 0, 10)
+    try:
+        assert [os.fspath(name) for name in removed] == [os.fspath(path)]
+        on_disk, mine = os.stat(path), os.fstat(held._fd)
+        assert (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
+        monkeypatch.setattr(_locks, "RETRY_S", 0.05)
+        with pytest.raises(RuntimeError, match=r"rows \[0, 10\) .* are being written by another range writer"):
+            _locks.RangeLock(tmp_path, 0, 10)
+    finally:
+        held.release()
