@@ -79,9 +79,18 @@ def checkpoint_contributions(
     per = _slots_per_checkpoint(train if _checkpoint_run(train) else test, layers_per_checkpoint)
     indices = np.asarray(result.indices)
     if indices.ndim != 2 or indices.shape[0] != test.n_rows or not np.issubdtype(indices.dtype, np.integer):
+        fits = indices.ndim == 2 and np.issubdtype(indices.dtype, np.integer)
+        # a well-formed result of other rows: top_k made it from another test set, or test and train came swapped
+        swapped = fits and indices.shape[0] == train.n_rows
         raise ValueError(
             f"result.indices must be integer (m, k) with m = {test.n_rows} test rows, got "
             f"{indices.dtype} {indices.shape}"
+            + (
+                f": result holds {indices.shape[0]} test rows; pass the test and train gradients top_k made it "
+                f"from" + (" (test and train the other way round? test comes first)" if swapped else "")
+                if fits
+                else ""
+            )
         )
     if indices.size and (indices.min() < 0 or indices.max() >= train.n_rows):
         raise ValueError(
