@@ -143,3 +143,30 @@ def test_an_error_on_data_read_as_two_batches_says_how_it_was_read_whatever_its_
         "(PAIR_RULE); for one batch whose inputs and targets are tuples, pass a list of that one batch, "
         "[((x, k), (y, w))])"
     )
+
+
+class _SecondPassChanges:
+    """A re-iterable of one batch whose inputs or targets differ from its third pass on: pass 0 is the export's
+    read-ahead (row count, first row), pass 1 checkpoint 0's, pass 2 checkpoint 1's."""
+
+    def __init__(self, changed: str):
+        self.changed, self.passes = changed, 0
+
+    def __iter__(self):
+        x, y = _data()
+        if self.passes >= 2 and self.changed == "inputs":
+            x = x + 1
+        if self.passes >= 2 and self.changed == "targets":
+            y = (y + 1) % 4
+        self.passes += 1
+        return iter([(x, y)])
+
+
+@pytest.mark.parametrize("changed", ["inputs", "targets"])
+def test_data_changing_between_checkpoints_names_which_of_inputs_and_targets_changed(changed):
+    model = _Pair()
+    state = model.state_dict()
+    with pytest.raises(
+        ValueError, match=rf"^checkpoint 1: batch 0 of the data holds other {changed} than on the first"
+    ):
+        export_gradients(model, [(state, 1.0), (state, 0.5)], _SecondPassChanges(changed), LOSS, progress=False)
