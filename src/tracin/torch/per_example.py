@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import grad_and_value, vmap
 
+from .._caller import user_stacklevel
 from .capture import NotCaptured, Refused, bytes_of_one, device_failure, ids_shared_by_the_batch
 from .data import Tree, batch_rows, call_model, slice_rows, tree_map
 from .first_rows_check import (
@@ -137,7 +138,7 @@ class PerExampleGradients:
                 "running statistics); per-example gradients are taken with torch.func.vmap, one example "
                 "at a time",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         if mixing or not self.hooks.plan:
             self.hooks = None
@@ -500,7 +501,7 @@ class PerExampleGradients:
             "alone: such a batch is computed one example at a time for every parameter (torch.func.vmap or a "
             "loop), the batch after it by the hooks again; this warning is not repeated for later batches",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
     def _unsummed(self, layers: dict[str, tuple[float, float]]) -> None:
@@ -518,7 +519,7 @@ class PerExampleGradients:
             "example at a time for every parameter (torch.func.vmap or a loop); this warning is not repeated for "
             "later batches",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
     def _skip_shared_ids(self, state, inputs: Tree) -> None:
@@ -627,7 +628,7 @@ class PerExampleGradients:
                 f"layers run through their forward, holding no parameters but weight and bias; {_listed(named)} "
                 "are computed with torch.func.vmap instead",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         return True
 
@@ -723,7 +724,7 @@ class PerExampleGradients:
                     + (" (about 1 / batch of vmap's memory)" if out_of_memory else "")
                     + f"; layers= leaving them out skips the loop{_vmap_way_out(self.model, why)}",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
                 self.vectorised = False
             except Exception as e:  # the model's or loss's error on the one-row batches vmap runs
@@ -1007,5 +1008,5 @@ def _warn_leaving(reason: str) -> None:
     warnings.warn(
         f"per-example gradients by batched hooks given up ({reason}); using torch.func.vmap",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=user_stacklevel(),
     )
