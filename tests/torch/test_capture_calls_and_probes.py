@@ -247,6 +247,8 @@ def test_the_words_for_layers_run_one_example_at_a_time_count_the_layers():
         (torch.cuda.OutOfMemoryError("CUDA out of memory."), True),
         (RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x5 and 4x3)"), False),
         (RuntimeError("a CUDA error: later in the words"), False),
+        (ValueError("CUDA error: in a user's own ValueError"), False),  # a RuntimeError's text alone
+        (KeyError("CUDA error: a key"), False),
     ],
 )
 def test_device_failure_is_the_devices_own_error_only(error, failed):

@@ -185,7 +185,9 @@ def device_failure(e: BaseException) -> bool:
     not to be taken for a model a gradient path cannot run. Out of memory (torch.cuda.OutOfMemoryError)
     is the one a path needing less memory may avoid: callers with such a fallback test for it apart."""
     accelerator = getattr(torch, "AcceleratorError", torch.cuda.OutOfMemoryError)
-    return isinstance(e, (torch.cuda.OutOfMemoryError, accelerator)) or str(e).startswith("CUDA error")
+    return isinstance(e, (torch.cuda.OutOfMemoryError, accelerator)) or (
+        isinstance(e, RuntimeError) and str(e).startswith("CUDA error")
+    )
 
 
 class _Tap(torch.autograd.Function):
