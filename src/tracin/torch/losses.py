@@ -227,8 +227,39 @@ def _loss_call(loss_fn: LossFn, outputs: object, targets: Tree) -> torch.Tensor:
     except TypeError as e:
         why = loss_mismatch(loss_fn, e)
         if why is None:
-            raise
+            hint = container_outputs(outputs)
+            if hint is None:
+                raise
+            why = f"{e} ({hint})"
         raise TypeError(why) from e
+
+
+def container_outputs(outputs: object) -> str | None:
+    """For a TypeError of loss_fn(outputs, targets) where the model returned a tuple, list or dict (logits and
+    features, say), which loss_fn gets whole: what the model returned and how to pick the logits in loss_fn.
+    None for other outputs (a tensor: the error is the loss's own)."""
+    if isinstance(outputs, Mapping) and outputs:
+        items = list(outputs.items())
+        first = items[0][0]
+        pick = f"outputs[{first!r}]"
+        kind = "dict"
+    elif isinstance(outputs, (tuple, list)) and outputs:
+        items = list(enumerate(outputs))
+        pick, kind = "outputs[0]", "tuple" if isinstance(outputs, tuple) else "list"
+    else:
+        return None
+
+    def described(value: object) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{tuple(value.shape)}"
+        return type(value).__name__
+
+    listed = ", ".join(f"{key!r}: {described(v)}" if kind == "dict" else described(v) for key, v in items[:4])
+    more = ", ..." if len(items) > 4 else ""
+    return (
+        f"the model returned a {kind} of {len(items)} ({listed}{more}), which loss_fn gets whole as its outputs: "
+        f"where loss_fn takes one tensor, pick it, e.g. loss_fn=lambda outputs, targets: loss({pick}, targets)"
+    )
 
 
 def random_forward(
