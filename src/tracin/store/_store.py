@@ -513,7 +513,7 @@ class GradientStore(GradientSet):
 
     def describe(self) -> str:
         """A few human-readable lines: rows, checkpoints, dims, dtype, size on disk, complete or not, and what
-        an export recorded of its rows (_export_lines: preconditioner, projection, parameters and layers).
+        an export recorded of its rows (_export_lines: preconditioner, projection, parameters and their modules).
         Strings from the store (metadata keys; also the path) are shown safe for a terminal: a key with a
         control character (ESC, BEL, newline), line separator, lone surrogate or bidi control (U+202E)
         as its repr, '\\x1b[2J'."""
@@ -542,7 +542,7 @@ class GradientStore(GradientSet):
                 f"range writers   {len(i['range_writers'])} with files (rows {spans}); their progress is "
                 "merged into the counts above when the store is next opened to write the whole of it"
             )
-        lines += _export_lines(i["metadata"])
+        lines += _export_lines(i["metadata"], i["mode"])
         if i["metadata"]:
             lines.append(f"metadata        {_first(sorted(i['metadata']), _key_text)}")
         return "\n".join(lines)
@@ -671,17 +671,19 @@ def _key_text(key: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-# describe() names at most this many parameters, layers and layers= patterns, then says how many more
+# describe() names at most this many parameters, modules and layers= patterns, then says how many more
 _NAMED = 4
 
 
-def _export_lines(metadata: dict[str, Any]) -> list[str]:
+def _export_lines(metadata: dict[str, Any], mode: str) -> list[str]:
     """describe()'s lines on what an export recorded (tracin._export.metadata): the preconditioner (kind, and
-    whether an optimizer state was used), the projection (kind, dim, seed) and the parameters and layers the rows
-    hold (counts, the first few names). A record absent (an older store, one written from NumPy or by hand) or
-    not of the form the adapters write gives no line: nothing is said of it rather than something false."""
+    whether an optimizer state was used), the projection (kind, dim, seed) and the parameters the rows hold and
+    the modules owning them (counts, the first few names; not the factored layers of "checkpoints", which are
+    slots). A record absent (an older store, one written from NumPy or by hand) or not of the form the adapters
+    write gives no line: nothing is said of it rather than something false. mode: the store's, "full" or
+    "factored"."""
     lines = []
-    shown = _preconditioner_text(metadata) if "preconditioner" in metadata else None
+    shown = _preconditioner_text(metadata, mode) if "preconditioner" in metadata else None
     if shown is not None:
         lines.append(f"preconditioner  {shown}")
     shown = _projection_text(metadata["projection"]) if "projection" in metadata else None
@@ -695,14 +697,25 @@ def _export_lines(metadata: dict[str, Any]) -> list[str]:
     ):
         names = [p["name"] for p in params]
         lines.append(f"parameters      {len(names)}: {_named(names)}")
-        sep = "/" if metadata.get("framework") == "jax" else "."  # a JAX leaf's path joins keys with '/'
-        layers = list(dict.fromkeys(name.rpartition(sep)[0] or name for name in names))
+        modules = list(dict.fromkeys(_module_of(name, metadata.get("framework")) for name in names))
         chosen = metadata.get("layers")
         by = ""
         if isinstance(chosen, list) and chosen and all(isinstance(x, str) for x in chosen):
             by = f" (selected by the layers= patterns {_named(chosen)})"
-        lines.append(f"layers          {len(layers)}: {_named(layers)}{by}")
+        lines.append(f"modules         {len(modules)}: {_named(modules)}{by}")
     return lines
+
+
+def _module_of(name: str, framework: Any) -> str:
+    """The module (torch) or sub-tree (JAX: keys joined by '/') owning parameter `name`: its path less the last
+    part, and for a torch parametrization ('0.parametrizations.weight.original0') the parametrized module
+    ('0'); a top-level parameter is its own."""
+    if framework == "jax":
+        return name.rpartition("/")[0] or name
+    head, mark, _ = name.partition(".parametrizations.")
+    if mark and head:
+        return head
+    return name.rpartition(".")[0] or name
 
 
 def _named(names: list[str]) -> str:
@@ -711,9 +724,10 @@ def _named(names: list[str]) -> str:
     return ", ".join(_key_text(n) for n in names[:_NAMED]) + (f", ... and {more} more" if more > 0 else "")
 
 
-def _preconditioner_text(metadata: dict[str, Any]) -> str | None:
+def _preconditioner_text(metadata: dict[str, Any], mode: str) -> str | None:
     """'none (no optimizer state used)', or "adam (gradients divided by ...; Adam state used: each checkpoint's
-    optimizer state, given as a file)"; None where the record is not one the adapters write."""
+    optimizer state, given as a file)", saying where "adam" went through a rank-one factorisation of v (factored
+    rows, Kronecker-projected ones); None where the record is not one the adapters write."""
     record = metadata["preconditioner"]
     if record is None:
         return "none (no optimizer state used)"
@@ -723,6 +737,11 @@ def _preconditioner_text(metadata: dict[str, Any]) -> str | None:
     if kind not in ("adam", "adam_update"):
         return _key_text(kind)
     what = "gradients divided by Adam's sqrt(v) + eps" if kind == "adam" else "rows are Adam's update steps"
+    projection = metadata.get("projection")
+    if kind == "adam" and mode == "factored":
+        what += " (v through a rank-one factorisation: an approximation)"
+    elif kind == "adam" and isinstance(projection, dict) and projection.get("kronecker") is True:
+        what += " (v of the weights projected per token through a rank-one factorisation: an approximation)"
     sources = metadata.get("optimizer_state_sources")
     given = ""
     if isinstance(sources, list) and sources and all(x in ("file", "state") for x in sources):
@@ -732,10 +751,10 @@ def _preconditioner_text(metadata: dict[str, Any]) -> str | None:
 
 
 def _projection_text(record: Any) -> str | None:
-    """'none (full gradients)', or 'rademacher to 5 dims, seed 3' (', per layer', ', Kronecker' where so);
+    """'none (unprojected rows)', or 'rademacher to 5 dims, seed 3' (', per layer', ', Kronecker' where so);
     None where the record is not a tracin.Projection spec."""
     if record is None:
-        return "none (full gradients)"
+        return "none (unprojected rows)"
     if not isinstance(record, dict) or record.get("type") != "tracin.Projection":
         return None
     kind, dim, seed = record.get("kind"), record.get("dim"), record.get("seed")
