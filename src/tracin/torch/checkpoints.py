@@ -878,29 +878,46 @@ _NOT_ADAM_WAY_OUT = (
 )
 
 
+# the keys of a torch.optim.Adam / AdamW state entry: one with others (transformers Adafactor's RMS) is not Adam's
+_ADAM_ENTRY_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+
+
 def _not_adam_type(state: Mapping, group: Mapping, where: str) -> str:
     """Why an optimizer state whose param group `group` lacks Adam's betas or eps is refused: another optimizer's
-    (RMSprop, Adagrad, Adafactor, SGD: no exp_avg / exp_avg_sq moments, whatever eps it has), or Adam's moments
-    with a group that lost those settings; with what to do."""
+    (RMSprop, Adagrad, Adafactor, SGD: no exp_avg / exp_avg_sq moments, whatever eps it has; or moments so named
+    beside keys Adam's entries have not, or a group with beta1: transformers' Adafactor(beta1=...)), or Adam's
+    moments with a group that lost those settings; with what to do."""
     lacking = " and ".join(k for k in ("betas", "eps") if k not in group)
     entries = [e for e in state["state"].values() if isinstance(e, Mapping)]
-    if entries and all(_adam_entry(e) for e in entries):
+    moments = bool(entries) and all(_adam_entry(e) for e in entries)
+    if moments and "beta1" not in group and all(set(map(str, e)) <= _ADAM_ENTRY_KEYS for e in entries):
         return (
             f"{where} holds Adam's moments (exp_avg, exp_avg_sq) but a param group has no {lacking} "
             f"{_held_keys(group)}, which preconditioner='adam' and 'adam_update' read: pass the optimizer's "
             "state_dict() as it saved it (each group with its betas and eps), or " + _NOT_ADAM_WAY_OUT
         )
     held = sorted({str(k) for e in entries for k in e})
-    moments = (
-        f"its entries hold {', '.join(held[:6])}{f' and {len(held) - 6} more' if len(held) > 6 else ''}"
-        if held
-        else "it holds no per-parameter state"
-    )
+    listed = f"{', '.join(held[:6])}{f' and {len(held) - 6} more' if len(held) > 6 else ''}"
+    if moments:
+        extra = sorted({k for k in held if k not in _ADAM_ENTRY_KEYS})
+        why = (
+            f"its entries hold {listed}: moments named exp_avg / exp_avg_sq beside {', '.join(extra[:4])}, "
+            "which Adam's have not,"
+            if extra
+            else f"its entries hold {listed}"
+        )
+        return (
+            f"{where} is not the state of an Adam-type optimizer: {why} and its param group no {lacking} "
+            f"{_held_keys(group)}: another optimizer's (transformers' Adafactor with beta1 keeps exp_avg / "
+            "exp_avg_sq beside RMS), while the preconditioners read only Adam's exp_avg_sq with its betas: "
+            + _NOT_ADAM_WAY_OUT
+        )
+    moments_text = f"its entries hold {listed}" if held else "it holds no per-parameter state"
     return (
         f"{where} is not the state of an Adam-type optimizer: it has no Adam moments exp_avg / exp_avg_sq "
-        f"({moments}) and its param group no {lacking} {_held_keys(group)}: another optimizer's (RMSprop, "
-        "Adagrad, Adafactor, SGD, ...), while the preconditioners divide by the second moment only Adam / AdamW "
-        f"keep: {_NOT_ADAM_WAY_OUT}"
+        f"({moments_text}) and its param group no {lacking} {_held_keys(group)}: another optimizer's (RMSprop, "
+        "Adagrad, Adafactor, SGD, ...), while the preconditioners read only Adam's exp_avg_sq with its betas: "
+        + _NOT_ADAM_WAY_OUT
     )
 
 
