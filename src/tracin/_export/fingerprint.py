@@ -912,6 +912,9 @@ def _digest_named(arrays: dict[str, Any]) -> str:
     return digest_arrays(parts)
 
 
+_CHANGES = " (a shuffling DataLoader or sampler, or an iterable that changes between passes?)"
+
+
 class DataFingerprint:
     """Order-sensitive digests of the batches one export reads, pass after pass.
 
@@ -945,13 +948,17 @@ class DataFingerprint:
             digest = digest_arrays(inputs)
             self._whole.update(digest.encode() + (digest if targets is None else digest_arrays(targets)).encode())
             return
-        if i < len(self._reference) and self._reference[i] == (d, given):
+        if i >= len(self._reference):  # refused before its rows are computed, naming what it is: one batch too many
+            raise ValueError(
+                f"{self._where}: the data gave more batches than the {len(self._reference)} of the first pass; "
+                f"it must give the same rows in the same order for every checkpoint{_CHANGES}"
+            )
+        if self._reference[i] == (d, given):
             return
-        what = "inputs" if i < len(self._reference) and self._reference[i][0] == d else "targets"
+        what = "inputs" if self._reference[i][0] == d else "targets"
         raise ValueError(
             f"{self._where}: batch {i} of the data holds other {what} than on the first pass; the "
-            "data must give the same rows in the same order for every checkpoint (a shuffling "
-            "DataLoader or sampler, or an iterable that changes between passes?)"
+            f"data must give the same rows in the same order for every checkpoint{_CHANGES}"
         )
 
     def end(self) -> None:
