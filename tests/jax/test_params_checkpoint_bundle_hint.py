@@ -34,9 +34,10 @@ def test_a_train_state_dict_names_params_and_the_linen_form():
     assert "ckpt['opt_state'] as the third item" in hint
 
 
-def test_a_bundle_with_a_step_and_no_optimizer_state_names_no_third_item():
-    hint = _hint({"model": PARAMS, "epoch": np.asarray(2)})
-    assert "pass ckpt['model'] as the checkpoint's params" in hint and "third item" not in hint, hint
+@pytest.mark.parametrize("state", ["optimizer", "optimizer_state", "opt"])
+def test_a_bundle_names_its_optimizer_state_by_the_key_it_has(state):
+    hint = _hint({"model": PARAMS, state: {"mu": jnp.ones(2)}, "epoch": np.asarray(2)})
+    assert f"pass ckpt['model'] as the checkpoint's params, with ckpt[{state!r}] as the third item" in hint, hint
 
 
 @pytest.mark.parametrize(
@@ -47,8 +48,26 @@ def test_a_bundle_with_a_step_and_no_optimizer_state_names_no_third_item():
         {"params": PARAMS, "batch_stats": {"mean": jnp.zeros(2)}},
         {"variables": PARAMS},  # a model entry alone
         {"step": np.asarray(1), "w": jnp.ones(2)},  # a training entry alone
+        # a model entry and a step or epoch, no optimizer state: a dict a loss may read (p["model"], p["step"])
+        {"model": PARAMS, "step": jnp.float32(1.0)},
+        {"params": PARAMS, "step": np.asarray(3)},
+        {"weights": PARAMS, "epoch": np.asarray(2)},
         [PARAMS, {"opt_state": jnp.ones(2)}],
     ],
 )
 def test_params_of_a_model_alone_get_no_hint(params):
     assert _hint(params) == ""
+
+
+def test_a_loss_reading_a_model_and_step_dict_failing_otherwise_is_not_told_it_got_a_checkpoint():
+    from tracin.jax import export_gradients
+
+    params = {"model": {"w": jnp.ones((3, 2))}, "step": jnp.float32(1.0)}
+
+    def loss(p, x, y):
+        return ((x @ p["model"]["w"] * p["step"] - y) ** 2).sum(-1)
+
+    inputs = np.ones((4, 5), np.float32)  # 5 features where w has 3 rows: the loss fails on its inputs
+    with pytest.raises(ValueError, match=r"loss_fn\(params, inputs, targets\) failed") as caught:
+        export_gradients(loss, [(params, 0.1)], (inputs, np.zeros((4, 2), np.float32)), progress=False)
+    assert "whole training checkpoint" not in str(caught.value), caught.value

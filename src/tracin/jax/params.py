@@ -704,36 +704,37 @@ def train_state_entries(params: Any) -> list[str]:
 
 
 # top-level entries of a saved training checkpoint ("bundle") that hold the model's parameters, in the order a hint
-# names them, and entries that hold the rest of the training (a checkpoint of the model alone has none of these)
+# names them, and those that hold the optimizer's state: a bundle has both (a dict of the model's parameters and a
+# step or epoch alone may be what a loss reads, and is no sign of a checkpoint passed whole)
 _BUNDLE_MODEL = ("variables", "params", "model", "model_params", "weights", "state_dict")
-_BUNDLE_TRAINING = ("opt_state", "optimizer", "optimizer_state", "step", "epoch")
+_BUNDLE_OPTIMIZER = ("opt_state", "optimizer_state", "optimizer", "opt")
 
 
 def bundle_hint(layout: ParamLayout) -> str:
     """For a loss_fn that failed on params that are a whole training checkpoint ("bundle"): a dict (or FrozenDict)
-    whose top-level keys hold the model's parameters ("variables", "params", ...: _BUNDLE_MODEL) and the rest of
-    the training ("opt_state", "step", ...: _BUNDLE_TRAINING), as a pickled {"variables": ..., "opt_state": ...}
-    restores: that loss_fn gets each checkpoint as given, and which entry to pass instead (with the optimizer
-    state as the third item, for a preconditioner); "" for other params. Given only where the loss failed: a loss
+    whose top-level keys hold the model's parameters ("variables", "params", ...: _BUNDLE_MODEL) and the
+    optimizer's state ("opt_state", "optimizer", ...: _BUNDLE_OPTIMIZER), as a pickled {"variables": ...,
+    "opt_state": ..., "step": ...} restores: that loss_fn gets each checkpoint as given, and which entry to pass
+    instead (with the optimizer state as the third item, for a preconditioner); "" for other params, a
+    {"params": ..., "step": ...} without an optimizer state among them. Given only where the loss failed: a loss
     may read such a dict itself."""
     node = layout.treedef.node_data() if layout.treedef.num_nodes > 1 else None
     if not node or not isinstance(node[0], type) or not (issubclass(node[0], dict) or node[0].__name__ == "FrozenDict"):
         return ""
     keys = {str(k) for k in node[1]} if isinstance(node[1], (list, tuple)) else set()
     model = [k for k in _BUNDLE_MODEL if k in keys]
-    training = [k for k in _BUNDLE_TRAINING if k in keys]
-    if not model or not training:
+    state = [k for k in _BUNDLE_OPTIMIZER if k in keys]
+    if not model or not state:
         return ""
     entry = model[0]
     linen = (
         " (or {'params': ckpt['params']} where loss_fn calls a Flax linen model's apply)" if entry == "params" else ""
     )
-    state = next((k for k in ("opt_state", "optimizer_state", "optimizer") if k in keys), None)
-    adam = f", with ckpt[{state!r}] as the third item for preconditioner='adam'" if state else ""
     return (
         f"; params look like a whole training checkpoint (entries {', '.join(map(repr, sorted(keys)[:8]))}"
         f"{', ...' if len(keys) > 8 else ''}), while loss_fn gets each checkpoint as given: pass "
-        f"ckpt[{entry!r}]{linen} as the checkpoint's params{adam}"
+        f"ckpt[{entry!r}]{linen} as the checkpoint's params, with ckpt[{state[0]!r}] as the third item for "
+        "preconditioner='adam'"
     )
 
 
