@@ -103,3 +103,16 @@ def test_a_loss_holding_a_bfloat16_tensor_is_identified_by_its_shape_too():
     assert " arrays[w]=" in wide
     assert wide != tall
     assert callable_identity(Weighted(w.clone().reshape(2, 3))) == wide
+
+
+def test_a_set_used_as_a_key_of_a_dict_subclass_is_printed_sorted():
+    """stable_repr of an OrderedDict whose key is a frozenset (a static field's settings): the set's elements
+    sorted, as in a plain dict, not in the order string hashes (PYTHONHASHSEED) give them."""
+    from collections import OrderedDict
+
+    from tracin._export.fingerprint import stable_repr
+
+    names = [f"k{i:02d}" for i in range(24)]
+    keyed = OrderedDict({frozenset(reversed(names)): 1})
+    inside = ", ".join(repr(n) for n in names)
+    assert stable_repr(keyed) == f"OrderedDict({{frozenset({{{inside}}}): 1}})"
