@@ -139,10 +139,18 @@ def _open_store(path: str, option: str, allow_partial: bool):
             if store.n_rows
             else f"; no row is written for every {_each(info)} yet, so --allow-partial has none to use"
         )
-        raise CommandError(
-            f"{option}: gradient store {path} is unfinished ({written}); finish the export: rerun the same export, "
-            "with the same arguments and store (it resumes from the rows written)" + advice
-        )
+        if isinstance(store.metadata.get("fingerprints"), dict):  # an export's store: its rerun resumes it
+            finish = (
+                "finish the export: rerun the same export, with the same arguments and store (it resumes from the "
+                "rows written)"
+            )
+        else:  # written by hand (GradientStore.create): no export to rerun
+            finish = (
+                "finish writing it: reopen it with w = GradientStore.create(<the same arguments>), write its missing "
+                "rows (w.rows_done(c) says where checkpoint c resumes, w.missing(c) lists its gaps) and call "
+                "w.finalize()"
+            )
+        raise CommandError(f"{option}: gradient store {path} is unfinished ({written}); {finish}" + advice)
     if store.n_rows == 0:
         _show_held(held, store, info)
         state = (
