@@ -87,3 +87,14 @@ def test_a_store_an_export_left_unfinished_is_told_to_rerun_the_export(tmp_path,
         line
     )
     assert "finish writing it" not in line, line
+
+
+def test_a_store_written_by_hand_but_not_finalized_is_not_told_to_rerun_an_export(tmp_path, capsys):
+    w = tracin.GradientStore.create(tmp_path / "s", 4, [3], weights=[0.5])
+    w.write(0, 0, np.ones((4, 3), np.float32))
+    w.close()
+    assert main(["self-influence", str(tmp_path / "s")]) == 1
+    assert _error(capsys).endswith(
+        "is unfinished: every row is written (rows written from row 0, per checkpoint: 4 of 4) but the store was "
+        "never finalized; call GradientStore.create(<the same arguments>).finalize()"
+    )

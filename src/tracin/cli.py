@@ -127,19 +127,20 @@ def _open_store(path: str, option: str, allow_partial: bool):
     written = f"rows written from row 0, {_per_slot(info)}: {counts} of {info['rows']}"
     if not store.complete and not allow_partial:
         _show_held(held, store, info)  # a malformed progress file (its rows left out of the counts)
+        exported = isinstance(store.metadata.get("fingerprints"), dict)  # an export's store: its rerun resumes it
         if store.n_rows == info["rows"]:
             merge = " (it merges the range writers' progress files first)" if info["range_writers"] else ""
             raise CommandError(
                 f"{option}: gradient store {path} is unfinished: every row is written ({written}) but the store "
-                f"was never finalized; call GradientStore.create(<the same arguments>).finalize(){merge}, or rerun "
-                "the export"
+                f"was never finalized; call GradientStore.create(<the same arguments>).finalize(){merge}"
+                + (", or rerun the export" if exported else "")
             )
         advice = (
             f", or pass --allow-partial to use the {store.n_rows} rows written so far for every {_each(info)}"
             if store.n_rows
             else f"; no row is written for every {_each(info)} yet, so --allow-partial has none to use"
         )
-        if isinstance(store.metadata.get("fingerprints"), dict):  # an export's store: its rerun resumes it
+        if exported:
             finish = (
                 "finish the export: rerun the same export, with the same arguments and store (it resumes from the "
                 "rows written)"
