@@ -39,9 +39,21 @@ def test_a_list_of_single_image_examples_is_told_to_collate_them(label: str) -> 
     message = str(e.value)
     assert "list of 12 (inputs, targets) pairs" in message
     assert "default_collate(data)" in message and "DataLoader(data, batch_size=64)" in message
-    assert "setting shared by every example" not in message
     # the advice works: the collated pair exports as the (inputs, targets) tensors do
     assert np.array_equal(_export(_model(), default_collate(data)), _export(_model(), (x, y)))
+
+
+def test_a_list_of_batches_sharing_a_0d_target_is_told_both_readings() -> None:
+    """Batches of 6 images whose target is one value each (a setting of the loss, not a label per row) cannot
+    be told from single examples by their shapes: the message gives collating and functools.partial both."""
+    x, _ = _images()
+    data = [(x[:6], torch.tensor(0.0)), (x[6:], torch.tensor(0.0))]
+    with pytest.raises(ValueError) as e:
+        _export(_model(), data)
+    message = str(e.value)
+    assert "default_collate(data)" in message
+    assert "shared by every example (a setting of the loss), it belongs with loss_fn" in message
+    assert "functools.partial(loss_fn, setting=...)" in message
 
 
 def test_a_list_of_batches_with_a_stray_0d_target_keeps_the_setting_advice() -> None:

@@ -447,10 +447,10 @@ EXTRA_ITEMS = (
 
 def _refuse_list_of_examples(data: list | tuple) -> None:
     """ValueError where `data`, a list (or tuple) read as batches, starts with one example's (inputs, target)
-    pair: data[0]'s targets a 0-d tensor or array or a number (a class label), which no batch has (it has a
-    row per example). A list of (image, label) examples would otherwise get the 0-d leaf's advice for a
-    setting shared by every example, and _list_of_batches's note looks for 0-d / 1-d inputs only (an image
-    has more dimensions). data[0] alone is read (a list subclass's __iter__ may count passes)."""
+    pair: data[0]'s targets a 0-d tensor or array or a number (a class label, or a setting of the loss shared
+    by a batch: both readings are given). A list of (image, label) examples would otherwise get the 0-d leaf's
+    advice for a setting shared by every example alone, and _list_of_batches's note looks for 0-d / 1-d inputs
+    only (an image has more dimensions). data[0] alone is read (a list subclass's __iter__ may count passes)."""
     if not data or not _is_pair(data[0]):
         return
     target = data[0][1]
@@ -462,11 +462,12 @@ def _refuse_list_of_examples(data: list | tuple) -> None:
         return
     shapes = sorted({tuple(leaf.shape) for _, leaf in _named_leaves(data[0][0], "inputs") if hasattr(leaf, "shape")})
     inputs = f" and its inputs have shapes {', '.join(map(str, shapes))}" if shapes else ""
-    raise ValueError(
+    raise ValueError(  # shapes alone cannot tell an example's image from a batch: both readings
         f"data, a list of {len(data)} (inputs, targets) pairs, is read as {len(data)} batches, each item's "
-        f"dimension 0 its rows, but data[0]'s targets are {got}{inputs}: one example's, not a batch's; for a "
+        f"dimension 0 its rows, but data[0]'s targets are {got}{inputs}, with no row per example: for a "
         "list of single examples, collate them into one pair first: torch.utils.data.default_collate(data), or "
-        "pass DataLoader(data, batch_size=64)"
+        "pass DataLoader(data, batch_size=64); for batches whose target is one value shared by every example (a "
+        "setting of the loss), it belongs with loss_fn, not in the data: functools.partial(loss_fn, setting=...)"
     )
 
 
