@@ -114,6 +114,8 @@ class Preconditioned:
         self._zero_v: list[_ZeroV] = []  # this checkpoint's parameters with zero v not yet warned about
         self._warned: set[tuple[int, int]] = set()  # (checkpoint, parameter) warned about
         self._rounding_warned = False  # warn_rounding has warned in this export (once per export)
+        self._outsized_warned = False  # warn_outsized has warned in this export (once per export)
+        self._rounding_flagged: set[int] = set()  # parameters warn_rounding named: not warned about again as outsized
 
     def dims(self, dims: Any) -> Any:
         return dims
@@ -131,8 +133,9 @@ class Preconditioned:
             self._zero_v = self._zero_entries(moments, checkpoint) if self.kind == "adam" else []
             check = self.kind == "adam" and self.sixteen_bit and not self._rounding_warned
             rounding = moments if check else None
+            outsized = moments if self.kind == "adam" and not self._outsized_warned else None
         else:
-            rounding = None
+            rounding = outsized = None
         if self._zero_v:
             self._warn_zero_v(block, checkpoint)
         g_all = np.asarray(block, np.float32)
@@ -153,7 +156,35 @@ class Preconditioned:
             o /= den
         if rounding is not None:
             self._check_rounding(g_all, out, rounding, checkpoint)
+        if outsized is not None:
+            self._check_outsized(g_all, out, outsized, checkpoint)
         return out
+
+    def _check_outsized(self, g: np.ndarray, out: np.ndarray, moments: list[AdamMoments], checkpoint: int) -> None:
+        """The first block of a checkpoint: warn_outsized (once per export) about the parameters whose
+        preconditioned entries, g / (sqrt(v_hat) + eps), have an RMS over the block's non-zero gradients above
+        OUTSIZED (the exported gradients far larger than any the optimizer saw there: a Conv2d bias before a
+        BatchNorm2d has almost none in training mode, a real one in the export's eval mode) and make over half of
+        the rows' norm^2. Entries whose v is 0 are left to warn_zero_v. O(block)."""
+        total = float(np.einsum("ij,ij->", out, out, dtype=np.float64))
+        if not total > 0:
+            return
+        flagged = []
+        for k, ((cols, _), a) in enumerate(zip(self._state, moments, strict=True)):
+            if k in self._rounding_flagged:  # its 16-bit rounding, amplified: warn_rounding's
+                continue
+            o = out[:, cols]
+            live = (g[:, cols] != 0) & (np.asarray(a.v).reshape(-1) > 0)
+            if not live.any():
+                continue
+            rms = float(np.sqrt(np.mean(np.square(o[live], dtype=np.float64))))
+            share = float(np.einsum("ij,ij->", o, o, dtype=np.float64)) / total
+            if rms > OUTSIZED and share > 0.5:
+                name = repr(self.names[k]) if k < len(self.names) else f"parameter {k} of the row"
+                flagged.append((name, rms, share))
+        if flagged:
+            self._outsized_warned = True
+            warn_outsized(flagged, checkpoint)
 
     def _check_rounding(self, g: np.ndarray, out: np.ndarray, moments: list[AdamMoments], checkpoint: int) -> None:
         """The first block of a checkpoint: warn_rounding (once per export) about the parameters whose gradients
@@ -196,6 +227,7 @@ class Preconditioned:
                     flagged.append((k, label, unit, share))
         if flagged:
             self._rounding_warned = True
+            self._rounding_flagged.update(f[0] for f in flagged)
             warn_rounding([f[1:] for f in sorted(flagged)], checkpoint)
 
     def _zero_entries(self, moments: list[AdamMoments], checkpoint: int) -> list[_ZeroV]:
@@ -311,6 +343,11 @@ def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, wh
         )
 
 
+# warn_outsized: an RMS of g / (sqrt(v_hat) + eps) above this over a parameter's entries with gradient (the exported
+# per-example gradients OUTSIZED times the RMS of the training gradients Adam's v recorded; per-example gradients of
+# mislabelled rows reach some hundreds where the training batches averaged them) marks a parameter whose v does not
+# describe the exported gradients
+OUTSIZED = 1e4
 ROUNDING_SHARE = 0.1  # warn_rounding: estimated rounding noise's share of the "adam" rows' norm^2 warned about
 
 
@@ -334,6 +371,23 @@ def rounding_unit(g: np.ndarray) -> float | None:
 def _module(name: str) -> str:
     """A parameter's module: its name up to the last "/" (JAX paths) or "." (torch names)."""
     return name[: max(name.rfind("/"), name.rfind("."), 0)]
+
+
+def warn_outsized(flagged: list[tuple[str, float, float]], checkpoint: int) -> None:
+    """The "adam" RuntimeWarning about parameters (name, RMS of their preconditioned entries, share of the rows'
+    norm^2) whose exported gradients are far larger than the training gradients their v recorded."""
+    listed = "; ".join(
+        f"{name}: {rms:.3g} times, {100 * share:.0f}% of the rows' squared norm" for name, rms, share in flagged
+    )
+    warnings.warn(
+        f"preconditioner='adam': in checkpoint {checkpoint} the exported gradients of {listed} are far larger than "
+        "the gradients the optimizer's second moment (v) recorded in training, so dividing by sqrt(v) + eps makes "
+        "them nearly all of the rows. A Conv2d (or Linear) with a bias followed by BatchNorm gets almost no gradient "
+        "on that bias in training mode and a real one in the export's eval mode: leave such parameters out with "
+        "layers= (name the others, e.g. 'conv.weight'), or build those layers with bias=False",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def warn_rounding(flagged: list[tuple[str, float, float]], checkpoint: int) -> None:
