@@ -396,7 +396,22 @@ def check_preconditioning(kind: str | None, mode: str, checkpoints: Sequence[Che
                     if held
                     else ""
                 )
+                + _mixed_optimizers_note(checkpoints)
             )
+
+
+def _mixed_optimizers_note(checkpoints: Sequence[Checkpoint]) -> str:
+    """For a refusal of a checkpoint without an optimizer state where others carry one (a run that trained
+    with SGD, then Adam): how to export such a run, in two parts whose scores add up."""
+    carrying = [c for c, entry in enumerate(checkpoints) if entry.optimizer is not None]
+    if not carrying or len(carrying) == len(checkpoints):
+        return ""
+    return (
+        f"; {len(carrying)} of the {len(checkpoints)} checkpoints carry one: for a run that changed optimizer "
+        "(SGD, then Adam), export the checkpoints without a state in a call of their own with preconditioner=None "
+        "and the others with the preconditioner, each on both sides, and add the two parts' results: "
+        "tracin.scores, tracin.self_influence and tracin.aggregate of a set of checkpoints are sums over them"
+    )
 
 
 def kronecker_projection(
