@@ -153,8 +153,24 @@ def last_linear(model: nn.Module, run_forward) -> str:
         for h in hooks:
             h.remove()
     if not order:
-        raise ValueError("mode='last_layer' needs an nn.Linear layer in the model's forward; none ran")
+        raise ValueError(
+            "mode='last_layer' needs an nn.Linear layer in the model's forward; none ran" + _last_other(model)
+        )
     return order[-1]
+
+
+def _last_other(model: nn.Module) -> str:
+    """For a model without an nn.Linear in its forward (a CNN whose head is a 1x1 or full-size Conv2d): the way
+    to its last layer's exact gradients, mode='full' with layers= naming it (the last module, in registration
+    order, that holds parameters of its own); "" where the model has none."""
+    owners = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    if not owners:
+        return ""
+    last = model.get_submodule(owners[-1])
+    return (
+        f" (the last module holding parameters is {owners[-1]!r}, a {type(last).__name__}): for its exact gradients, "
+        f"export mode='full' with layers=[{owners[-1]!r}]"
+    )
 
 
 def linear_modules_of(model: nn.Module, names: Sequence[str]) -> list[str]:
