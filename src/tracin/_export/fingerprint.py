@@ -913,6 +913,11 @@ def _digest_named(arrays: dict[str, Any]) -> str:
 
 
 _CHANGES = " (a shuffling DataLoader or sampler, or an iterable that changes between passes?)"
+# other inputs on a later pass: also random augmentation in a Dataset (a transform drawing anew on every read)
+_INPUTS_CHANGE = (
+    " (a shuffling DataLoader or sampler, an iterable that changes between passes, or random augmentation in the "
+    "Dataset, such as a RandomCrop transform: export with the evaluation transforms?)"
+)
 
 
 class DataFingerprint:
@@ -958,7 +963,8 @@ class DataFingerprint:
         what = "inputs" if self._reference[i][0] == d else "targets"
         raise ValueError(
             f"{self._where}: batch {i} of the data holds other {what} than on the first pass; the "
-            f"data must give the same rows in the same order for every checkpoint{_CHANGES}"
+            f"data must give the same rows in the same order for every checkpoint"
+            f"{_INPUTS_CHANGE if what == 'inputs' else _CHANGES}"
         )
 
     def end(self) -> None:
