@@ -18,10 +18,15 @@ ACCEPTED = r"device must be 'cpu' \(the C\+\+ kernel\), 'cuda' or 'cuda:N' \(a G
 WHOLE = ACCEPTED + r" \(the torch backend on the CPU, for tests\), or None \(where the rows are\), got "
 
 
-@pytest.mark.parametrize("device", ["cpux", "cpu ", "cuda:0x", "cuda:", "torch:cpu:0", "cuda:1:2", "CPU"])
+@pytest.mark.parametrize(
+    "device",
+    ["cpux", "cpu ", "cuda:0x", "cuda:", "torch:cpu:0", "cuda:1:2", "CPU", "cuda:01", "cuda:\u0661", "cuda:-1"],
+)
 def test_a_device_string_with_more_after_a_valid_name_is_refused_as_a_device(device):
     """'cpux' or 'cuda:0x' begins like a device name: refused by device='s own message (listing what is
-    accepted and naming the string), not passed on to the backend registry as a name it does not know."""
+    accepted and naming the string), not passed on to the backend registry as a name it does not know.
+    'cuda:01' and 'cuda:' + an Arabic-Indic one (a Unicode digit) are refused as torch refuses them: before,
+    they scored on GPU 1, yet rows on cuda:1 were refused as not on 'cuda:01' (m401)."""
     host = tracin.Gradients(np.ones((3, 2), np.float32))
     with pytest.raises(
         ValueError,

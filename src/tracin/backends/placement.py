@@ -15,7 +15,8 @@ from . import get, torch_module
 from .base import Backend
 
 PRECISIONS = ("float32", "tf32")
-_DEVICE = re.compile(r"cpu|torch:cpu|cuda(:\d+)?")
+# The device names torch takes: an index in ASCII digits, no leading zero ("cuda:01" it refuses).
+_DEVICE = re.compile(r"cpu|torch:cpu|cuda(:(0|[1-9][0-9]*))?")
 
 
 def check_precision(precision: Any) -> None:
