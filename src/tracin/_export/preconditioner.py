@@ -194,6 +194,8 @@ class Preconditioned:
             return
         rest = float(np.sqrt(sum(squares[k] for k in others) / rest_count))
         big = [k for k in big if rms[k] > OUTSIZED_RATIO * rest]
+        if self.sixteen_bit:  # 16-bit rounding of a gradient ~0 in exact arithmetic (autocast): not this warning's
+            big = [k for k in big if not self._rounding_level(g, out, k, OUTSIZED_RATIO * rest)]
         if sum(squares[k] for k in big) / total <= 0.5:
             return
         self._outsized_warned = True
@@ -202,6 +204,25 @@ class Preconditioned:
             for k in big
         ]
         warn_outsized(flagged, checkpoint, rest)
+
+    def _rounding_level(self, g: np.ndarray, out: np.ndarray, k: int, above: float) -> bool:
+        """Whether parameter k's entries of `out` above `above` have gradients at a 16-bit format's rounding: a
+        median under OUTSIZED_ROUNDING times the RMS of the row's gradients on the other parameters of k's module
+        (an attention key's bias under torch.autocast: ~1e-3, where a bias before BatchNorm has ~1). False when
+        the module has no other parameter. O(the module's columns)."""
+        names = [self.names[j] if j < len(self.names) else str(j) for j in range(len(self._state))]
+        module = _module(names[k])
+        others = [self._state[j][0] for j in range(len(names)) if j != k and _module(names[j]) == module]
+        if not others:
+            return False
+        square = sum(np.einsum("ij,ij->i", g[:, c], g[:, c], dtype=np.float64) for c in others)
+        count = sum(np.count_nonzero(g[:, c], axis=1) for c in others)
+        scale = np.sqrt(square / np.maximum(count, 1))
+        rows, cols = np.nonzero(np.abs(out[:, self._state[k][0]]) > above)
+        if not rows.size:
+            return False
+        ratio = np.abs(g[rows, self._state[k][0].start + cols].astype(np.float64)) / np.maximum(scale[rows], 1e-300)
+        return bool(np.median(ratio) < OUTSIZED_ROUNDING)
 
     def _check_rounding(self, g: np.ndarray, out: np.ndarray, moments: list[AdamMoments], checkpoint: int) -> None:
         """The first block of a checkpoint: warn_rounding (once per export) about the parameters whose gradients
@@ -368,6 +389,10 @@ OUTSIZED = 1e4
 # warn_outsized: ... and above this times the RMS of the other parameters' entries (a model trained to near-zero loss,
 # scored on rows it gets wrong, has every parameter's g / sqrt(v) in the thousands, within a few times of each other)
 OUTSIZED_RATIO = 100.0
+# warn_outsized: of 16-bit (or autocast) gradients, an outsized parameter whose outsized entries' gradients are in
+# median under this times the RMS of its module's other gradients is 16-bit rounding amplified (an attention key's
+# bias under autocast: ~1e-3; a bias before BatchNorm: ~1), which the 16-bit and autocast warnings describe
+OUTSIZED_ROUNDING = 2.0**-5
 ROUNDING_SHARE = 0.1  # warn_rounding: estimated rounding noise's share of the "adam" rows' norm^2 warned about
 
 
