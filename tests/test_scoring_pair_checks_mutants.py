@@ -4,6 +4,8 @@ hand-built metadata. Expected values are float64 NumPy or the documented message
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -165,3 +167,75 @@ def test_adam_update_train_rows_against_preconditioned_test_rows_of_any_kind_are
         rf"gradients are preconditioner='{kind}'",
     ):
         tracin.top_k(test, train, k=2)
+
+
+def test_a_whitening_fitted_on_other_preconditioned_rows_than_the_train_side_is_refused():
+    """M17: a whitened test side (no records of its own) whose whitening was fitted on preconditioner=None rows,
+    scored against preconditioner='adam' train rows: FittedKindError naming both kinds, not scored."""
+    space = {"mode": "full", "preconditioner": None}
+    test = tracin.Gradients(_rows(1, 2, 4), metadata={"whitening": {"space": space}})
+    train = tracin.Gradients(_rows(2, 3, 4), metadata={"mode": "full", "preconditioner": {"kind": "adam"}})
+    with pytest.raises(tracin.scoring.FittedKindError) as err:
+        tracin.scores(test, train)
+    assert err.value.kinds == (None, "adam")
+    assert str(err.value).startswith(
+        "the gradients the test side's whitening was fitted on are preconditioner=None but train gradients are "
+        "preconditioner='adam': fit the whitening on the train side's gradients (Whitening.fit(train))"
+    ), str(err.value)
+
+
+def test_sides_of_two_frameworks_with_other_parameter_shapes_are_refused():
+    """M21: full rows of tracin.torch and tracin.jax whose parameter shapes (in row order) differ lay out their
+    columns differently: refused, naming both frameworks."""
+    torch_params = [{"name": "fc.weight", "shape": [2, 3]}, {"name": "fc.bias", "shape": [2]}]
+    jax_params = [{"name": "Dense_0/bias", "shape": [2]}, {"name": "Dense_0/kernel", "shape": [3, 2]}]
+    test = tracin.Gradients(_rows(1, 2, 8), metadata={"framework": "torch", "mode": "full", "params": torch_params})
+    train = tracin.Gradients(_rows(2, 3, 8), metadata={"framework": "jax", "mode": "full", "params": jax_params})
+    with pytest.raises(ValueError, match=r"^test \('torch'\) and train \('jax'\) lay out their rows differently"):
+        tracin.scores(test, train)
+
+
+def _store(path, rows: np.ndarray) -> tracin.GradientStore:
+    writer = tracin.GradientStore.create(path, rows.shape[0], [rows.shape[1]])
+    writer.write(0, 0, rows)
+    writer.finalize()
+    return tracin.GradientStore.open(path)
+
+
+def _said(call) -> list[str]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        call()
+    return [str(r.message) for r in record if issubclass(r.category, UserWarning)]
+
+
+def test_fitted_elsewhere_told_silences_the_warning_of_a_whitening_fitted_on_another_store(tmp_path):
+    """M22: a whitened test side fitted on another store than the train store warns once, except inside
+    fitted_elsewhere_told() (the caller said it already)."""
+    train = _store(tmp_path / "train", _rows(2, 3, 4))
+    test = tracin.Gradients(_rows(1, 2, 4), metadata={"whitening": {"fitted_on": "another-store-id"}})
+    said = _said(lambda: tracin.scores(test, train))
+    assert len(said) == 1 and "whitening was fitted on another gradient store (id another-store-id)" in said[0]
+    with tracin.scoring.fitted_elsewhere_told():
+        assert _said(lambda: tracin.scores(test, train)) == []
+
+
+def test_fitted_elsewhere_told_silences_the_warning_of_whitened_train_rows_of_another_store():
+    """M23: a whitened train side holding rows of store Y whitened by a whitening fitted on store X warns once,
+    except inside fitted_elsewhere_told()."""
+    meta = {"whitening": {"fitted_on": "store-x"}, "whitened_store": "store-y"}
+    test, train = _rows(1, 2, 4), tracin.Gradients(_rows(2, 3, 4), metadata=meta)
+    said = _said(lambda: tracin.scores(test, train))
+    assert len(said) == 1 and said[0].startswith("the train side holds rows of a gradient store (id store-y)")
+    with tracin.scoring.fitted_elsewhere_told():
+        assert _said(lambda: tracin.scores(test, train)) == []
+
+
+def test_pair_warnings_told_silences_the_warning_of_checkpoints_given_differently():
+    """M24: checkpoints given as files on one side and in memory on the other warn once, except inside
+    pair_warnings_told() (tracin.distributed's tasks: the client warned once for all shards)."""
+    test = tracin.Gradients(_rows(1, 2, 3), metadata=_records(["a"], ["file"]))
+    train = tracin.Gradients(_rows(2, 3, 3), metadata=_records(["b"], ["state"]))
+    assert len([s for s in _said(lambda: tracin.top_k(test, train, k=2)) if "cannot check" in s]) == 1
+    with tracin.scoring.pair_warnings_told():
+        assert _said(lambda: tracin.top_k(test, train, k=2)) == []
