@@ -239,3 +239,15 @@ def test_pair_warnings_told_silences_the_warning_of_checkpoints_given_differentl
     assert len([s for s in _said(lambda: tracin.top_k(test, train, k=2)) if "cannot check" in s]) == 1
     with tracin.scoring.pair_warnings_told():
         assert _said(lambda: tracin.top_k(test, train, k=2)) == []
+
+
+def test_weights_that_differ_beyond_float32_rounding_get_no_rounding_hint():
+    """M29: 1.0 against 1.0001 differ in float32 (though not in float16): refused without the hint that they
+    differ only by float32 rounding; 0.1 against float32(0.1) gets it."""
+    a, b = _rows(1, 2, 3), _rows(2, 3, 3)
+    assert np.float32(1.0) != np.float32(1.0001) and np.float16(1.0) == np.float16(1.0001)
+    with pytest.raises(ValueError, match="different checkpoint weights") as err:
+        tracin.scores(tracin.Gradients([a], [1.0]), tracin.Gradients([b], [1.0001]))
+    assert "float32 rounding" not in str(err.value)
+    with pytest.raises(ValueError, match="differ only by float32 rounding"):
+        tracin.scores(tracin.Gradients([a], [0.1]), tracin.Gradients([b], [float(np.float32(0.1))]))
