@@ -5,37 +5,11 @@ model's, naming the names the model lacks, not blamed on one parameter's shape."
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from test_checkpoints_refusals_say_what_to_do import _data, _loss, _mlp, _stepped
 
 from tracin.torch import export_gradients
-
-
-def _mlp(hidden: int, depth: int = 1) -> torch.nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[torch.nn.Module] = [torch.nn.Linear(4, hidden)]
-    for _ in range(depth - 1):
-        layers += [torch.nn.Tanh(), torch.nn.Linear(hidden, hidden)]
-    return torch.nn.Sequential(*layers, torch.nn.Tanh(), torch.nn.Linear(hidden, 3))
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
-
-
-def _loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
-
-
-def _stepped(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    x, y = _data()
-    opt.zero_grad()
-    _loss(model(x), y).sum().backward()
-    opt.step()
-    return copy.deepcopy(opt.state_dict())
 
 
 def _refusal(model: torch.nn.Module, state: dict) -> str:
