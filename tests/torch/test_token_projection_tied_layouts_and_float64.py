@@ -145,3 +145,31 @@ def test_the_default_batch_size_counts_each_use_of_a_tied_weights_captured_token
     tied = (VOCAB + HIDDEN) * 2  # emb and head: a vocab-sized side and a hidden-sized side per token, twice
     fc = HIDDEN + HIDDEN  # its input and output gradient per token
     assert rows.batch_elements == proj.dim + VOCAB + 256 * (tied + fc)
+
+
+def test_a_linear_weight_chosen_without_its_bias_is_a_segment_without_a_bias_column():
+    """layers=["fc.weight", "ln"]: fc's segment has no bias column, and LayerNorm's weight after it stays its own
+    plain segment (not taken for fc's bias)."""
+    from test_token_projection import TokenModel, autograd_grads, model_and_checkpoints, sequences, token_loss
+
+    model, checkpoints = model_and_checkpoints(seed=1)
+    assert isinstance(model, TokenModel)
+    ids, labels, lengths = sequences(6, 5, seed=2)
+    proj = tracin.Projection(3 * 12, 5, per_layer=True, kronecker=True)
+    g = export_gradients(
+        model,
+        checkpoints,
+        (ids, labels),
+        token_loss,
+        layers=["fc.weight", "ln"],
+        projection=proj,
+        batch_size=3,
+        progress=False,
+    )
+    layout = g.metadata["projection"]["segments"]
+    hidden, width = model.fc.weight.shape
+    assert layout == [LayerMatrix(hidden, width).to_dict(), hidden, hidden]
+    chosen = ["fc.weight", "ln.weight", "ln.bias"]
+    for c, (state, _) in enumerate(checkpoints):
+        want = projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), chosen)
+        np.testing.assert_allclose(np.asarray(g.matrices[c]), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
