@@ -173,3 +173,26 @@ def test_a_linear_weight_chosen_without_its_bias_is_a_segment_without_a_bias_col
     for c, (state, _) in enumerate(checkpoints):
         want = projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), chosen)
         np.testing.assert_allclose(np.asarray(g.matrices[c]), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_nan_loss_is_warned_about_when_every_chosen_parameter_is_a_plain_segment():
+    """kronecker=True with layers=["ln"] only (no Kronecker segment): the plain segments' per-example losses
+    still reach the export's warning about an example whose loss is NaN."""
+    from test_token_projection import model_and_checkpoints, sequences, token_loss
+
+    def loss_fn(logits, labels):
+        bad = labels[:, 0] == -7
+        loss = token_loss(logits, labels.masked_fill(labels == -7, -100))
+        return torch.where(bad, torch.full_like(loss, float("nan")), loss)
+
+    model, checkpoints = model_and_checkpoints(seed=1)
+    ids, labels, _ = sequences(4, 5, seed=2)
+    labels[2, 0] = -7
+    proj = tracin.Projection(6, 5, per_layer=True, kronecker=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(
+            model, checkpoints[:1], (ids, labels), loss_fn, layers=["ln"], projection=proj, batch_size=4, progress=False
+        )
+    nan = [str(w.message) for w in caught if str(w.message).startswith("loss_fn gives a NaN or infinite loss for ")]
+    assert len(nan) == 1, [str(w.message) for w in caught]
